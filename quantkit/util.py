@@ -1,0 +1,139 @@
+"""Small shared helpers: atomic writes, hashing, progress bars, versions, tables."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20, desc: str | None = None) -> str:
+    """sha256 of a file, streamed (constant memory); shows a bar for big files."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f, progress(total=size, desc=desc or f"sha256 {path.name}", unit="B",
+                                         unit_scale=True, disable=size < (256 << 20) or None) as bar:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` only if the block succeeds.
+
+    An interrupted run therefore never leaves a half-written file under a final name; the leftover
+    ``.<name>.<random>.partial`` is removed on error (and ignored by everything else if the process dies).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=PARTIAL_SUFFIX, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def progress(iterable: Iterable | None = None, **kw) -> tqdm:
+    """A progress bar on stderr. ``QUANTKIT_NO_PROGRESS=1`` turns every bar off."""
+    if os.environ.get("QUANTKIT_NO_PROGRESS"):
+        kw["disable"] = True
+    kw.setdefault("file", sys.stderr)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kw)
+
+
+def dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions(*names: str) -> dict[str, str | None]:
+    """Installed versions of the given distributions, plus quantkit's own."""
+    from quantkit import __version__
+
+    out = {"quantkit": __version__}
+    for n in names:
+        out[n] = dist_version(n)
+    return out
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def format_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
+    """Plain-text table, right-aligning numbers."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def fmt(r):
+        out = []
+        for i, c in enumerate(r):
+            num = c.replace(".", "", 1).replace("%", "").replace("-", "", 1).replace("+", "", 1).replace("x", "").strip().isdigit()
+            out.append(c.rjust(widths[i]) if num else c.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        return False
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def cache_home() -> Path:
+    """Where quantkit keeps things between runs (``QUANTKIT_CACHE`` overrides)."""
+    root = os.environ.get("QUANTKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "quantkit")
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
