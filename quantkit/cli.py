@@ -44,6 +44,21 @@ def pull(model, revision, allow_pickle, as_json):
         click.echo(f"{src.id or src.path} @ {src.sha}\n  path: {src.path}\n  licence: {src.license or 'unknown'}")
 
 
+# [gguf commands] (insert above this line)
+
+
+# [awq/gptq commands] (insert above this line)
+
+
+# [eval/bench commands] (insert above this line)
+
+
+# [card/push commands] (insert above this line)
+
+
+# [recipe/plan/run commands] (insert above this line)
+
+
 # --------------------------------------------------------------------------------------------- setup
 @cli.command()
 def setup():
