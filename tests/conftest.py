@@ -88,3 +88,71 @@ def run_cli_subprocess():
         return r.returncode, r.stdout, r.stderr
 
     return _run
+
+
+# ------------------------------------------------------------------------------------ local Hub (card/push area)
+@pytest.fixture(scope="session")
+def _hub_server_session():
+    from hubserver import HubServer
+
+    with HubServer() as hub:
+        yield hub
+
+
+class HubFixture:
+    """What ``hub_server`` gives a test: the running server plus shortcuts.
+
+    ``endpoint``, ``token`` (alice's write token, also in ``HF_TOKEN``), ``user`` ("alice"), ``org``
+    ("alice-org", alice is a member), ``add_user(name, orgs=(), role="write") -> token``,
+    ``seed(repo_id, folder=None, files={path: bytes}, private=False, gated=False) -> commit sha``,
+    ``grant(repo_id, user)``, ``fail_next(op, status=400, times=1)``, ``counts``, ``files(repo_id)``,
+    ``head(repo_id)``, ``server`` (the :class:`hubserver.HubServer`), ``hf_home``.
+    """
+
+    def __init__(self, server, hf_home):
+        self.server = server
+        self.endpoint = server.endpoint
+        self.hf_home = hf_home
+        self.user, self.org = "alice", "alice-org"
+        self.token = server.add_user(self.user, orgs=[self.org])
+
+    def __getattr__(self, name):
+        return getattr(self.server, name)
+
+
+@pytest.fixture()
+def hub_server(_hub_server_session, tmp_path, monkeypatch):
+    """A fresh, empty local Hub for this test, with huggingface_hub pointed at it (env + live constants).
+
+    Sets HF_ENDPOINT, HF_HUB_DISABLE_XET=1, a fresh HF_HOME (so no real login or cache leaks in), HF_TOKEN
+    (alice's write token); works for in-process calls and for subprocesses (they inherit the environment).
+    """
+    from huggingface_hub import constants
+
+    hub = _hub_server_session
+    hub.reset()
+    hf_home = tmp_path / "hf_home"
+    hf_home.mkdir()
+    fx = HubFixture(hub, hf_home)
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(hf_home),
+           "HF_HUB_CACHE": str(hf_home / "hub"), "HF_TOKEN": fx.token, "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_IMPLICIT_TOKEN": "", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "HF_XET_CACHE",
+              "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    # huggingface_hub reads these once at import: patch the live values too, for in-process calls.
+    patches = {
+        "ENDPOINT": hub.endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"),
+        "HUGGINGFACE_HUB_CACHE": str(hf_home / "hub"), "HF_ASSETS_CACHE": str(hf_home / "assets"),
+        "HF_TOKEN_PATH": str(hf_home / "token"), "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens"),
+        "HF_XET_CACHE": str(hf_home / "xet"), "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN": False,
+    }
+    for k, v in patches.items():
+        if hasattr(constants, k):
+            monkeypatch.setattr(constants, k, v)
+    yield fx
