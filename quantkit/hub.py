@@ -175,6 +175,10 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> QuantkitErro
                              "(check the id; for a private repo set HF_TOKEN or run `hf auth login`)")
     if isinstance(e, hf_errors.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
+        headers = getattr(getattr(e, "response", None), "headers", None) or {}
+        if status == 401 and "invalid credentials" in (headers.get("X-Error-Message") or "").lower():
+            return QuantkitError("the Hub rejected your token as invalid or expired: set HF_TOKEN to a valid "
+                                 "token or run `hf auth login` again")
         if status in (401, 403):
             return QuantkitError(f"not authorised to read {repo_id} (HTTP {status}): set HF_TOKEN or run "
                                  "`hf auth login` with a token that can read it")
