@@ -67,6 +67,7 @@ def build_smollm2_hf(dest_root: str | os.PathLike | None = None) -> Path:
     dest_root = Path(dest_root)
     final = dest_root / f"smollm2-135m-instruct-v{SMOLLM2_VERSION}"
     if (final / "config.json").is_file():
+        repair_bytelevel_tokenizer(final)
         return final
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,8 +89,38 @@ def build_smollm2_hf(dest_root: str | os.PathLike | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=dest_root))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    repair_bytelevel_tokenizer(tmp)
     (tmp / "README.md").write_text(SMOLLM2_CARD)
     return _publish_dir(tmp, final)
+
+
+def repair_bytelevel_tokenizer(folder: str | os.PathLike) -> bool:
+    """Make a GPT-2-style tokenizer.json that transformers rebuilt from a GGUF look like the original again.
+
+    transformers' GGUF -> tokenizers export gives SmolLM2's byte-level BPE ``byte_fallback: true`` and a
+    SentencePiece-style decoder. HF encodes the same ids either way, but llama.cpp's converter then takes it
+    for a Llama SentencePiece vocab (``tokenizer.ggml.model = llama``), so llama.cpp tokenises text wrongly
+    (llama-imatrix even crashes). Restoring ``byte_fallback: false`` + a ByteLevel decoder (what the Hub's
+    SmolLM2 tokenizer.json has) makes the converter write a ``gpt2`` / ``smollm`` vocab that matches HF.
+    Idempotent; returns True when the file was changed.
+    """
+    import json
+
+    p = Path(folder) / "tokenizer.json"
+    if not p.is_file():
+        return False
+    tj = json.loads(p.read_text(encoding="utf-8"))
+    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if not (model.get("type") == "BPE" and model.get("byte_fallback")
+            and any(x.get("type") == "ByteLevel" for x in pres)):
+        return False
+    model["byte_fallback"] = False
+    tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, p)
+    return True
 
 
 def resolve_builtin(model: str) -> Path:

@@ -85,8 +85,11 @@ def _tokenizer_for(arch: str):
 
 def build_tiny(arch: str, seed: int = 0) -> Path:
     """A 2-layer random ``arch`` model with a real tokenizer, cached under the test cache."""
+    from quantkit.demo import repair_bytelevel_tokenizer
+
     final = TEST_CACHE / f"tiny-{arch}-s{seed}-v{FIXTURE_VERSION}"
     if (final / "config.json").is_file():
+        repair_bytelevel_tokenizer(final)  # llama.cpp must see SmolLM2's vocab as gpt2/smollm (see there)
         return final
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -111,6 +114,7 @@ def build_tiny(arch: str, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=TEST_CACHE))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    repair_bytelevel_tokenizer(tmp)
     if arch == "mistral":  # keep the SentencePiece model too, as Mistral repos do (llama.cpp's converter reads it)
         shutil.copy(Path(tok.name_or_path) / "tokenizer.model", tmp / "tokenizer.model")
     (tmp / "README.md").write_text(f"---\nlicense: apache-2.0\npipeline_tag: text-generation\n---\n# tiny {arch}\n")
