@@ -44,6 +44,35 @@ def pull(model, revision, allow_pickle, as_json):
         click.echo(f"{src.id or src.path} @ {src.sha}\n  path: {src.path}\n  licence: {src.license or 'unknown'}")
 
 
+# ---------------------------------------------------------------------------------------------- gguf
+@cli.command()
+@click.argument("model")
+@click.option("--types", "types", required=True,
+              help="Comma-separated llama.cpp types, e.g. Q4_K_M,Q5_K_M,Q8_0 (IQ types need --calibration).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default ./<ModelName>-GGUF).")
+@click.option("--revision", help="Branch, tag or commit SHA (Hub ids only). Resolved to a commit SHA.")
+@click.option("--calibration", help="Text for an importance matrix used by every type: a .txt/.jsonl file, "
+                                    "'builtin', or hub:org/name:split:column.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights when a repo has no safetensors.")
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "auto"]), default="auto", show_default=True,
+              help="Type of the intermediate GGUF converted once from the HF weights.")
+@click.option("--threads", type=int, help="Threads for quantising (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, as_json):
+    """Convert MODEL (Hub id or local folder) once to GGUF, then quantise it to every --types."""
+    from quantkit.gguf import quantize_gguf
+
+    res = quantize_gguf(model, types.split(","), out, revision=revision, calibration=calibration,
+                        allow_pickle=allow_pickle, outtype=outtype, threads=threads)
+    if as_json:
+        emit_json(res.to_json())
+    else:
+        click.echo(res.table())
+        extra = f"; imatrix: {res.imatrix.name}" if res.imatrix else ""
+        click.echo(f"\n{res.folder} (manifest {res.manifest.path.name}{extra}; "
+                   f"{'converted' if res.converted else 'no conversion needed'})")
+
+
 # [gguf commands] (insert above this line)
 
 

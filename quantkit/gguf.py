@@ -1,0 +1,825 @@
+"""GGUF path: convert a Hugging Face model once with llama.cpp's own converter, then quantise it to many types.
+
+``quantize_gguf(model, ["Q4_K_M", "Q8_0"])``:
+
+1. resolves MODEL (Hub id or local folder) with :func:`quantkit.hub.resolve_model` and checks, before converting,
+   that llama.cpp's converter registry knows its architecture;
+2. converts it once to an F32/F16/BF16 GGUF (``convert_hf_to_gguf.py`` from the llama-cpp-python sdist, run in a
+   subprocess with its own ``gguf-py`` first on ``PYTHONPATH``) kept in ``<out>/.quantkit-work/`` (never pushed);
+3. with ``calibration``, computes an importance matrix from that text (llama.cpp's ``llama-imatrix`` on the
+   intermediate GGUF when the tool was built, else torch forward hooks) and writes ``<Model>.imatrix``;
+4. quantises each type in-process with ``llama_cpp.llama_model_quantize`` (the same C code as
+   ``llama-quantize``; the imatrix goes through ``params.imatrix``) into ``<Model>-<TYPE>.gguf``;
+5. records everything in ``<out>/quantkit.json``.
+
+Re-running re-uses the download, the intermediate (same base sha + outtype + converter version), the imatrix
+(same calibration + intermediate) and every finished variant whose files still match their sha256.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+from quantkit.manifest import Manifest, file_record
+from quantkit.util import (Timer, atomic_path, format_table, human_size, now_iso, progress, sha256_file,
+                           versions)
+
+# llama.cpp's ``enum llama_ftype`` by the names llama-quantize uses (src/llama.h of the vendored commit).
+SUPPORTED_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "BF16": 32,
+    "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_0": 2, "Q4_1": 3,
+    "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q4_K_M": 15, "Q4_K_S": 14,
+    "Q3_K_L": 13, "Q3_K_M": 12, "Q3_K_S": 11, "Q2_K": 10, "Q2_K_S": 21,
+    "IQ4_XS": 30, "IQ4_NL": 25, "IQ3_M": 27, "IQ3_S": 26, "IQ3_XS": 22, "IQ3_XXS": 23,
+    "IQ2_M": 29, "IQ2_S": 28, "IQ2_XS": 20, "IQ2_XXS": 19, "IQ1_M": 31, "IQ1_S": 24,
+    "TQ1_0": 36, "TQ2_0": 37, "MXFP4_MOE": 38, "NVFP4": 39, "Q1_0": 40, "Q2_0": 41,
+}
+# llama-quantize's aliases
+TYPE_ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
+FTYPE_NAMES = {v: k for k, v in SUPPORTED_TYPES.items()}
+# Types that need an importance matrix (all IQ types: llama.cpp refuses or degrades badly without one).
+IMATRIX_REQUIRED = frozenset(t for t in SUPPORTED_TYPES if t.startswith("IQ"))
+OUTTYPES = ("f32", "f16", "bf16", "auto")
+WORK_DIR = ".quantkit-work"
+TABLE_HEADERS = ["type", "file", "size", "bits/weight", "seconds", "status"]
+IMATRIX_SAMPLES = 64   # chunks of calibration text fed to the importance matrix
+IMATRIX_CTX = 512      # tokens per chunk (llama-imatrix's default context)
+AUTO_F32_MAX_PARAMS = 1_000_000_000  # outtype auto: keep fp32 weights as F32 up to this size
+
+
+# ------------------------------------------------------------------------------------------ result
+
+@dataclass
+class GGUFResult:
+    folder: Path
+    manifest: Manifest
+    artifacts: list[str]                      # manifest artifact names (= file names), in request order
+    built: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    converted: bool = False                   # True when this run ran the HF -> GGUF converter
+    imatrix: Path | None = None
+
+    def paths(self) -> list[Path]:
+        return [self.folder / self.manifest.artifacts[a]["path"] for a in self.artifacts]
+
+    def table_rows(self) -> list[list]:
+        rows = []
+        for name in self.artifacts:
+            rec = self.manifest.artifacts[name]
+            rows.append([rec["type"], rec["path"], human_size(rec["size"]), f"{rec['bits_per_weight']:.2f}",
+                         f"{rec.get('seconds', 0.0):.1f}", "built" if name in self.built else "reused"])
+        return rows
+
+    def table(self) -> str:
+        return format_table(self.table_rows(), TABLE_HEADERS)
+
+    def to_json(self) -> dict:
+        return {
+            "folder": str(self.folder),
+            "artifacts": {a: self.manifest.artifacts[a] for a in self.artifacts},
+            "built": self.built,
+            "reused": self.reused,
+            "converted": self.converted,
+            "imatrix": str(self.imatrix) if self.imatrix else None,
+            "intermediates": self.manifest.data.get("intermediates", {}),
+            "manifest": str(self.manifest.path),
+        }
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def normalize_types(types) -> list[str]:
+    """``"q4_k_m, Q8_0"`` or a list -> ``["Q4_K_M", "Q8_0"]`` (unique, request order); unknown -> QuantkitError."""
+    if isinstance(types, str):
+        types = types.split(",")
+    out: list[str] = []
+    for t in types:
+        t = str(t).strip().upper().replace("-", "_")
+        if not t:
+            continue
+        t = TYPE_ALIASES.get(t, t)
+        if t not in SUPPORTED_TYPES:
+            raise QuantkitError(f"unknown GGUF type {t!r}; choose from: {', '.join(SUPPORTED_TYPES)}")
+        if t not in out:
+            out.append(t)
+    if not out:
+        raise QuantkitError("no GGUF type given: pass --types, e.g. --types Q4_K_M,Q8_0")
+    return out
+
+
+def artifact_name(model_name: str, gtype: str) -> str:
+    return f"{model_name}-{gtype}.gguf"
+
+
+def _file_type_name(ftype_id: int) -> str:
+    return FTYPE_NAMES.get(ftype_id, f"ftype-{ftype_id}")
+
+
+def read_gguf_info(path: str | os.PathLike) -> dict:
+    """What a GGUF file holds: file type, tensor type counts, architecture, parameter count, bits per weight."""
+    import gguf
+
+    path = Path(path)
+    r = gguf.GGUFReader(str(path))
+
+    def kv(key, default=None):
+        f = r.fields.get(key)
+        if f is None or not f.data:
+            return default
+        try:
+            return f.contents()
+        except Exception:  # pragma: no cover - odd field types
+            return default
+
+    counts: Counter = Counter()
+    n_params = 0
+    n_bytes = 0
+    for t in r.tensors:
+        counts[t.tensor_type.name] += 1
+        n_params += int(t.n_elements)
+        n_bytes += int(t.n_bytes)
+    arch = kv("general.architecture")
+    ftype_id = kv("general.file_type")
+    info = {
+        "path": str(path),
+        "size": path.stat().st_size,
+        "architecture": arch,
+        "name": kv("general.name"),
+        "file_type": _file_type_name(int(ftype_id)) if ftype_id is not None else None,
+        "file_type_id": int(ftype_id) if ftype_id is not None else None,
+        "tensor_types": dict(counts.most_common()),
+        "n_tensors": len(r.tensors),
+        "params": n_params,
+        "tensor_bytes": n_bytes,
+        "bits_per_weight": round(n_bytes * 8 / n_params, 4) if n_params else None,
+        "context_length": kv(f"{arch}.context_length") if arch else None,
+        "block_count": kv(f"{arch}.block_count") if arch else None,
+        "quantization_version": kv("general.quantization_version"),
+        "imatrix": {k.split(".", 2)[-1]: kv(k) for k in r.fields if k.startswith("quantize.imatrix.")} or None,
+    }
+    del r
+    return info
+
+
+# ------------------------------------------------------------------------------- architecture check
+
+def converter_architectures(src_dir: Path) -> set[str]:
+    """The HF architectures llama.cpp's converter registry maps to a text model (read, not imported)."""
+    text = (src_dir / "conversion" / "__init__.py").read_text()
+    tree = ast.parse(text)
+    for node in tree.body:
+        target = None
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            target, value = node.target.id, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target, value = node.targets[0].id, node.value
+        if target == "TEXT_MODEL_MAP":
+            return set(ast.literal_eval(value))
+    # older layout: @ModelBase.register("Arch", ...) decorators in convert_hf_to_gguf.py
+    found = set(re.findall(r'register\(([^)]*)\)', (src_dir / "convert_hf_to_gguf.py").read_text()))
+    return {a for grp in found for a in re.findall(r'"([A-Za-z0-9_]+)"', grp)}
+
+
+def model_architecture(config: dict) -> str | None:
+    """The architecture the converter will look up (mirrors conversion.base.get_model_architecture)."""
+    arch = None
+    if config.get("architectures"):
+        arch = config["architectures"][0]
+    elif "ssm_cfg" in config:
+        arch = config["ssm_cfg"].get("layer", "Mamba") + "ForCausalLM"
+    text_cfg = config.get("text_config") or {}
+    if text_cfg.get("architectures") and arch not in (
+            "StepVLForConditionalGeneration", "Sarashina2VisionForCausalLM", "Exaone4_5_ForConditionalGeneration",
+            "Step3p7ForConditionalGeneration", "KimiK3ForConditionalGeneration"):
+        arch = text_cfg["architectures"][0]
+    return arch
+
+
+def check_architecture(config: dict) -> str:
+    from quantkit import llamacpp
+
+    arch = model_architecture(config)
+    if not arch:
+        raise QuantkitError("config.json names no architectures: llama.cpp's converter cannot tell what model "
+                            "this is (add \"architectures\": [\"...ForCausalLM\"] to config.json)")
+    known = converter_architectures(llamacpp.ensure_sources())
+    if arch not in known:
+        raise QuantkitError(f"architecture {arch} is not supported by llama.cpp's converter "
+                            f"(llama-cpp-python {llamacpp.version()}); GGUF needs a model llama.cpp knows, e.g. "
+                            "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM")
+    return arch
+
+
+# ------------------------------------------------------------------------------------- outtype
+
+def _safetensors_stats(folder: Path) -> tuple[Counter, int, int]:
+    """(dtype counts over 2-D+ tensors, total parameters, number of tensors) from safetensors headers only."""
+    import json
+    import struct
+
+    dtypes: Counter = Counter()
+    n_params = n_tensors = 0
+    for p in sorted(folder.glob("*.safetensors")):
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            shape = t.get("shape") or []
+            numel = 1
+            for s in shape:
+                numel *= s
+            n_params += numel
+            n_tensors += 1
+            if len(shape) >= 2:
+                dtypes[t.get("dtype")] += numel
+    return dtypes, n_params, n_tensors
+
+
+def resolve_outtype(outtype: str, folder: Path) -> str:
+    """``auto``: bf16 for bf16 weights, f16 for f16, f32 for fp32 models up to 1B parameters, f16 above."""
+    outtype = (outtype or "auto").lower()
+    if outtype not in OUTTYPES:
+        raise QuantkitError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if outtype != "auto":
+        return outtype
+    dtypes, n_params, _ = _safetensors_stats(folder)
+    if not dtypes:
+        return "f16"
+    main = dtypes.most_common(1)[0][0]
+    if main == "BF16":
+        return "bf16"
+    if main == "F32" and n_params <= AUTO_F32_MAX_PARAMS:
+        return "f32"
+    return "f16"
+
+
+# ------------------------------------------------------------------------------------- convert
+
+_TENSOR_LINE = re.compile(r"^INFO:hf-to-gguf:[^\s,]+,\s+torch\.\w+ --> ")
+_WRITING = re.compile(r"Writing:\s+\d+%\|.*?\|\s*([\d.]+)([kMGT]?)/([\d.]+)([kMGT]?)")
+_SCALE = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def converter_version() -> str:
+    from quantkit import llamacpp
+
+    return f"llama-cpp-python=={llamacpp.version()}"
+
+
+def gguf_py_version() -> str | None:
+    from quantkit import llamacpp
+
+    try:
+        text = (llamacpp.ensure_sources() / "gguf-py" / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+    return m.group(1) if m else None
+
+
+def _run_converter(src_path: Path, dest: Path, outtype: str, model_name: str, log_path: Path,
+                   n_tensors_hint: int) -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py into ``dest`` (a temporary path), streaming its progress."""
+    from quantkit import llamacpp
+
+    conv_dir = llamacpp.ensure_sources()
+    cmd = [sys.executable, str(conv_dir / "convert_hf_to_gguf.py"), str(src_path), "--outtype", outtype,
+           "--outfile", str(dest), "--model-name", model_name]
+    env = llamacpp.converter_env()
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    tail: list[str] = []
+    with open(log_path, "wb") as log, progress(total=n_tensors_hint or None, desc=f"convert -> {outtype.upper()}",
+                                               unit="tensor") as bar:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        buf = b""
+        writing = False
+        try:
+            while True:
+                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+                if not chunk:
+                    break
+                log.write(chunk)
+                buf += chunk
+                parts = re.split(rb"[\r\n]", buf)
+                buf = parts.pop()
+                for raw in parts:
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line:
+                        continue
+                    tail.append(line)
+                    del tail[:-40]
+                    if not writing and _TENSOR_LINE.match(line):
+                        if bar.total is not None and bar.n >= bar.total:
+                            bar.total = bar.n + 1
+                        bar.update(1)
+                    m = _WRITING.search(line)
+                    if m:
+                        done = float(m.group(1)) * _SCALE[m.group(2)]
+                        total = float(m.group(3)) * _SCALE[m.group(4)]
+                        if not writing:
+                            writing = True
+                            bar.set_description(f"convert -> {outtype.upper()} (write)")
+                            bar.unit, bar.unit_scale = "B", True
+                            bar.reset(total=int(total))
+                        bar.update(max(0, int(done) - bar.n))
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        rc = proc.wait()
+    if rc != 0:
+        errors = [ln for ln in tail if ln.startswith(("ERROR", "Traceback")) or "Error" in ln]
+        last = (errors[-1] if errors else (tail[-1] if tail else "no output")).strip()
+        raise QuantkitError(f"llama.cpp's converter failed on {src_path.name} ({last[:300]}); full log: {log_path}")
+    if not dest.is_file() or dest.stat().st_size == 0:
+        raise QuantkitError(f"llama.cpp's converter wrote nothing to {dest}; full log: {log_path}")
+
+
+# ------------------------------------------------------------------------------------- imatrix
+
+def _load_calibration(spec: str, tokenizer):
+    try:
+        from quantkit.calibration import load_calibration
+    except ImportError:  # pragma: no cover - calibration.py is part of the package
+        raise QuantkitError("quantkit.calibration is missing from this install") from None
+    return load_calibration(spec, tokenizer=tokenizer, samples=IMATRIX_SAMPLES, seq_len=IMATRIX_CTX)
+
+
+def _tokenizer(folder: Path):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # a model whose tokenizer transformers cannot load still gets a character estimate
+        return None
+
+
+def imatrix_method() -> str:
+    """``llama-imatrix`` when llama.cpp's tool was built, else ``torch`` (QUANTKIT_IMATRIX forces one)."""
+    forced = os.environ.get("QUANTKIT_IMATRIX", "").strip().lower()
+    if forced in ("torch", "llama-imatrix"):
+        return forced
+    from quantkit import llamacpp
+
+    try:
+        d = llamacpp.tools_dir()
+    except Exception:
+        d = None
+    return "llama-imatrix" if d is not None and (d / "llama-imatrix").exists() else "torch"
+
+
+def _imatrix_ctx(token_count: int | None, n_chars: int) -> int:
+    n = token_count if token_count else n_chars // 4
+    n = int(n * 0.9)  # llama.cpp's own tokenizer may count a little differently
+    ctx = IMATRIX_CTX
+    while ctx > 32 and n < 2 * ctx:
+        ctx //= 2
+    if n < 2 * ctx:
+        raise QuantkitError(f"the calibration text is too short for an importance matrix ({n} tokens; give "
+                            "at least a few hundred tokens of text)")
+    return ctx
+
+
+def _imatrix_llama(intermediate: Path, text_file: Path, dest: Path, ctx: int, threads: int, log_path: Path,
+                   chunks: int) -> None:
+    from quantkit import llamacpp
+
+    exe, env = llamacpp.tool("llama-imatrix")
+    cmd = [str(exe), "-m", str(intermediate), "-f", str(text_file), "-o", str(dest), "-c", str(ctx),
+           "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads), "--no-ppl", "--output-format", "gguf"]
+    tail: list[str] = []
+    with open(log_path, "wb") as log, progress(total=None, desc="imatrix (llama-imatrix)", unit="s") as bar:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        t0 = time.time()
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                log.write(raw)
+                line = raw.decode("utf-8", "replace").strip()
+                if line:
+                    tail.append(line)
+                    del tail[:-40]
+                bar.update(int(time.time() - t0) - bar.n)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        rc = proc.wait()
+    if rc != 0 or not dest.is_file():
+        errors = [ln for ln in tail if "error" in ln.lower() or "failed" in ln.lower()]
+        raise QuantkitError(f"llama-imatrix failed ({(errors or tail or ['no output'])[-1][:300]}); "
+                            f"full log: {log_path}")
+
+
+def _imatrix_torch(model_dir: Path, intermediate: Path, texts: list[str], dest: Path, ctx: int, threads: int,
+                   source: str) -> None:
+    """Importance matrix with torch forward hooks: sum of x^2 per input column of every Linear (not lm_head),
+    written in llama-imatrix's GGUF format under llama.cpp's tensor names."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = read_gguf_info(intermediate)
+    arch_by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    arch = arch_by_name.get(info["architecture"])
+    if arch is None:
+        raise QuantkitError(f"the torch importance matrix does not know llama.cpp architecture "
+                            f"{info['architecture']}; build llama.cpp's tools (scripts/install.sh) for llama-imatrix")
+    tmap = gguf.get_tensor_name_map(arch, int(info["block_count"] or 0))
+    torch.set_num_threads(max(1, threads))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        gname = tmap.get_name(name)
+        if gname is None:
+            continue
+        gname += ".weight"
+
+        def hook(_m, inputs, _out, gname=gname):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            s = (x * x).sum(0)
+            sums[gname] = sums[gname] + s if gname in sums else s
+            counts[gname] = counts.get(gname, 0) + x.shape[0]
+
+        hooks.append(mod.register_forward_hook(hook))
+    ids = tok("\n\n".join(texts), return_tensors=None, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    chunks = [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)][:IMATRIX_SAMPLES]
+    with torch.no_grad():
+        for c in progress(chunks, desc="imatrix (torch)", unit="chunk"):
+            if bos is not None:
+                c = [bos] + c[:-1]
+            model(torch.tensor([c]))
+    for h in hooks:
+        h.remove()
+    w = gguf.GGUFWriter(str(dest), arch=info["architecture"])
+    # llama-imatrix's layout: general.type + imatrix.* keys, "<tensor>.in_sum2" (n x 1) and "<tensor>.counts"
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", [source])
+    w.add_uint32("imatrix.chunk_count", len(chunks))
+    w.add_uint32("imatrix.chunk_size", ctx)
+    for gname in sorted(sums):
+        w.add_tensor(f"{gname}.in_sum2", sums[gname].numpy().astype(np.float32).reshape(1, -1))
+        w.add_tensor(f"{gname}.counts", np.array([[float(counts[gname])]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def load_imatrix(path: str | os.PathLike) -> tuple[dict[str, "object"], dict]:
+    """Read an imatrix GGUF (llama-imatrix's format) into ``{tensor: mean x^2 per column}`` + its metadata."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(path))
+    sums, cnts = {}, {}
+    for t in r.tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name[:-8]] = np.array(t.data, dtype=np.float32).reshape(-1)
+        elif t.name.endswith(".counts"):
+            cnts[t.name[:-7]] = np.array(t.data, dtype=np.float32).reshape(-1)
+    out = {}
+    for name, s in sums.items():
+        c = cnts.get(name)
+        if c is None:
+            continue
+        nmat = len(c)
+        s2 = s.reshape(nmat, -1).copy()
+        for j in range(nmat):
+            s2[j] = s2[j] / c[j] if c[j] > 0 else 1.0
+        out[name] = np.ascontiguousarray(s2.reshape(-1), dtype=np.float32)
+
+    def kv(key):
+        f = r.fields.get(key)
+        return f.contents() if f is not None and f.data else None
+
+    meta = {"datasets": kv("imatrix.datasets"), "chunk_count": kv("imatrix.chunk_count"),
+            "chunk_size": kv("imatrix.chunk_size"), "entries": len(out)}
+    return out, meta
+
+
+# ------------------------------------------------------------------------------------ quantise
+
+_QLINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+
+
+def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *, threads: int | None = None,
+                  imatrix: str | os.PathLike | None = None, imatrix_label: str | None = None) -> dict:
+    """Quantise GGUF ``src`` to ``gtype`` into ``dest`` with ``llama_model_quantize`` (as llama-quantize does).
+
+    Returns ``{"seconds", "imatrix_entries"}``. Raises QuantkitError with llama.cpp's own message on failure.
+    """
+    import llama_cpp
+
+    gtype = normalize_types([gtype])[0]
+    ftype = SUPPORTED_TYPES[gtype]
+    const = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gtype}", None) if gtype != "F32" else llama_cpp.LLAMA_FTYPE_ALL_F32
+    if const is not None and const != ftype:  # pragma: no cover - guards a renumbered enum
+        ftype = const
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = int(threads or os.cpu_count() or 1)
+    keep = []  # keep ctypes buffers alive during the call
+    n_entries = 0
+    if imatrix is not None:
+        data, meta = load_imatrix(imatrix)
+        n_entries = len(data)
+        arr = (llama_cpp.llama_model_imatrix_data * (n_entries + 1))()
+        for i, (name, values) in enumerate(sorted(data.items())):
+            bname = name.encode()
+            keep += [bname, values]
+            arr[i].name = bname
+            arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = values.size
+        arr[n_entries].name = None
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        # the same metadata llama-quantize records (quantize.imatrix.*)
+        kvs = [("quantize.imatrix.file", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR,
+                (imatrix_label or Path(imatrix).name)),
+               ("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, n_entries)]
+        if meta.get("datasets"):
+            kvs.insert(1, ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(meta["datasets"][0])))
+        if meta.get("chunk_count"):
+            kvs.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(meta["chunk_count"])))
+        ov = (llama_cpp.llama_model_kv_override * (len(kvs) + 1))()
+        for i, (key, tag, val) in enumerate(kvs):
+            ov[i].key = key.encode()
+            ov[i].tag = tag
+            if tag == llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR:
+                ov[i].value.val_str = str(val).encode()[:127]
+            else:
+                ov[i].value.val_i64 = int(val)
+        ov[len(kvs)].key = b""
+        keep.append(ov)
+        params.kv_overrides = ctypes.cast(ov, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+
+    errors: list[str] = []
+    bar = progress(total=None, desc=f"quantise {gtype}", unit="tensor")
+
+    @llama_cpp.llama_log_callback
+    def _log(level, text, _user):
+        s = (text or b"").decode("utf-8", "replace")
+        m = _QLINE.match(s)
+        if m:
+            if bar.total is None:
+                bar.reset(total=int(m.group(2)))
+            bar.update(1)
+        elif level in (2, 3) and s.strip():  # WARN, ERROR
+            errors.append(s.strip())
+            del errors[:-20]
+
+    llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
+    t0 = time.perf_counter()
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(params))
+    finally:
+        bar.close()
+        _restore_llama_log()
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        msg = next((e for e in reversed(errors) if "failed to quantize" in e), errors[-1] if errors else "no message")
+        raise QuantkitError(f"llama.cpp could not quantise to {gtype}: {' '.join(msg.split())[:300]}")
+    return {"seconds": seconds, "imatrix_entries": n_entries}
+
+
+def _restore_llama_log() -> None:
+    try:
+        from llama_cpp import _logger
+        import llama_cpp
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    except Exception:  # pragma: no cover
+        pass
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+def _tools() -> dict:
+    t = versions("llama-cpp-python", "gguf", "transformers", "torch", "safetensors")
+    t["gguf-py (converter)"] = gguf_py_version()
+    t["converter"] = f"convert_hf_to_gguf.py from the {converter_version()} sdist"
+    return t
+
+
+def _public(path: Path) -> None:
+    """Give a finished file the usual permissions (atomic_path's temporary files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _intact(folder: Path, rec: dict | None, check_sha: bool = True) -> bool:
+    if not rec or not rec.get("path"):
+        return False
+    p = folder / rec["path"]
+    if not p.is_file() or p.stat().st_size != rec.get("size"):
+        return False
+    return not check_sha or sha256_file(p) == rec.get("sha256")
+
+
+def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *, revision=None,
+                  calibration: str | None = None, allow_pickle=False, outtype="auto",
+                  threads=None) -> GGUFResult:
+    """Convert MODEL once and quantise it to every type in ``types``; see the module docstring."""
+    from quantkit.hub import resolve_model
+
+    types = normalize_types(types)
+    need_imatrix = [t for t in types if t in IMATRIX_REQUIRED]
+    if need_imatrix and not calibration:
+        raise QuantkitError(f"{', '.join(need_imatrix)} need an importance matrix: pass --calibration FILE "
+                            "(a text file, or 'builtin')")
+    if (outtype or "auto").lower() not in OUTTYPES:
+        raise QuantkitError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if threads is not None and int(threads) < 1:
+        raise QuantkitError(f"--threads must be at least 1 (got {threads})")
+    threads = int(threads or os.cpu_count() or 1)
+    if calibration:
+        from quantkit.calibration import parse_spec
+
+        parse_spec(calibration)  # bad SPEC -> one-line error before any download
+
+    src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    arch = check_architecture(src.config)
+    outtype = resolve_outtype(outtype, src.path)
+    folder = Path(out) if out else Path.cwd() / f"{src.name}-GGUF"
+    folder.mkdir(parents=True, exist_ok=True)
+    folder = folder.resolve()
+    work = folder / WORK_DIR
+    manifest = Manifest.load(folder)
+    manifest.set_base(**src.manifest_base())
+    manifest.save()
+    inter = manifest.data["intermediates"]
+    tools = _tools()
+    conv_key = {"base_sha": src.sha, "outtype": outtype, "converter": converter_version()}
+
+    # calibration (cheap) first: its identity decides which finished variants are still valid
+    calib = None
+    if calibration:
+        calib = _load_calibration(calibration, _tokenizer(src.path))
+    method = imatrix_method() if calib else None
+    imx_key = ({"calibration_sha256": calib.sha256, "method": method, **conv_key} if calib else None)
+
+    names = {t: artifact_name(src.name, t) for t in types}
+    todo = []
+    reused = []
+    for t in types:
+        rec = manifest.artifact(names[t])
+        ok = (rec is not None and rec.get("type") == t and (rec.get("params") or {}).get("outtype") == outtype
+              and ((rec.get("params") or {}).get("imatrix") or {}).get("key") == imx_key
+              and manifest.artifact_is_intact(names[t]))
+        (reused if ok else todo).append(t)
+
+    imatrix_path = folder / f"{src.name}.imatrix" if calib else None
+    imx_rec = inter.get("imatrix")
+    imatrix_ok = (calib is None or (imx_rec is not None and imx_rec.get("key") == imx_key
+                                    and _intact(folder, imx_rec)))
+    converted = False
+    inter_path = None
+    if todo or not imatrix_ok:
+        inter_path, converted = _ensure_intermediate(src, folder, work, manifest, conv_key, outtype)
+
+    if calib is not None and not imatrix_ok:
+        _build_imatrix(src, calib, method, inter_path, imatrix_path, work, manifest, imx_key, threads, tools)
+    imx_rec = inter.get("imatrix") if calib else None
+
+    built = []
+    for t in todo:
+        name = names[t]
+        dest = folder / name
+        with Timer() as tm:
+            with atomic_path(dest) as tmp:
+                q = quantize_file(inter_path, tmp, t, threads=threads,
+                                  imatrix=imatrix_path if calib else None,
+                                  imatrix_label=imatrix_path.name if calib else None)
+        _public(dest)
+        info = read_gguf_info(dest)
+        rec = {
+            "path": name,
+            "format": "gguf",
+            "method": "gguf",
+            "type": t,
+            "bits_per_weight": info["bits_per_weight"],
+            "files": [file_record(folder, dest)],
+            "params": {
+                "type": t,
+                "ftype": SUPPORTED_TYPES[t],
+                "outtype": outtype,
+                "intermediate_sha256": inter["convert"]["sha256"],
+                "imatrix": ({"name": imatrix_path.name, "sha256": imx_rec["sha256"], "method": imx_rec["method"],
+                             "entries": q["imatrix_entries"], "key": imx_key} if calib else None),
+                "nthread": threads,
+            },
+            "calibration": calib.as_dict() if calib else None,
+            "gguf": {k: info[k] for k in ("architecture", "file_type", "tensor_types", "params", "n_tensors")},
+            "tools": tools,
+            "seconds": round(tm.seconds, 3),
+            "created": now_iso(),
+        }
+        rec["size"] = sum(f["size"] for f in rec["files"])
+        manifest.set_artifact(name, rec)
+        manifest.log("gguf.quantize", artifact=name, type=t, seconds=round(tm.seconds, 3),
+                     imatrix=bool(calib))
+        manifest.save()
+        built.append(name)
+
+    if not todo:
+        manifest.log("gguf.resume", reused=[names[t] for t in reused])
+        manifest.save()
+    return GGUFResult(folder=folder, manifest=manifest, artifacts=[names[t] for t in types], built=built,
+                      reused=[names[t] for t in reused], converted=converted,
+                      imatrix=imatrix_path if calib else None)
+
+
+def _ensure_intermediate(src, folder: Path, work: Path, manifest: Manifest, conv_key: dict,
+                         outtype: str) -> tuple[Path, bool]:
+    """The F32/F16/BF16 GGUF of this base: re-used when its key and sha256 match, else converted (once)."""
+    inter = manifest.data["intermediates"]
+    rec = inter.get("convert")
+    if rec and rec.get("key") == conv_key and _intact(folder, rec):
+        return folder / rec["path"], False
+    work.mkdir(parents=True, exist_ok=True)
+    if rec and rec.get("path") and (folder / rec["path"]).is_file() and rec.get("key") != conv_key:
+        (folder / rec["path"]).unlink()  # a stale intermediate (other outtype / base / converter)
+    dest = work / f"{src.name}-{outtype.upper()}.gguf"
+    _, _, n_tensors = _safetensors_stats(src.path)
+    with Timer() as tm:
+        with atomic_path(dest) as tmp:
+            _run_converter(src.path, tmp, outtype, src.name, work / "convert.log", n_tensors)
+    _public(dest)
+    info = read_gguf_info(dest)
+    inter["convert"] = {
+        **file_record(folder, dest),
+        "key": conv_key,
+        "outtype": outtype,
+        "file_type": info["file_type"],
+        "architecture": info["architecture"],
+        "params": info["params"],
+        "seconds": round(tm.seconds, 3),
+        "tools": {"converter": converter_version(), "gguf-py": gguf_py_version()},
+        "created": now_iso(),
+    }
+    manifest.log("gguf.convert", outtype=outtype, path=inter["convert"]["path"], seconds=round(tm.seconds, 3))
+    manifest.save()
+    return dest, True
+
+
+def _build_imatrix(src, calib, method: str, inter_path: Path, imatrix_path: Path, work: Path, manifest: Manifest,
+                   imx_key: dict, threads: int, tools: dict) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join(calib.texts)
+    text_file = work / "calibration.txt"
+    with atomic_path(text_file) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    ctx = _imatrix_ctx(calib.token_count, len(text))
+    with Timer() as tm:
+        with atomic_path(imatrix_path) as tmp:
+            if method == "llama-imatrix":
+                # llama-imatrix wants a .gguf suffix for its GGUF format; write there, then move onto tmp
+                tmp_gguf = work / "imatrix.partial.gguf"
+                _imatrix_llama(inter_path, text_file, tmp_gguf, ctx, threads, work / "imatrix.log",
+                               chunks=IMATRIX_SAMPLES)
+                os.replace(tmp_gguf, tmp)
+            else:
+                tmp_gguf = work / "imatrix.partial.gguf"
+                _imatrix_torch(src.path, inter_path, calib.texts, tmp_gguf, ctx, threads, calib.source)
+                os.replace(tmp_gguf, tmp)
+    _public(imatrix_path)
+    _, meta = load_imatrix(imatrix_path)
+    folder = manifest.folder
+    manifest.data["intermediates"]["imatrix"] = {
+        **file_record(folder, imatrix_path),
+        "key": imx_key,
+        "method": method,
+        "format": "gguf-imatrix",
+        "ctx": ctx,
+        "chunks": meta.get("chunk_count"),
+        "entries": meta.get("entries"),
+        "calibration": calib.as_dict(),
+        "tools": tools,
+        "seconds": round(tm.seconds, 3),
+        "created": now_iso(),
+    }
+    manifest.log("gguf.imatrix", method=method, seconds=round(tm.seconds, 3), calibration=calib.source)
+    manifest.save()
