@@ -82,6 +82,59 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
 # [eval/bench commands] (insert above this line)
 
 
+# ---------------------------------------------------------------------------------------------- card
+@cli.command()
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--repo", "repo_id", help="Hub repo the card is for (used in download/run examples).")
+@click.option("--revision", help="Branch the files will live on (default main).")
+@click.option("--license", "license_id", help="Licence id to state when the base card has none (e.g. apache-2.0).")
+@click.option("--quantized-by", help="Name for the card's quantized_by field.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
+    """Write OUTDIR/README.md (model card) from OUTDIR/quantkit.json and the base model's card."""
+    from quantkit.card import write_card
+
+    res = write_card(outdir, repo_id=repo_id, revision=revision, license=license_id, quantized_by=quantized_by)
+    if as_json:
+        emit_json(res.to_json())
+        return
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    meta = res.metadata
+    click.echo(f"wrote {res.path} ({len(res.text.encode())} bytes): base_model={meta.get('base_model', '-')}, "
+               f"license={meta.get('license', 'unknown')}, tags={','.join(meta.get('tags', []))}")
+
+
+# ---------------------------------------------------------------------------------------------- push
+@cli.command()
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--repo", "repo_id", required=True, help="Target Hub repo, namespace/name (user or organisation).")
+@click.option("--private/--public", "private", default=None,
+              help="Visibility. New repos are private unless --public; an existing repo keeps its own unless given.")
+@click.option("--dry-run", is_flag=True, help="Show what would be created/uploaded/deleted; change nothing.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--revision", help="Branch to push to (created from main if missing). Default main.")
+@click.option("--prune", is_flag=True, help="Delete remote files this folder no longer produces.")
+@click.option("--license", "license_id", help="Licence id to publish under when the base licence is unknown.")
+@click.option("--accept-license-terms", is_flag=True,
+              help="Publish publicly although the base licence is non-commercial/no-derivatives.")
+@click.option("--no-card", is_flag=True, help="Do not (re)generate README.md; upload the folder's own.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_id, accept_license_terms,
+         no_card, as_json):
+    """Publish OUTDIR (files + card + quantkit.json) to a Hub repo in one commit; re-pushing uploads only changes."""
+    from quantkit.publish import describe, push as do_push
+
+    res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
+                  prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card)
+    if as_json:
+        emit_json(res.to_json())
+        return
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(describe(res))
+
+
 # [card/push commands] (insert above this line)
 
 

@@ -1,0 +1,480 @@
+"""``quantkit card``: a model card (README.md) rendered from ``quantkit.json`` (+ the base model's card).
+
+The card is Jinja2 templates under ``quantkit/templates/`` (``card.md.j2`` and its parts), filled from the
+manifest: YAML metadata valid for huggingface_hub's ``ModelCard`` / ``ModelCardData`` (``base_model``,
+``base_model_relation: quantized``, ``license`` (+ ``license_name`` / ``license_link``), ``tags``,
+``pipeline_tag``, ``library_name``, ``quantized_by``), then a provided-files table with RAM/VRAM estimates,
+a quality/speed table from the evaluation (or an honest "not measured"), how to run each format, the licence's
+conditions, and the exact recipe, calibration and versions. The rendering is deterministic (no dates), so
+re-pushing an unchanged folder uploads nothing.
+
+Licences are sorted into families with rules (:func:`license_info`, :func:`check_license`): Llama community
+licences (names must begin with "Llama", "Built with Llama", acceptable-use policy), Gemma terms,
+non-commercial / no-derivatives licences (loud warning; ``--public`` refused without
+``--accept-license-terms``) and unknown licences (pushing refused without ``--license``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+from quantkit.manifest import Manifest
+from quantkit.util import atomic_path, human_size
+
+TEMPLATES = Path(__file__).parent / "templates"
+CARD_NAME = "README.md"
+KV_CONTEXT = 4096  # context used for the RAM/VRAM estimates
+
+# -- licences -------------------------------------------------------------------------------------------------------
+
+LLAMA = {  # Hub licence id -> (licence title, licence link, acceptable-use policy link, name rule)
+    "llama2": ("Llama 2 Community License", "https://ai.meta.com/llama/license/",
+               "https://ai.meta.com/llama/use-policy/", False),
+    "llama3": ("Meta Llama 3 Community License", "https://www.llama.com/llama3/license/",
+               "https://www.llama.com/llama3/use-policy/", True),
+    "llama3.1": ("Llama 3.1 Community License", "https://www.llama.com/llama3_1/license/",
+                 "https://www.llama.com/llama3_1/use-policy/", True),
+    "llama3.2": ("Llama 3.2 Community License", "https://www.llama.com/llama3_2/license/",
+                 "https://www.llama.com/llama3_2/use-policy/", True),
+    "llama3.3": ("Llama 3.3 Community License", "https://www.llama.com/llama3_3/license/",
+                 "https://www.llama.com/llama3_3/use-policy/", True),
+    "llama4": ("Llama 4 Community License", "https://www.llama.com/llama4/license/",
+               "https://www.llama.com/llama4/use-policy/", True),
+}
+GEMMA = {"gemma": ("Gemma Terms of Use", "https://ai.google.dev/gemma/terms",
+                   "https://ai.google.dev/gemma/prohibited_use_policy")}
+NONCOMMERCIAL_IDS = {"cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0",
+                     "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "apple-amlr", "deepfloyd-if-license",
+                     "fair-noncommercial-research-license", "c-uda"}
+NO_DERIVATIVES_IDS = {"cc-by-nd-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0"}
+# Licence ids the Hub knows (https://huggingface.co/docs/hub/repositories-licenses) that carry no special rule here.
+OPEN_IDS = {
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd", "bsd-2-clause", "bsd-3-clause",
+    "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0",
+    "cc-by-sa-3.0", "cc-by-sa-4.0", "cdla-sharing-1.0", "cdla-permissive-1.0", "cdla-permissive-2.0", "wtfpl",
+    "ecl-2.0", "epl-1.0", "epl-2.0", "etalab-2.0", "eupl-1.1", "eupl-1.2", "agpl-3.0", "gfdl", "gpl", "gpl-2.0",
+    "gpl-3.0", "lgpl", "lgpl-2.1", "lgpl-3.0", "isc", "h-research", "intel-research", "lppl-1.3c", "ms-pl",
+    "mpl-2.0", "odc-by", "odbl", "openrail++", "osl-3.0", "postgresql", "ofl-1.1", "ncsa", "unlicense", "zlib",
+    "pddl", "lgpl-lr", "unknown", "other", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama4",
+    "gemma", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0",
+    "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "cc-by-nd-4.0", "apple-amlr", "deepfloyd-if-license",
+    "fair-noncommercial-research-license", "mit-0", "cc-by-sa-2.0", "bigscience-bloom-rail-1.0",
+}
+KNOWN_IDS = OPEN_IDS
+
+
+@dataclass
+class LicenseInfo:
+    """What the card and the push need to know about a licence."""
+
+    id: str | None
+    name: str | None = None  # license_name (custom licences)
+    link: str | None = None  # license_link
+    family: str = "unknown"  # open | llama | gemma | noncommercial | custom | unknown
+    title: str = ""
+    policy_link: str | None = None
+    name_prefix: str | None = None  # derivative names must begin with this ("Llama")
+    attribution: str | None = None  # "Built with Llama"
+    noncommercial: bool = False
+    no_derivatives: bool = False
+    source: str = "base"  # base | --license
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def known(self) -> bool:
+        return self.family != "unknown"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def license_info(base: dict, override: str | None = None) -> LicenseInfo:
+    """Classify the base model's licence (or ``override``, the ``--license`` given by the user)."""
+    lic = (override or base.get("license") or "").strip() or None
+    if isinstance(lic, list):  # a card may list several; the first decides
+        lic = lic[0] if lic else None
+    name = None if override else base.get("license_name")
+    link = None if override else base.get("license_link")
+    key = (lic or "").lower()
+    info = LicenseInfo(id=lic, name=name, link=link, source="--license" if override else "base")
+    name_l = (name or "").lower()
+    if key in LLAMA or (key == "other" and "llama" in name_l):
+        title, llink, policy, rule = LLAMA.get(key) or (name or "Llama Community License", link, None, True)
+        info.family, info.title, info.policy_link = "llama", title, policy
+        info.link = link or llink
+        info.attribution = "Built with Llama"
+        info.name_prefix = "Llama" if rule else None
+        info.notes.append(f"{title}: keep a copy of the licence with the files, show \"Built with Llama\", "
+                          "and follow the acceptable-use policy" + (
+                              "; names of derived models must begin with \"Llama\"" if rule else ""))
+    elif key in GEMMA or (key == "other" and "gemma" in name_l):
+        title, glink, policy = GEMMA["gemma"]
+        info.family, info.title, info.link, info.policy_link = "gemma", title, link or glink, policy
+        info.notes.append("Gemma Terms of Use: pass the terms and the prohibited-use policy on to every user "
+                          "and keep the notice that Gemma is provided under them")
+    elif key in NONCOMMERCIAL_IDS or key.startswith("cc-by-nc") or \
+            (key == "other" and any(w in name_l for w in ("non-commercial", "noncommercial", "research"))):
+        info.family, info.noncommercial = "noncommercial", True
+        info.title = name or lic or ""
+        info.no_derivatives = key in NO_DERIVATIVES_IDS
+        info.notes.append(f"{info.title} is a NON-COMMERCIAL licence: these files may not be used commercially"
+                          + ("; it also forbids distributing derivatives (a quantisation is one)"
+                             if info.no_derivatives else ""))
+    elif key in NO_DERIVATIVES_IDS:
+        info.family, info.no_derivatives, info.title = "noncommercial", True, lic or ""
+        info.notes.append(f"{lic} forbids distributing derivatives, and a quantisation is one")
+    elif key == "other" and (name or link):
+        info.family, info.title = "custom", name or "custom licence"
+        info.notes.append(f"custom licence {info.title!r}: read its terms ({link or 'see the base card'}) before "
+                          "publishing")
+    elif key and key not in ("unknown", "other") and key in KNOWN_IDS:
+        info.family, info.title = "open", lic
+    elif key and key not in ("unknown", "other"):
+        info.family, info.title = "open", lic
+        info.notes.append(f"licence id {lic!r} is not one the Hub lists; check the spelling")
+    return info
+
+
+def check_license(info: LicenseInfo, repo_id: str | None, *, public: bool, accept_terms: bool,
+                  pushing: bool = True) -> list[str]:
+    """Apply the licence rules; return warnings, raise QuantkitError when a push must not happen."""
+    warnings: list[str] = []
+    if not info.known:
+        msg = (f"the base model's licence is unknown ({info.id or 'not stated in its card'}): check its terms, then "
+               "pass --license ID (an SPDX/Hub licence id such as apache-2.0) to publish")
+        if pushing:
+            raise QuantkitError(msg)
+        warnings.append(msg)
+        return warnings
+    warnings.extend(n for n in info.notes if info.family != "open" or "spelling" in n)
+    name = (repo_id or "").split("/")[-1]
+    if info.name_prefix and name and not name.startswith(info.name_prefix):
+        warnings.append(f"the {info.title} requires names of derived models to begin with "
+                        f"\"{info.name_prefix}\": {name!r} does not (e.g. use {info.name_prefix}-{name})")
+    if info.noncommercial:
+        warnings.insert(0, f"LICENCE WARNING: {info.title} does not allow commercial use"
+                        + (" nor redistribution of derivatives" if info.no_derivatives else ""))
+        if pushing and public and not accept_terms:
+            raise QuantkitError(f"refusing to publish publicly: the base licence {info.title} is non-commercial"
+                                + ("/no-derivatives" if info.no_derivatives else "")
+                                + "; push --private, or pass --accept-license-terms if you have the right to")
+    return warnings
+
+
+# -- sizes and estimates ----------------------------------------------------------------------------------------------
+
+def _kv_dims(folder: Path, manifest: Manifest) -> dict | None:
+    """n_layers, n_kv_heads, head_dim from a config.json (artifact folder, then base folder)."""
+    candidates = [folder / "config.json"]
+    if manifest.base.get("local_path"):
+        candidates.append(Path(manifest.base["local_path"]) / "config.json")
+    for c in candidates:
+        try:
+            cfg = json.loads(c.read_text())
+        except (OSError, ValueError):
+            continue
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+        try:
+            heads = int(cfg["num_attention_heads"])
+            head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+            return {"layers": int(cfg["num_hidden_layers"]), "kv_heads": int(cfg.get("num_key_value_heads") or heads),
+                    "head_dim": head_dim}
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue
+    return None
+
+
+def _kv_dims_gguf(path: Path) -> dict | None:
+    try:
+        from gguf import GGUFReader
+
+        r = GGUFReader(str(path))
+
+        def kv(key):
+            f = r.fields.get(key)
+            return None if f is None else f.contents()
+
+        arch = kv("general.architecture")
+        layers = kv(f"{arch}.block_count")
+        heads = kv(f"{arch}.attention.head_count")
+        kv_heads = kv(f"{arch}.attention.head_count_kv") or heads
+        head_dim = kv(f"{arch}.attention.key_length") or (kv(f"{arch}.embedding_length") // heads if heads else None)
+        if isinstance(kv_heads, list):
+            kv_heads = max(kv_heads)
+        if layers and kv_heads and head_dim:
+            return {"layers": int(layers), "kv_heads": int(kv_heads), "head_dim": int(head_dim)}
+    except Exception:  # an unreadable header only costs the estimate
+        return None
+    return None
+
+
+def memory_estimate(size: int, dims: dict | None, ctx: int = KV_CONTEXT) -> int:
+    """Weights + f16 KV cache for ``ctx`` tokens + ~5% and 100 MB of runtime buffers (an estimate)."""
+    kv = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * ctx * 2 if dims else 0
+    return int(size * 1.05 + kv + 100e6)
+
+
+GGUF_ADVICE = {
+    "F32": "full precision; reference only", "F16": "full precision; reference, or to quantise yourself",
+    "BF16": "full precision; reference, or to quantise yourself", "Q8_0": "near-lossless; if you have the RAM",
+    "Q6_K": "very high quality, near-lossless", "Q5_K_M": "high quality; recommended when it fits",
+    "Q5_K_S": "high quality, a little smaller", "Q4_K_M": "good quality, the usual default; recommended",
+    "Q4_K_S": "a little smaller than Q4_K_M, slightly lower quality", "Q4_0": "legacy 4-bit; prefer Q4_K_M",
+    "IQ4_XS": "smaller than Q4_K_S at similar quality", "IQ4_NL": "4-bit non-linear; good on ARM",
+    "Q3_K_L": "low RAM; noticeably lower quality", "Q3_K_M": "low RAM; noticeably lower quality",
+    "Q3_K_S": "low RAM; low quality", "IQ3_M": "low RAM; usable", "IQ3_XS": "low RAM; lower quality",
+    "Q2_K": "very low quality; only when nothing else fits", "IQ2_M": "very low quality; surprisingly usable",
+}
+
+
+def _fmt_num(x, spec: str, dash: str = "—") -> str:
+    if x is None:
+        return dash
+    try:
+        return format(x, spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+# -- building the context ---------------------------------------------------------------------------------------------
+
+FORMAT_TAGS = {"gguf": "gguf", "awq": "awq", "gptq": "gptq", "compressed-tensors": "compressed-tensors"}
+FORMAT_TITLES = {"gguf": "GGUF", "awq": "AWQ", "gptq": "GPTQ", "compressed-tensors": "compressed-tensors"}
+
+
+def _artifact_format(rec: dict) -> str:
+    return (rec.get("format") or rec.get("method") or "").lower()
+
+
+def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
+    rows = []
+    dims_cfg = _kv_dims(folder, manifest)
+    for name, rec in sorted(manifest.artifacts.items(), key=lambda kv: -(kv[1].get("size") or 0)):
+        fmt = _artifact_format(rec)
+        size = rec.get("size") or sum(f.get("size", 0) for f in rec.get("files") or [])
+        path = rec.get("path") or name
+        is_folder = fmt != "gguf" or path in (".", "") or (folder / path).is_dir()
+        dims = dims_cfg
+        if dims is None and fmt == "gguf" and (folder / path).is_file():
+            dims = _kv_dims_gguf(folder / path)
+        params = rec.get("params") or {}
+        imatrix = bool(params.get("imatrix")) or bool(rec.get("calibration")) and fmt == "gguf"
+        typ = rec.get("type") or params.get("type") or ""
+        bits = rec.get("bits_per_weight") if fmt == "gguf" else rec.get("bits", params.get("bits"))
+        group = rec.get("group_size", params.get("group_size"))
+        if fmt == "gguf":
+            method = "llama.cpp" + (" + imatrix" if imatrix else "")
+            advice = GGUF_ADVICE.get(typ.upper(), "")
+        else:
+            method = FORMAT_TITLES.get(fmt, fmt.upper()) + (f" ({rec['method']})" if rec.get("method") and
+                                                            rec["method"].lower() != fmt else "")
+            advice = {"awq": "GPU serving with vLLM / TGI / transformers",
+                      "gptq": "GPU serving with vLLM / TGI / transformers",
+                      "compressed-tensors": "GPU serving with vLLM; transformers with compressed-tensors"}.get(fmt, "")
+        rows.append({
+            "name": name, "path": path, "folder": is_folder, "format": fmt, "type": typ, "method": method,
+            "bits": bits, "bits_shown": _fmt_num(bits, ".2f") if fmt == "gguf" else _fmt_num(bits, "d"),
+            "group_size": group, "group_shown": _fmt_num(group, "d") if group not in (None, -1) else "—",
+            "size": size, "size_shown": human_size(size) if size else "—",
+            "mem_shown": human_size(memory_estimate(size, dims)) if size else "—",
+            "mem_kind": "RAM" if fmt == "gguf" else "VRAM", "advice": advice, "revision": revision or "main",
+            "params": params, "calibration": rec.get("calibration"), "tools": rec.get("tools") or {},
+            "eval": rec.get("eval") or None, "bench": rec.get("bench") or None, "files": rec.get("files") or [],
+            "quant_method": rec.get("method") or fmt,
+        })
+    return rows
+
+
+def _quality(rows: list[dict], evaluation: dict) -> dict:
+    measured = [r for r in rows if r["eval"] or r["bench"]]
+    table = []
+    for r in rows:
+        e, b = r["eval"] or {}, r["bench"] or {}
+        ratio = e.get("ppl_ratio")
+        if ratio is None and e.get("ppl") and e.get("base_ppl"):
+            ratio = e["ppl"] / e["base_ppl"]
+        peak = b.get("peak_mem") or b.get("peak_mem_bytes") or b.get("peak_rss")
+        table.append({
+            "name": r["path"] if not r["folder"] else f"{r['type'] or r['format']} (folder)",
+            "ppl": _fmt_num(e.get("ppl"), ".4f"),
+            "dppl": (f"{(ratio - 1) * 100:+.2f}%" if ratio is not None else "—"),
+            "kld": _fmt_num(e.get("kld_mean"), ".5f"), "kld_p99": _fmt_num(e.get("kld_p99"), ".4f"),
+            "top1": (f"{e['top1'] * 100:.2f}%" if isinstance(e.get("top1"), (int, float)) else "—"),
+            "pp": _fmt_num(b.get("pp_tps"), ".1f"), "tg": _fmt_num(b.get("tg_tps"), ".1f"),
+            "peak": human_size(peak) if isinstance(peak, (int, float)) else "—",
+            "measured": bool(e or b),
+        })
+    first_eval = next((r["eval"] for r in rows if r["eval"]), {}) or {}
+    first_bench = next((r["bench"] for r in rows if r["bench"]), {}) or {}
+    ev = {**{k: first_eval.get(k) for k in ("text", "text_sha256", "ctx", "tokens", "base_ppl")},
+          **{k: v for k, v in (evaluation or {}).items() if v is not None}}
+    hw = ev.get("hardware") or first_bench.get("hardware") or {}
+    hardware = None
+    if isinstance(hw, dict) and hw:
+        parts = [hw.get("cpu")]
+        if hw.get("threads"):
+            parts.append(f"{hw['threads']} threads")
+        gpus = hw.get("gpus") or hw.get("gpu")
+        if gpus:
+            parts.append(", ".join(g.get("name", str(g)) if isinstance(g, dict) else str(g)
+                                   for g in (gpus if isinstance(gpus, list) else [gpus])))
+        hardware = "; ".join(str(p) for p in parts if p)
+    elif isinstance(hw, str):
+        hardware = hw
+    text = ev.get("text")
+    if isinstance(text, dict):
+        text = text.get("name") or text.get("source") or json.dumps(text, sort_keys=True)
+    bench_ctx = {k: first_bench.get(k) for k in ("engine", "n_prompt", "n_gen", "threads", "ctx") if first_bench.get(k)}
+    return {"any": bool(measured), "rows": table, "any_eval": any(r["eval"] for r in rows),
+            "any_bench": any(r["bench"] for r in rows), "text": text,
+            "text_sha256": (ev.get("text_sha256") or "")[:16] or None, "ctx": ev.get("ctx"),
+            "tokens": ev.get("tokens"), "base_ppl": _fmt_num(ev.get("base_ppl"), ".4f", None),
+            "hardware": hardware, "bench": bench_ctx,
+            "unmeasured": [t["name"] for t in table if not t["measured"]]}
+
+
+def _base_card_meta(manifest: Manifest) -> dict:
+    lp = manifest.base.get("local_path")
+    if not lp or not (Path(lp) / "README.md").is_file():
+        return {}
+    try:
+        from huggingface_hub.repocard import metadata_load
+
+        return metadata_load(Path(lp) / "README.md") or {}
+    except Exception:  # a malformed base card must not stop ours
+        return {}
+
+
+def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revision: str | None = None,
+                 quantized_by: str | None = None, license: str | None = None,
+                 manifest: Manifest | None = None) -> dict:
+    """Everything the templates need, from ``folder``'s manifest (no network)."""
+    folder = Path(folder)
+    m = manifest or Manifest.load(folder, create=False)
+    if not m.artifacts:
+        raise QuantkitError(f"{folder}/quantkit.json lists no artifacts: run `quantkit gguf|awq|gptq ... "
+                            f"--out {folder}` first")
+    base = dict(m.base)
+    base_meta = _base_card_meta(m)
+    for k in ("license", "license_name", "license_link", "pipeline_tag"):
+        if not base.get(k) and base_meta.get(k):
+            base[k] = base_meta[k]
+    lic = license_info(base, license)
+    rows = _rows(folder, m, revision)
+    formats = sorted({r["format"] for r in rows})
+    model_name = base.get("model_name") or (base.get("id") or "model").split("/")[-1]
+    fmt_title = " / ".join(FORMAT_TITLES.get(f, f) for f in formats)
+    if repo_id is None:
+        last = (m.data.get("pushes") or [{}])[-1].get("repo")
+        repo_id = last or f"YOUR_NAME/{model_name}-{fmt_title.split(' ')[0].replace('/', '')}"
+    types = []
+    for r in rows:
+        if r["type"] and r["type"] not in types:
+            types.append(r["type"])
+    tags = [FORMAT_TAGS.get(f, f) for f in formats] + ["quantkit", "quantized"]
+    tags += [t for t in types if t not in tags]
+    if any(r["format"] != "gguf" and r["bits"] for r in rows):
+        tags += sorted({f"{r['bits']}-bit" for r in rows if r["format"] != "gguf" and r["bits"]})
+    library = "gguf" if formats == ["gguf"] else "transformers"
+    meta = {
+        "base_model": base.get("id") or None,
+        "base_model_relation": "quantized" if base.get("id") else None,
+        "license": lic.id or None,
+        "license_name": lic.name if (lic.id or "").lower() == "other" else None,
+        "license_link": lic.link if (lic.id or "").lower() == "other" else None,
+        "language": base_meta.get("language") or None,
+        "pipeline_tag": base.get("pipeline_tag") or "text-generation",
+        "library_name": library,
+        "tags": tags,
+        "quantized_by": quantized_by or m.data.get("quantized_by") or "quantkit",
+    }
+    meta = {k: v for k, v in meta.items() if v is not None}
+    tools: dict[str, str] = {}
+    for r in rows:
+        for k, v in (r["tools"] or {}).items():
+            if v and k not in tools:
+                tools[k] = v
+    tools.setdefault("quantkit", m.data.get("quantkit_version") or __version__)
+    calibrations = []
+    for r in rows:
+        c = r["calibration"]
+        if c and c not in calibrations:
+            calibrations.append(c)
+    inter = m.data.get("intermediates") or {}
+    imatrix = inter.get("imatrix") if isinstance(inter.get("imatrix"), dict) else None
+    gguf_rows = [r for r in rows if r["format"] == "gguf"]
+    recommended = next((r for r in gguf_rows if r["type"].upper() == "Q4_K_M"), None) or \
+        next((r for r in gguf_rows if r["type"].upper().startswith(("Q5", "Q4", "IQ4"))), None) or \
+        (gguf_rows[0] if gguf_rows else None)
+    return {
+        "meta": meta, "base": base, "license": lic, "rows": rows, "formats": formats, "fmt_title": fmt_title,
+        "model_name": model_name, "repo_id": repo_id, "revision": revision or "main",
+        "quality": _quality(rows, m.data.get("evaluation") or {}), "tools": tools, "calibrations": calibrations,
+        "imatrix": imatrix, "gguf_rows": gguf_rows, "hf_rows": [r for r in rows if r["format"] != "gguf"],
+        "recommended": recommended, "kv_context": KV_CONTEXT, "quantkit_version": __version__,
+        "json": lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str),
+    }
+
+
+def _metadata_yaml(meta: dict) -> str:
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(**meta).to_yaml()
+
+
+@dataclass
+class RenderedCard:
+    text: str
+    metadata: dict
+    license: LicenseInfo
+    warnings: list[str]
+    path: Path | None = None
+
+    def to_json(self) -> dict:
+        return {"path": str(self.path) if self.path else None, "metadata": self.metadata,
+                "license": self.license.to_json(), "warnings": self.warnings, "bytes": len(self.text.encode())}
+
+
+def render_card(folder: str | os.PathLike, *, repo_id: str | None = None, revision: str | None = None,
+                quantized_by: str | None = None, license: str | None = None,
+                manifest: Manifest | None = None) -> RenderedCard:
+    """Render the card text for ``folder`` (nothing written)."""
+    import jinja2
+
+    ctx = card_context(folder, repo_id=repo_id, revision=revision, quantized_by=quantized_by, license=license,
+                       manifest=manifest)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    body = env.get_template("card.md.j2").render(**ctx)
+    text = "---\n" + _metadata_yaml(ctx["meta"]) + "\n---\n" + body.lstrip("\n")
+    text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    warnings = check_license(ctx["license"], repo_id if repo_id else None, public=False, accept_terms=False,
+                             pushing=False)
+    return RenderedCard(text=text, metadata=ctx["meta"], license=ctx["license"], warnings=warnings)
+
+
+def write_card(folder: str | os.PathLike, *, repo_id: str | None = None, revision: str | None = None,
+               quantized_by: str | None = None, license: str | None = None) -> RenderedCard:
+    """``quantkit card OUTDIR``: write OUTDIR/README.md (atomically) and note it in the manifest's history."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QuantkitError(f"{folder} is not a folder (give a quantkit output folder holding quantkit.json)")
+    m = Manifest.load(folder, create=False)
+    card = render_card(folder, repo_id=repo_id, revision=revision, quantized_by=quantized_by, license=license,
+                       manifest=m)
+    dest = folder / CARD_NAME
+    if not dest.exists() or dest.read_text(errors="replace") != card.text:
+        with atomic_path(dest) as tmp:
+            tmp.write_text(card.text)
+    card.path = dest
+    m.log("card", path=CARD_NAME, license=card.license.id, warnings=len(card.warnings))
+    m.save()
+    return card
