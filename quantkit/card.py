@@ -339,6 +339,15 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
             "unmeasured": [t["name"] for t in table if not t["measured"]]}
 
 
+def _report(folder: Path, manifest: Manifest) -> dict | None:
+    """The comparison report written next to the artifacts (by ``quantkit run``), if it is there."""
+    rep = manifest.data.get("report")
+    if not isinstance(rep, dict):
+        return None
+    out = {k: rep[k] for k in ("markdown", "image") if rep.get(k) and (folder / str(rep[k])).is_file()}
+    return out or None
+
+
 def _base_card_meta(manifest: Manifest) -> dict:
     lp = manifest.base.get("local_path")
     if not lp or not (Path(lp) / "README.md").is_file():
@@ -418,6 +427,7 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
         "quality": _quality(rows, m.data.get("evaluation") or {}), "tools": tools, "calibrations": calibrations,
         "imatrix": imatrix, "gguf_rows": gguf_rows, "hf_rows": [r for r in rows if r["format"] != "gguf"],
         "recommended": recommended, "kv_context": KV_CONTEXT, "quantkit_version": __version__,
+        "report": _report(folder, m),
         "json": lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str),
     }
 

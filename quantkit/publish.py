@@ -283,6 +283,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
         base_dir = rec.get("path") or "."
         for f in rec.get("files") or []:
             rel = f["path"]
+            if rel in (MANIFEST_NAME, "README.md"):
+                continue  # generated for the push
             if rel not in files:
                 alt = (Path(base_dir) / rel).as_posix() if base_dir not in (".", "") else rel
                 if alt in files:

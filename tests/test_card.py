@@ -144,3 +144,17 @@ def test_card_errors_are_one_line(tmp_path, run_cli):
     (tmp_path / "empty").mkdir()
     code, out, err = run_cli("card", tmp_path / "empty")
     assert code != 0 and "quantkit.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_card_links_the_run_report(tmp_path):
+    from quantkit.card import render_card
+    from quantkit.manifest import Manifest
+
+    out = make_gguf_set(tmp_path / "gguf", evaluated=True)
+    (out / "report.md").write_text("# report\n")
+    (out / "report.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    m = Manifest.load(out)
+    m.data["report"] = {"markdown": "report.md", "image": "report.png", "sha256": "00", "time": "x"}
+    m.save()
+    text = render_card(out, repo_id="acme/x").text
+    assert "[report.md](report.md)" in text and "![quality versus size](report.png)" in text
