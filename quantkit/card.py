@@ -167,6 +167,20 @@ def check_license(info: LicenseInfo, repo_id: str | None, *, public: bool, accep
     return warnings
 
 
+def scrub_paths(obj):
+    """Replace absolute local paths (a user's home, temp folders) by their last component, recursively.
+
+    Cards and the published quantkit.json must not show where the publisher keeps files.
+    """
+    if isinstance(obj, dict):
+        return {k: scrub_paths(v) for k, v in obj.items() if k not in ("local_path",)}
+    if isinstance(obj, list):
+        return [scrub_paths(v) for v in obj]
+    if isinstance(obj, str) and len(obj) < 4096 and "\n" not in obj and os.path.isabs(obj) and obj.count("/") > 1:
+        return os.path.basename(obj.rstrip("/")) or obj
+    return obj
+
+
 # -- sizes and estimates ----------------------------------------------------------------------------------------------
 
 def _kv_dims(folder: Path, manifest: Manifest) -> dict | None:
@@ -284,7 +298,8 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "size": size, "size_shown": human_size(size) if size else "—",
             "mem_shown": human_size(memory_estimate(size, dims)) if size else "—",
             "mem_kind": "RAM" if fmt == "gguf" else "VRAM", "advice": advice, "revision": revision or "main",
-            "params": params, "calibration": rec.get("calibration"), "tools": rec.get("tools") or {},
+            "params": scrub_paths(params), "calibration": scrub_paths(rec.get("calibration")),
+            "tools": rec.get("tools") or {},
             "eval": rec.get("eval") or None, "bench": rec.get("bench") or None, "files": rec.get("files") or [],
             "quant_method": rec.get("method") or fmt,
         })

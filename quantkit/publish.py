@@ -111,7 +111,9 @@ def public_manifest(manifest: Manifest) -> bytes:
 
     Deterministic, so that re-pushing an unchanged folder leaves it unchanged too.
     """
-    data = json.loads(json.dumps(manifest.data, default=str))
+    from quantkit.card import scrub_paths
+
+    data = scrub_paths(json.loads(json.dumps(manifest.data, default=str)))
     data.pop("pushes", None)
     data.get("base", {}).pop("local_path", None)
     ev = data.get("evaluation") or {}
@@ -345,10 +347,19 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
     for rel, p in sorted(files.items()):
         same, sha = _same(remote.get(rel), p, recorded.get(rel))
         size = p.stat().st_size
+        if not same and not dry_run:
+            # hash once here: it proves the file is the one the manifest recorded, and the client re-uses it
+            sha = sha or sha256_file(p)
+            if recorded.get(rel) and sha != recorded[rel]:
+                raise QuantkitError(f"{rel} changed since quantkit made it (sha256 differs from quantkit.json); "
+                                    "rebuild it before pushing")
         actions.append(FileAction(rel, "unchanged" if same else "upload", size,
                                   "" if same else ("changed" if rel in remote else "new"), sha or recorded.get(rel)))
         if not same:
-            adds.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)))
+            op = CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p))
+            if sha:
+                op.upload_info.sha256 = bytes.fromhex(sha)
+            adds.append(op)
     produced = set(generated) | set(files)
     deletes = []
     for rel in sorted(remote):
@@ -360,6 +371,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
         else:
             actions.append(FileAction(rel, "keep", remote[rel].size, "not produced any more; --prune deletes it"))
 
+    if not token:
+        warnings.append("no Hugging Face token: the dry run compared with what is publicly visible only")
     result = PushResult(repo=repo_id, revision=revision, private=bool(effective_private), dry_run=dry_run,
                         created=not exists, files=actions, warnings=warnings, license=lic.id)
     endpoint = api.endpoint.rstrip("/")

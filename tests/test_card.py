@@ -158,3 +158,22 @@ def test_card_links_the_run_report(tmp_path):
     m.save()
     text = render_card(out, repo_id="acme/x").text
     assert "[report.md](report.md)" in text and "![quality versus size](report.png)" in text
+
+
+def test_no_local_paths_in_card_or_published_manifest(tmp_path):
+    from quantkit.card import render_card
+    from quantkit.manifest import Manifest
+    from quantkit.publish import public_manifest
+
+    out = make_gguf_set(tmp_path / "gguf")
+    m = Manifest.load(out)
+    for rec in m.artifacts.values():
+        rec["calibration"] = {"source": "/home/someone/private/notes.txt", "sha256": "ab" * 32}
+        rec["params"]["work"] = str(tmp_path / "gguf" / ".quantkit-work")
+    m.data["evaluation"] = {"base": {"id": "acme/x", "path": str(tmp_path / "base")}, "text": "builtin:eval"}
+    m.save()
+    text = render_card(out, repo_id="acme/x").text
+    published = public_manifest(Manifest.load(out)).decode()
+    for blob in (text, published):
+        assert "/home/someone" not in blob and str(tmp_path) not in blob
+    assert "notes.txt" in text and "notes.txt" in published

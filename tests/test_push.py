@@ -226,6 +226,15 @@ def test_push_errors_are_one_clear_line(hub_server, tmp_path, run_cli, monkeypat
     assert "no Hugging Face token" in line and "hf auth login" in line
     assert "alice-org/Tiny-GGUF" not in hub_server.state.repos
 
+    # an artifact altered after quantkit recorded it (same size, other bytes) is not published
+    data = bytearray((out / "TinyLlama-Chat-Q4_K_M.gguf").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "TinyLlama-Chat-Q4_K_M.gguf").write_bytes(bytes(data))
+    monkeypatch.setenv("HF_TOKEN", token)
+    line = _one_line_error(*run_cli("push", out, "--repo", "alice-org/Tiny-GGUF"), token)
+    assert "changed since quantkit made it" in line and "TinyLlama-Chat-Q4_K_M.gguf" in line
+    assert "alice-org/Tiny-GGUF" not in hub_server.state.repos
+
     # bad repo id
     monkeypatch.setenv("HF_TOKEN", token)
     line = _one_line_error(*run_cli("push", out, "--repo", "not a repo"), token)
