@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -176,9 +177,13 @@ def scrub_paths(obj):
         return {k: scrub_paths(v) for k, v in obj.items() if k not in ("local_path",)}
     if isinstance(obj, list):
         return [scrub_paths(v) for v in obj]
-    if isinstance(obj, str) and len(obj) < 4096 and "\n" not in obj and os.path.isabs(obj) and obj.count("/") > 1:
-        return os.path.basename(obj.rstrip("/")) or obj
+    if isinstance(obj, str) and "/" in obj:
+        return _ABS_PATH.sub(lambda mt: mt.group(1), obj)
     return obj
+
+
+# an absolute path of at least two components, alone or inside a string ("file:/home/me/notes.txt", a command line)
+_ABS_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s:=(\[,"']))/(?:[^/\s"']+/)+([^/\s"']+)/?""")
 
 
 # -- sizes and estimates ----------------------------------------------------------------------------------------------
@@ -300,7 +305,9 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "mem_kind": "RAM" if fmt == "gguf" else "VRAM", "advice": advice, "revision": revision or "main",
             "params": scrub_paths(params), "calibration": scrub_paths(rec.get("calibration")),
             "tools": rec.get("tools") or {},
-            "eval": rec.get("eval") or None, "bench": rec.get("bench") or None, "files": rec.get("files") or [],
+            "eval": rec.get("eval") or None, "bench": rec.get("bench") or None,
+            "files": [{"path": f.get("path", "?"), "size": f.get("size", ""), "sha256": f.get("sha256", "")}
+                      for f in rec.get("files") or [] if isinstance(f, dict)],
             "quant_method": rec.get("method") or fmt,
         })
     return rows
@@ -384,7 +391,9 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
     if not m.artifacts:
         raise QuantkitError(f"{folder}/quantkit.json lists no artifacts: run `quantkit gguf|awq|gptq ... "
                             f"--out {folder}` first")
-    base = dict(m.base)
+    base = {k: None for k in ("id", "revision", "sha", "license", "license_name", "license_link", "model_name",
+                              "architecture", "model_type", "pipeline_tag")}
+    base.update({k: v for k, v in m.base.items() if v is not None})
     base_meta = _base_card_meta(m)
     for k in ("license", "license_name", "license_link", "pipeline_tag"):
         if not base.get(k) and base_meta.get(k):
@@ -431,7 +440,7 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
         if c and c not in calibrations:
             calibrations.append(c)
     inter = m.data.get("intermediates") or {}
-    imatrix = inter.get("imatrix") if isinstance(inter.get("imatrix"), dict) else None
+    imatrix = {"sha256": inter["imatrix"].get("sha256") or ""} if isinstance(inter.get("imatrix"), dict) else None
     gguf_rows = [r for r in rows if r["format"] == "gguf"]
     recommended = next((r for r in gguf_rows if r["type"].upper() == "Q4_K_M"), None) or \
         next((r for r in gguf_rows if r["type"].upper().startswith(("Q5", "Q4", "IQ4"))), None) or \

@@ -168,7 +168,7 @@ def test_no_local_paths_in_card_or_published_manifest(tmp_path):
     out = make_gguf_set(tmp_path / "gguf")
     m = Manifest.load(out)
     for rec in m.artifacts.values():
-        rec["calibration"] = {"source": "/home/someone/private/notes.txt", "sha256": "ab" * 32}
+        rec["calibration"] = {"source": "file:/home/someone/private/notes.txt", "sha256": "ab" * 32}
         rec["params"]["work"] = str(tmp_path / "gguf" / ".quantkit-work")
     m.data["evaluation"] = {"base": {"id": "acme/x", "path": str(tmp_path / "base")}, "text": "builtin:eval"}
     m.save()
