@@ -128,6 +128,10 @@ class HubError(Exception):
         self.extra = extra or {}
 
 
+class _Drop(Exception):
+    """Raised inside a handler to cut the connection without a response."""
+
+
 class HubState:
     """Users, repos and blobs of the fake Hub (thread-safe through one lock)."""
 
@@ -211,16 +215,17 @@ class HubState:
 
     # -- faults -----------------------------------------------------------------------------------------------------
     def fail_next(self, op: str, *, status: int = 400, times: int = 1, after_bytes: int | None = None,
-                  message: str = "fault injected by the test Hub") -> None:
+                  drop: bool = False, message: str = "fault injected by the test Hub") -> None:
         """Make the next ``times`` requests of kind ``op`` fail with ``status``.
 
         ``commit`` fails in the middle of applying the NDJSON operations (after some blobs were stored);
-        ``lfs_put`` reads ``after_bytes`` (default: half) of the upload, then fails. Status 4xx is not retried
-        by huggingface_hub (5xx is, with back-off).
+        ``lfs_put`` reads ``after_bytes`` (default: half) of the upload, then fails -- or, with ``drop``, closes
+        the connection without answering (a network cut). Status 4xx is not retried by huggingface_hub; 5xx
+        and cut connections are, with back-off (1 s, 2 s, 4 s ...).
         """
         with self.lock:
             self.faults.append({"op": op, "status": status, "times": times, "after_bytes": after_bytes,
-                                "message": message})
+                                "drop": drop, "message": message})
 
     def take_fault(self, op: str) -> dict | None:
         with self.lock:
@@ -413,6 +418,9 @@ class _Handler(BaseHTTPRequestHandler):
             fn(*args, body=body, query=query)
         except HubError as e:
             self._error(e)
+        except _Drop:
+            self.close_connection = True  # no answer at all: the client sees the connection cut
+            self.hub.state.log.append((self.command, urlsplit(self.path).path, 0))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as e:  # a bug in the test server: say so loudly
@@ -744,7 +752,9 @@ class _Handler(BaseHTTPRequestHandler):
                     stop = remaining if not fault else (fault["after_bytes"] if fault["after_bytes"] is not None
                                                         else remaining // 2)
                     while remaining > 0:
-                        block = self.rfile.read(min(1 << 20, remaining))
+                        if fault and fault.get("drop") and got >= stop:
+                            break  # stop reading: the unread rest makes the close a connection reset
+                        block = self.rfile.read(min(1 << 20, remaining, max(1, stop - got) if fault else 1 << 20))
                         if not block:
                             break
                         remaining -= len(block)
@@ -752,6 +762,8 @@ class _Handler(BaseHTTPRequestHandler):
                         f.write(keep)
                         h.update(keep)
                         got += len(keep)
+            if fault and fault.get("drop"):
+                raise _Drop()
             if fault:
                 raise HubError(fault["status"], fault["message"] + f" (upload aborted after {got} bytes)")
             if got != size or h.hexdigest() != oid:

@@ -308,3 +308,14 @@ def test_dry_run_branch_and_pull_request(hub_server, tmp_path, run_cli):
     assert res["pr_url"] and "/discussions/1" in res["pr_url"]
     assert hub_server.head(repo) == main_head
     assert hub_server.head(repo, "refs/pr/1") == res["commit"]
+
+
+def test_cut_connection_during_upload_is_retried(hub_server, tmp_path, run_cli):
+    out = make_gguf_set(tmp_path / "gguf")
+    hub_server.fail_next("lfs_put", drop=True)
+    code, stdout, err = run_cli("push", out, "--repo", "alice-org/Tiny-GGUF", "--json")
+    assert code == 0, err
+    assert hub_server.counts["fault:lfs_put"] == 1 and hub_server.counts["lfs_put"] == 2
+    files = hub_server.files("alice-org/Tiny-GGUF")
+    for name in ("TinyLlama-Chat-Q8_0.gguf", "TinyLlama-Chat-Q4_K_M.gguf"):
+        assert files[name] == (out / name).read_bytes()
