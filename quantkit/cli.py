@@ -76,6 +76,84 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
 # [gguf commands] (insert above this line)
 
 
+# ------------------------------------------------------------------------------------------ awq/gptq
+def _hfquant_options(default_bits_help: str):
+    """Options shared by ``quantkit awq`` and ``quantkit gptq``."""
+    def deco(f):
+        opts = [
+            click.option("--group-size", type=int, default=128, show_default=True,
+                         help="Weights per scale group (-1: one scale per output channel)."),
+            click.option("--calibration", "calibration", metavar="SPEC", default=None,
+                         help="builtin (default, offline), a .txt, a .jsonl with text/messages, or "
+                              "hub:org/name[:config]:split:column."),
+            click.option("--samples", type=int, default=128, show_default=True, help="Calibration samples."),
+            click.option("--seq-len", type=int, default=2048, show_default=True,
+                         help="Tokens per calibration sample (at most)."),
+            click.option("--format", "fmt", type=click.Choice(["classic", "compressed-tensors"]),
+                         default="classic", show_default=True,
+                         help="classic = quant_method awq|gptq (vLLM, TGI, SGLang, transformers); "
+                              "compressed-tensors = vLLM's native format (llm-compressor)."),
+            click.option("--out", type=click.Path(file_okay=False), default=None,
+                         help="Output folder [default: ./<Model>-<METHOD>-<INTn|WnA16>-g<group>]."),
+            click.option("--revision", help="Branch, tag or commit SHA (Hub ids only)."),
+            click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights."),
+            click.option("--device", default="auto", show_default=True,
+                         help="Where calibration runs: auto (GPU if torch sees one), cpu, cuda, cuda:N. "
+                              "Weights stay in host RAM; one layer at a time moves to the device."),
+            click.option("--offload", is_flag=True,
+                         help="Big models: spill weights that do not fit in RAM to disk next to --out."),
+            click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def _print_quant_result(result, as_json: bool) -> None:
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(result.table())
+        click.echo(f"folder: {result.folder}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--bits", type=click.Choice(["4"]), default="4", show_default=True, help="Weight bits (AWQ: 4).")
+@_hfquant_options("4")
+def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revision, allow_pickle, device,
+        offload, as_json):
+    """AWQ-quantise MODEL (Hub id or local folder) to 4-bit weights, calibrated on SPEC."""
+    from quantkit.awq import quantize_awq
+
+    result = quantize_awq(model, bits=int(bits), group_size=group_size, calibration=calibration, samples=samples,
+                          seq_len=seq_len, fmt=fmt, out=out, revision=revision, allow_pickle=allow_pickle,
+                          device=device, offload=offload)
+    _print_quant_result(result, as_json)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Weight bits.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="Quantise columns in order of activation size (classic: desc_act; compressed-tensors: "
+                   "actorder static).")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="Hessian dampening, as a fraction of its mean diagonal.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
+@_hfquant_options("4|8")
+def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, seq_len, fmt, out, revision,
+         allow_pickle, device, offload, as_json):
+    """GPTQ-quantise MODEL (Hub id or local folder) to 4- or 8-bit weights, calibrated on SPEC."""
+    from quantkit.gptq import quantize_gptq
+
+    result = quantize_gptq(model, bits=int(bits), group_size=group_size, act_order=act_order, damp=damp, sym=sym,
+                           calibration=calibration, samples=samples, seq_len=seq_len, fmt=fmt, out=out,
+                           revision=revision, allow_pickle=allow_pickle, device=device, offload=offload)
+    _print_quant_result(result, as_json)
+
+
 # [awq/gptq commands] (insert above this line)
 
 
