@@ -210,9 +210,16 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
     except Exception as e:  # no network: fall back to what is cached
         if not _is_network_error(e) and isinstance(e, hf_errors.HfHubHTTPError):
             raise _hub_error(e, repo_id, revision) from None
-        try:
-            path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
-        except Exception:
+        path = None
+        # the same file selection as the online pull, or the cache check calls the snapshot incomplete
+        for extra in ([SAFETENSORS_PATTERNS] + ([PICKLE_PATTERNS] if allow_pickle else [])):
+            try:
+                path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                              allow_patterns=BASE_PATTERNS + extra, local_files_only=True))
+                break
+            except Exception:
+                continue
+        if path is None:
             raise _hub_error(e, repo_id, revision) from None
         src = _local_source(path, allow_pickle=allow_pickle)
         src.id, src.revision = repo_id, revision
@@ -238,6 +245,7 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
                                       cache_dir=cache_dir, token=token))
     except Exception as e:
         raise _hub_error(e, repo_id, revision) from None
+    _remember_ref(path, revision or "main", info.sha)
     config = _read_config(path, repo_id)
     card = getattr(info, "card_data", None) or getattr(info, "cardData", None) or {}
     get = card.get if hasattr(card, "get") else (lambda k, d=None: getattr(card, k, d))
@@ -245,6 +253,20 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
                        license=get("license", None), license_name=get("license_name", None),
                        license_link=get("license_link", None),
                        pipeline_tag=getattr(info, "pipeline_tag", None), config=config)
+
+
+def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
+    """Map the branch/tag to the commit in the cache (``refs/<revision>``), as huggingface_hub does when it
+    resolves a branch itself: we download by SHA, so without this an offline run could not find the snapshot."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return
+    try:
+        ref = snapshot.parent.parent / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        if not ref.is_file() or ref.read_text().strip() != sha:
+            ref.write_text(sha)
+    except OSError:  # a read-only cache only costs the offline fallback
+        pass
 
 
 def pull(model: str, revision: str | None = None, *, allow_pickle: bool = False,

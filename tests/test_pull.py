@@ -147,3 +147,13 @@ def test_pull_bad_token_is_one_line(hub_server, tmp_path, run_cli, monkeypatch):
     code, out, err = run_cli("pull", "acme/tiny")
     _assert_one_line_error(code, out, err, "hf_" + "x" * 34)
     assert "invalid" in err and "HF_TOKEN" in err
+
+
+def test_pull_offline_uses_the_cached_snapshot(hub_server, tmp_path, run_cli, run_cli_subprocess):
+    sha = hub_server.seed("acme/tiny", _model_folder(tmp_path / "src", extras=False))
+    code, out, err = run_cli("pull", "acme/tiny", "--json")
+    assert code == 0, err
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HUB_ETAG_TIMEOUT": "2"}
+    code, out, err = run_cli_subprocess("pull", "acme/tiny", "--json", env=env, timeout=120)
+    assert code == 0, err
+    assert json.loads(out)["sha"] == sha
