@@ -524,7 +524,8 @@ _QLINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
 def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *, threads: int | None = None,
-                  imatrix: str | os.PathLike | None = None, imatrix_label: str | None = None) -> dict:
+                  imatrix: str | os.PathLike | None = None, imatrix_label: str | None = None,
+                  dataset_label: str | None = None) -> dict:
     """Quantise GGUF ``src`` to ``gtype`` into ``dest`` with ``llama_model_quantize`` (as llama-quantize does).
 
     Returns ``{"seconds", "imatrix_entries"}``. Raises QuantkitError with llama.cpp's own message on failure.
@@ -559,8 +560,9 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
         kvs = [("quantize.imatrix.file", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR,
                 (imatrix_label or Path(imatrix).name)),
                ("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, n_entries)]
-        if meta.get("datasets"):
-            kvs.insert(1, ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(meta["datasets"][0])))
+        dataset = dataset_label or (meta.get("datasets") or [None])[0]
+        if dataset:
+            kvs.insert(1, ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(dataset)))
         if meta.get("chunk_count"):
             kvs.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(meta["chunk_count"])))
         ov = (llama_cpp.llama_model_kv_override * (len(kvs) + 1))()
@@ -712,7 +714,8 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
             with atomic_path(dest) as tmp:
                 q = quantize_file(inter_path, tmp, t, threads=threads,
                                   imatrix=imatrix_path if calib else None,
-                                  imatrix_label=imatrix_path.name if calib else None)
+                                  imatrix_label=imatrix_path.name if calib else None,
+                                  dataset_label=calib.source if calib else None)
         _public(dest)
         info = read_gguf_info(dest)
         rec = {
