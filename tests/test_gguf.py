@@ -41,8 +41,15 @@ def qwen2_set(tiny_qwen2, tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_calibration(tmp_path_factory, calibration_text) -> Path:
     p = tmp_path_factory.mktemp("calib") / "notes.txt"
-    p.write_text(calibration_text[:20000], encoding="utf-8")  # ~5k tokens: a few 512-token chunks
+    p.write_text(calibration_text[:9000], encoding="utf-8")  # ~2k tokens: a few 512-token chunks
     return p
+
+
+@pytest.fixture(scope="module")
+def imatrix_set(llama_set, tiny_llama, small_calibration, tmp_path_factory):
+    """The llama set again with --calibration (the default method: llama-imatrix when it was built)."""
+    folder = _copy_set(llama_set, tmp_path_factory.mktemp("gguf") / "imx")
+    return quantize_gguf(str(tiny_llama), ["Q4_K_M", "IQ4_XS"], folder, calibration=str(small_calibration))
 
 
 def _copy_set(res, dest: Path) -> Path:
@@ -177,13 +184,12 @@ def test_resume_reuses_everything_and_rebuilds_a_deleted_variant(llama_set, tiny
     assert sum(h["stage"] == "gguf.convert" for h in hist) == 1  # the copy's one conversion, never again
     assert [h["artifact"] for h in hist if h["stage"] == "gguf.quantize"][-1] == q8.name
 
-    # a variant whose bytes changed is caught by its sha256 and rebuilt; so is a missing intermediate
+    # a variant whose bytes changed is caught by its sha256 and rebuilt from the kept intermediate
     with open(q4, "r+b") as f:
         f.seek(-16, os.SEEK_END)
         f.write(b"\0" * 16)
-    shutil.rmtree(folder / WORK_DIR)
     fourth = quantize_gguf(str(tiny_llama), ["Q4_K_M"], folder)
-    assert fourth.converted and fourth.built == [q4.name]
+    assert not fourth.converted and fourth.built == [q4.name]
     assert Manifest.load(folder).artifact_is_intact(q4.name)
 
 
@@ -202,11 +208,10 @@ def test_iq_type_needs_calibration(tiny_llama, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_imatrix_from_calibration_text(llama_set, tiny_llama, small_calibration, tmp_path):
-    folder = _copy_set(llama_set, tmp_path / "imx")
+def test_imatrix_from_calibration_text(llama_set, imatrix_set, small_calibration):
+    res, folder = imatrix_set, imatrix_set.folder
     name = llama_set.manifest.base["model_name"]
     plain_sha = llama_set.manifest.artifacts[artifact_name(name, "Q4_K_M")]["files"][0]["sha256"]
-    res = quantize_gguf(str(tiny_llama), ["Q4_K_M", "IQ4_XS"], folder, calibration=str(small_calibration))
     assert not res.converted  # the intermediate is re-used for the imatrix and both types
     assert res.imatrix == folder / f"{name}.imatrix" and res.imatrix.is_file()
     m = Manifest.load(folder, create=False)
@@ -226,29 +231,25 @@ def test_imatrix_from_calibration_text(llama_set, tiny_llama, small_calibration,
     assert "IQ4_XS" in read_gguf_info(folder / artifact_name(name, "IQ4_XS"))["tensor_types"]
 
     # same calibration again: nothing to do; the imatrix is re-used too
-    again = quantize_gguf(str(tiny_llama), ["Q4_K_M", "IQ4_XS"], folder, calibration=str(small_calibration))
+    again = quantize_gguf(m.base["local_path"], ["Q4_K_M", "IQ4_XS"], folder, calibration=str(small_calibration))
     assert again.built == [] and not again.converted
     hist = Manifest.load(folder, create=False).data["history"]
     assert sum(h["stage"] == "gguf.imatrix" for h in hist) == 1
 
 
-def test_torch_imatrix_fallback_agrees_with_llama_imatrix(llama_set, tiny_llama, small_calibration, tmp_path,
+def test_torch_imatrix_fallback_agrees_with_llama_imatrix(imatrix_set, tiny_llama, small_calibration, tmp_path,
                                                           monkeypatch):
-    folder = _copy_set(llama_set, tmp_path / "torch-imx")
+    folder = _copy_set(imatrix_set, tmp_path / "torch-imx")
     monkeypatch.setenv("QUANTKIT_IMATRIX", "torch")
     res = quantize_gguf(str(tiny_llama), ["Q4_K_M"], folder, calibration=str(small_calibration))
     m = Manifest.load(folder, create=False)
     assert m.data["intermediates"]["imatrix"]["method"] == "torch" and not res.converted
+    assert res.built == res.artifacts  # another method = another imatrix = the variant is rebuilt
     assert m.artifacts[res.artifacts[0]]["params"]["imatrix"]["method"] == "torch"
     torch_imx, _ = load_imatrix(res.imatrix)
-    monkeypatch.setenv("QUANTKIT_IMATRIX", "llama-imatrix")
-    from quantkit import llamacpp
-
-    if llamacpp.tools_dir() is None:
+    if imatrix_set.manifest.data["intermediates"]["imatrix"]["method"] != "llama-imatrix":
         pytest.skip("llama.cpp's tools were not built: nothing to compare the torch imatrix with")
-    res2 = quantize_gguf(str(tiny_llama), ["Q4_K_M"], folder, calibration=str(small_calibration))
-    assert res2.built  # another method = another imatrix key = rebuilt variant
-    llama_imx, _ = load_imatrix(res2.imatrix)
+    llama_imx, _ = load_imatrix(imatrix_set.imatrix)
     assert sorted(torch_imx) == sorted(llama_imx)
     for k in llama_imx:
         assert np.corrcoef(torch_imx[k], llama_imx[k])[0, 1] > 0.9, k
