@@ -321,11 +321,12 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
         ratio = e.get("ppl_ratio")
         if ratio is None and e.get("ppl") and e.get("base_ppl"):
             ratio = e["ppl"] / e["base_ppl"]
-        peak = b.get("peak_mem") or b.get("peak_mem_bytes") or b.get("peak_rss")
+        peak = b.get("peak_memory") or b.get("peak_mem") or b.get("peak_mem_bytes") or b.get("peak_rss")
         table.append({
             "name": r["path"] if not r["folder"] else f"{r['type'] or r['format']} (folder)",
             "ppl": _fmt_num(e.get("ppl"), ".4f"),
-            "dppl": (f"{(ratio - 1) * 100:+.2f}%" if ratio is not None else "—"),
+            "dppl": (f"{(ratio - 1) * 100:+.2f}%" if ratio is not None else "—")
+            + (f" ± {e['ppl_ratio_se'] * 100:.2f}" if isinstance(e.get("ppl_ratio_se"), (int, float)) else ""),
             "kld": _fmt_num(e.get("kld_mean"), ".5f"), "kld_p99": _fmt_num(e.get("kld_p99"), ".4f"),
             "top1": (f"{e['top1'] * 100:.2f}%" if isinstance(e.get("top1"), (int, float)) else "—"),
             "pp": _fmt_num(b.get("pp_tps"), ".1f"), "tg": _fmt_num(b.get("tg_tps"), ".1f"),
@@ -352,7 +353,9 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
     text = ev.get("text")
     if isinstance(text, dict):
         text = text.get("name") or text.get("source") or json.dumps(text, sort_keys=True)
-    bench_ctx = {k: first_bench.get(k) for k in ("engine", "n_prompt", "n_gen", "threads", "ctx") if first_bench.get(k)}
+    bench_ctx = {k.replace("_", " "): first_bench.get(k) for k in
+                 ("engine", "device", "prompt_tokens", "gen_tokens", "n_prompt", "n_gen", "repeats", "threads", "ctx")
+                 if first_bench.get(k)}
     return {"any": bool(measured), "rows": table, "any_eval": any(r["eval"] for r in rows),
             "any_bench": any(r["bench"] for r in rows), "text": text,
             "text_sha256": (ev.get("text_sha256") or "")[:16] or None, "ctx": ev.get("ctx"),
