@@ -319,3 +319,13 @@ def test_cut_connection_during_upload_is_retried(hub_server, tmp_path, run_cli):
     files = hub_server.files("alice-org/Tiny-GGUF")
     for name in ("TinyLlama-Chat-Q8_0.gguf", "TinyLlama-Chat-Q4_K_M.gguf"):
         assert files[name] == (out / name).read_bytes()
+
+
+def test_token_from_hf_auth_login_file(hub_server, tmp_path, run_cli, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    (hub_server.hf_home / "token").write_text(hub_server.token)  # where `hf auth login` stores it
+    out = make_awq_folder(tmp_path / "awq")
+    code, stdout, err = run_cli("push", out, "--repo", "alice/Tiny-AWQ")
+    assert code == 0, err
+    assert hub_server.token not in stdout + err
+    assert "model.safetensors" in hub_server.files("alice/Tiny-AWQ")
