@@ -176,7 +176,7 @@ def _push_error(e: Exception, repo_id: str, what: str) -> QuantkitError:
                 "RemoteProtocolError", "ConnectionError", "OfflineModeIsEnabled"}:
         return QuantkitError(f"cannot reach the Hub to {what} {repo_id}: check your network or HF_ENDPOINT, then "
                              "re-run (nothing was changed on the Hub)")
-    detail = server_msg or str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    detail = server_msg or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     if e.__cause__ is not None and not server_msg:
         cause = getattr(getattr(e.__cause__, "response", None), "headers", {}) or {}
         detail = f"{detail} ({cause.get('X-Error-Message') or str(e.__cause__).strip().splitlines()[0]})"
