@@ -97,9 +97,10 @@ class LicenseInfo:
 
 def license_info(base: dict, override: str | None = None) -> LicenseInfo:
     """Classify the base model's licence (or ``override``, the ``--license`` given by the user)."""
-    lic = (override or base.get("license") or "").strip() or None
-    if isinstance(lic, list):  # a card may list several; the first decides
+    lic = override or base.get("license")
+    if isinstance(lic, (list, tuple)):  # a card may list several; the first decides
         lic = lic[0] if lic else None
+    lic = str(lic).strip() if lic else None
     name = None if override else base.get("license_name")
     link = None if override else base.get("license_link")
     key = (lic or "").lower()
