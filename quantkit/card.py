@@ -101,6 +101,8 @@ def license_info(base: dict, override: str | None = None) -> LicenseInfo:
     if isinstance(lic, (list, tuple)):  # a card may list several; the first decides
         lic = lic[0] if lic else None
     lic = str(lic).strip() if lic else None
+    if lic and lic.lower() in KNOWN_IDS:
+        lic = lic.lower()  # the Hub's ids are lower case
     name = None if override else base.get("license_name")
     link = None if override else base.get("license_link")
     key = (lic or "").lower()
