@@ -126,10 +126,11 @@ def weight_stats(folder: Path) -> dict:
     """Sizes from the safetensors headers (no weights read): bytes on disk, parameter counts, and how many
     of them sit in 2-D ``layers`` matrices (what AWQ/GPTQ quantise; embeddings, norms, lm_head stay 16-bit)."""
     files = sorted(folder.glob("*.safetensors"))
-    stats = {"bytes": 0, "params": 0, "quantisable_params": 0, "largest_matrix_bytes": 0}
+    stats = {"bytes": 0, "params": 0, "quantisable_params": 0, "largest_matrix_bytes": 0, "in_features": {}}
     if not files:  # pickle weights (--allow-pickle): sizes only
         b = sum(p.stat().st_size for p in folder.glob("pytorch_model*.bin"))
-        return {"bytes": b, "params": b // 2, "quantisable_params": int(b // 2 * 0.9), "largest_matrix_bytes": 0}
+        return {"bytes": b, "params": b // 2, "quantisable_params": int(b // 2 * 0.9), "largest_matrix_bytes": 0,
+                "in_features": {}}
     for p in files:
         stats["bytes"] += p.stat().st_size
         with open(p, "rb") as f:
@@ -144,9 +145,26 @@ def weight_stats(folder: Path) -> dict:
             stats["params"] += count
             if len(t["shape"]) == 2 and ".layers." in f".{name}" and "embed" not in name:
                 stats["quantisable_params"] += count
+                stats["in_features"].setdefault(int(t["shape"][1]), name)
                 stats["largest_matrix_bytes"] = max(stats["largest_matrix_bytes"],
                                                      count * _DTYPE_BYTES.get(t["dtype"], 2))
     return stats
+
+
+def check_group_size(stats: dict, group_size: int, model: str) -> None:
+    """Every quantised matrix's input width must be a whole number of groups: the serving kernels (Marlin,
+    ExLlama, the CPU int4 kernels) reject a partial last group, so refuse before hours of calibration."""
+    if group_size == -1 or not stats.get("in_features"):
+        return
+    bad = {k: v for k, v in stats["in_features"].items() if k % group_size}
+    if bad:
+        width, name = sorted(bad.items())[0]
+        ok = group_size
+        while ok > 16 and any(k % ok for k in stats["in_features"]):
+            ok //= 2
+        hint = f"use --group-size {ok}" if all(k % ok == 0 for k in stats["in_features"]) else "use --group-size -1"
+        raise QuantkitError(f"--group-size {group_size} does not divide the input width {width} of {name} in {model} "
+                            f"(serving kernels need whole groups): {hint}")
 
 
 def estimate_output_bytes(stats: dict, bits: int, group_size: int) -> int:
@@ -159,22 +177,28 @@ def estimate_output_bytes(stats: dict, bits: int, group_size: int) -> int:
 
 def resource_needs(stats: dict, *, method: str, fmt: str, bits: int, group_size: int, offload: bool,
                    gpu_bytes: int = 0) -> dict:
-    """Disk and memory a run clearly needs, in bytes.
+    """Disk and memory a run clearly needs, in bytes (estimates from the safetensors headers).
 
-    * disk (on the output's filesystem): the output (~bits/16 of the 16-bit weights) + gptqmodel's disk
-      offload of quantised layers (classic) + the spilled weights with ``--offload`` (compressed-tensors).
-    * memory: both engines hold the whole model in host RAM (in its stored dtype) and move one decoder
-      layer at a time to the GPU, if any; with ``--offload`` only what fits stays in RAM (the rest is read
-      back from disk), so the need drops to a few of the largest matrices plus headroom.
+    * classic (gptqmodel, ``offload_to_disk``): the model is a meta-device shell whose layers are read from
+      the checkpoint on demand and written to a disk offload once quantised; host RAM holds the unquantised
+      embeddings/head plus a few layers. Disk: the output + the offload (the 16-bit layers).
+    * compressed-tensors (llm-compressor): ``from_pretrained`` holds the whole model in host RAM in its
+      stored dtype, and one decoder layer at a time goes to the GPU, if any. With ``--offload`` only what
+      fits stays in RAM and the rest is spilled to disk next to the output (so disk grows by the model).
     """
     model = stats["bytes"]
     out = estimate_output_bytes(stats, bits, group_size)
-    disk = out + (out if fmt == "classic" else 0) + (model if offload else 0)
-    if offload:
-        memory = 8 * stats["largest_matrix_bytes"] + int(2 * _GB)
+    layers16 = stats["quantisable_params"] * 2
+    other16 = (stats["params"] - stats["quantisable_params"]) * 2
+    whole = model + int(1 * _GB)
+    few_layers = min(whole, 8 * stats["largest_matrix_bytes"] + int(2 * _GB))
+    if fmt == "classic":
+        disk = out + layers16
+        memory = min(whole, other16 + few_layers)
     else:
-        memory = model + int(1 * _GB)
-    return {"disk": int(disk * 1.05), "memory": memory, "model": model, "output": out, "gpu": gpu_bytes}
+        disk = out + (model if offload else 0)
+        memory = few_layers if offload else whole
+    return {"disk": int(disk * 1.05), "memory": int(memory), "model": model, "output": out, "gpu": gpu_bytes}
 
 
 def check_resources(needs: dict, *, free_disk: int, available_memory: int, where: Path) -> None:
@@ -190,7 +214,8 @@ def check_resources(needs: dict, *, free_disk: int, available_memory: int, where
         raise QuantkitError(
             f"not enough memory: loading this {human_size(needs['model'])} model needs about "
             f"{human_size(needs['memory'])} of RAM, only {human_size(available_memory)} is available; "
-            "pass --offload to spill weights to disk, or use a machine with more RAM")
+            "pass --offload to spill weights to disk (--format compressed-tensors), use --format classic "
+            "(streams layers from the checkpoint), or use a machine with more RAM")
 
 
 def _available_memory() -> int:
@@ -471,6 +496,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         return QuantResult(folder=folder, name=name, manifest=cached, cached=True)
 
     stats = weight_stats(src.path)
+    check_group_size(stats, group_size, src.name)
     needs = resource_needs(stats, method=method, fmt=fmt, bits=bits, group_size=group_size, offload=offload)
     folder.parent.mkdir(parents=True, exist_ok=True)
     check_resources(needs, free_disk=shutil.disk_usage(folder.parent).free,

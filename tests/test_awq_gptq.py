@@ -187,23 +187,44 @@ def test_resource_check_refuses_with_the_amount_needed(smollm2_hf, tmp_path):
 
     stats = weight_stats(Path(smollm2_hf))
     assert stats["bytes"] > 500e6 and 130e6 < stats["params"] < 140e6  # fp32 SmolLM2-135M
-    needs = resource_needs(stats, method="awq", fmt="classic", bits=4, group_size=128, offload=False)
-    assert 50e6 < needs["output"] < stats["bytes"] / 3 and needs["memory"] > stats["bytes"]
+    ct = resource_needs(stats, method="gptq", fmt="compressed-tensors", bits=4, group_size=128, offload=False)
+    assert 50e6 < ct["output"] < stats["bytes"] / 3 and ct["memory"] > stats["bytes"]
     with pytest.raises(QuantkitError) as e:
-        check_resources(needs, free_disk=10_000_000, available_memory=64e9, where=tmp_path)
+        check_resources(ct, free_disk=10_000_000, available_memory=64e9, where=tmp_path)
     assert "not enough disk" in str(e.value) and "MB free" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(QuantkitError) as e:
-        check_resources(needs, free_disk=10e12, available_memory=100_000_000, where=tmp_path)
+        check_resources(ct, free_disk=10e12, available_memory=100_000_000, where=tmp_path)
     assert "not enough memory" in str(e.value) and "--offload" in str(e.value)
-    off = resource_needs(stats, method="awq", fmt="compressed-tensors", bits=4, group_size=128, offload=True)
-    assert off["memory"] < needs["memory"] + 2e9 and off["disk"] > needs["disk"]
-    check_resources(needs, free_disk=10e12, available_memory=64e9, where=tmp_path)  # enough: no error
+    off = resource_needs(stats, method="gptq", fmt="compressed-tensors", bits=4, group_size=128, offload=True)
+    assert off["memory"] <= ct["memory"] and off["disk"] > ct["disk"]
+    classic = resource_needs(stats, method="awq", fmt="classic", bits=4, group_size=128, offload=False)
+    assert classic["memory"] <= ct["memory"] and classic["disk"] > classic["output"]
+    # a 70B-like model (140 GB bf16 in 80 layers): classic streams layers, compressed-tensors needs it all
+    big = {"bytes": 141e9, "params": 70.5e9, "quantisable_params": 68e9, "largest_matrix_bytes": 8192 * 28672 * 2}
+    big_ct = resource_needs(big, method="awq", fmt="compressed-tensors", bits=4, group_size=128, offload=False)
+    big_classic = resource_needs(big, method="awq", fmt="classic", bits=4, group_size=128, offload=False)
+    assert big_ct["memory"] > 141e9 and big_classic["memory"] < 20e9 and 30e9 < big_classic["output"] < 45e9
+    with pytest.raises(QuantkitError) as e:
+        check_resources(big_ct, free_disk=10e12, available_memory=64e9, where=tmp_path)
+    assert "142.00 GB" in str(e.value) and "64.00 GB" in str(e.value)
+    check_resources(ct, free_disk=10e12, available_memory=64e9, where=tmp_path)  # enough: no error
+
+
+def test_group_size_must_divide_every_layer(smollm2_hf, tmp_path):
+    from quantkit.gptq import quantize_gptq
+
+    # SmolLM2-135M's hidden size is 576 = 4.5 x 128: refused up front, with the size that works
+    with pytest.raises(QuantkitError) as e:
+        quantize_gptq(str(smollm2_hf), out=tmp_path / "x")
+    assert "--group-size 128 does not divide the input width 576" in str(e.value)
+    assert "use --group-size 64" in str(e.value) and "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, fmt", [("awq", "classic"), ("gptq", "classic"), ("awq", "compressed-tensors"),
                                          ("gptq", "compressed-tensors")])
 def test_smollm2(smollm2_hf, tmp_path, method, fmt):
-    res = _quantise(method, fmt, smollm2_hf, tmp_path / "out")
-    kl = _check_variant(res, method, fmt, 4, 128, smollm2_hf)
+    res = _quantise(method, fmt, smollm2_hf, tmp_path / "out", group_size=64)  # 576 = 9 x 64
+    kl = _check_variant(res, method, fmt, 4, 64, smollm2_hf)
     print(f"{res.name}: KL {kl:.4f}")
