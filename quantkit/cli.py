@@ -101,7 +101,8 @@ def _hfquant_options(default_bits_help: str):
                          help="Where calibration runs: auto (GPU if torch sees one), cpu, cuda, cuda:N. "
                               "Weights stay in host RAM; one layer at a time moves to the device."),
             click.option("--offload", is_flag=True,
-                         help="Big models: spill weights that do not fit in RAM to disk next to --out."),
+                         help="Big models, compressed-tensors: spill weights that do not fit in RAM to disk "
+                              "next to --out (classic always streams layers from the checkpoint)."),
             click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         ]
         for o in reversed(opts):
