@@ -158,6 +158,67 @@ def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, se
 # [awq/gptq commands] (insert above this line)
 
 
+# ------------------------------------------------------------------------------------- eval / bench
+@cli.command("eval")
+@click.argument("base")
+@click.argument("variants", nargs=-1, required=True)
+@click.option("--text", default="builtin", show_default=True,
+              help="Evaluation text: a UTF-8 file, or `builtin` (Python FAQ; never the calibration text).")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(16), help="Window length in tokens.")
+@click.option("--max-tokens", default=32768, show_default=True, type=click.IntRange(1),
+              help="Use at most this many tokens of the text (whole windows).")
+@click.option("--max-kld", type=click.FloatRange(0), help="Gate: fail when a variant's mean KLD is above this.")
+@click.option("--max-ppl-increase", help="Gate: fail when PPL rises more than this vs the base, e.g. 3%.")
+@click.option("--min-top1", help="Gate: fail when the same-top-token rate is below this, e.g. 0.90 or 90%.")
+@click.option("--top-k", default=64, show_default=True, type=click.IntRange(1),
+              help="Base log-probs kept per position in the on-disk cache.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
+@click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, threads, no_write,
+             as_json):
+    """Score VARIANTs (GGUF files/folders, AWQ/GPTQ folders, Hub ids) against BASE on the same tokens.
+
+    Prints PPL, PPL change, KL divergence to the base (mean, p99) and same-top-token rate per variant; exits 1
+    when a --max-*/--min-* gate fails (failing cells marked with !)."""
+    from quantkit.errors import GateFailed
+    from quantkit.evaluate import evaluate
+
+    rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
+                   max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,
+                   top_k=top_k, threads=threads)
+    if as_json:
+        emit_json(rep.to_json())
+    else:
+        click.echo(rep.table())
+    if rep.failed:
+        raise GateFailed(rep.failure_line())
+
+
+@cli.command("bench")
+@click.argument("variants", nargs=-1, required=True)
+@click.option("--base", help="Base model (HF folder or Hub id) to measure in the same run; default: the base "
+                             "recorded in the variants' quantkit.json, when it is on disk.")
+@click.option("--no-base", is_flag=True, help="Do not measure the base.")
+@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
+@click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_cmd(variants, base, no_base, prompt_tokens, gen_tokens, repeats, threads, no_write, as_json):
+    """Measure prompt-processing and generation speed, size, bits per weight and peak memory of VARIANTs,
+    each in its own engine (llama.cpp for GGUF, transformers/vLLM for the rest), with the gain vs the base."""
+    from quantkit.bench import bench
+
+    rep = bench(list(variants), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
+                base=False if no_base else base, threads=threads, write_manifest=not no_write)
+    if as_json:
+        emit_json(rep.to_json())
+    else:
+        click.echo(rep.table())
+
+
 # [eval/bench commands] (insert above this line)
 
 

@@ -1,0 +1,799 @@
+"""``quantkit eval``: what each variant loses against its base, measured on one token stream.
+
+How it works
+------------
+* The evaluation text (default: :func:`quantkit.texts.builtin_eval_text`, never the calibration text) is
+  tokenised **once** with the base model's tokenizer. Every variant, whatever its format, is scored on exactly
+  those token ids, cut into the same **non-overlapping windows** of ``ctx`` tokens (the base tokenizer's BOS,
+  if it adds one, then ``ctx - len(BOS)`` text tokens). Inside a window every position after the first is
+  scored, so each text token is predicted once (the first text token of a window without BOS is context only).
+* Engines: HF-format models (the base, AWQ, GPTQ, compressed-tensors) run in transformers; a GGUF runs in
+  llama.cpp (llama-cpp-python, ``logits_all=True``): its own kernels, never a dequantised copy. For a GGUF the
+  report says whether llama.cpp's tokenizer gives the same ids as the base tokenizer (``tokenizer_match``).
+* The base distribution is computed once and cached under ``cache_home()/eval/`` keyed by base SHA + text
+  sha256 + window settings, as the top-k log-probabilities per position, the log of the probability mass of all
+  other tokens, and a few tokens sampled from that tail with their log-probabilities -- never the full
+  vocabulary (llama.cpp's full-logit file is 37 GiB for Llama-3 on wikitext).
+* Per variant: perplexity, PPL ratio and delta vs the base, mean KL divergence base -> variant with its 99th
+  percentile and standard error, and the same-top-token rate: the figures ``llama-perplexity
+  --kl-divergence`` prints.
+
+The top-k cache and its error
+-----------------------------
+For each position the base distribution P is known exactly on its top-k tokens K, as one lumped mass
+``R_P`` on the rest, and through ``m`` tokens drawn from the tail P(v)/R_P (v not in K); the variant Q is
+computed in full at scoring time. The KLD is split exactly as::
+
+    KL(P||Q) = sum_{v in K} P log(P/Q)  +  R_P log(R_P/R_Q)  +  R_P * KL(P_tail || Q_tail)
+
+The first two terms are exact. The third is estimated from the tail samples with ``mean((r-1) - log r)``,
+``r = (Q(v)/R_Q) / (P(v)/R_P)``: unbiased, never negative, and its variance vanishes as Q approaches P (so
+base-vs-base is exactly 0). Dropping the third term (top-k + lumped rest only) is a lower bound that was 16-19%
+low on SmolLM2-135M at k=64; with the 64 tail samples the mean KLD was within 1% of the exact full-vocabulary
+figure for Q8_0, Q4_K_M and Q2_K, and the 99th percentile within 6%. The stated bounds (TOPK_REL_ERROR,
+TOPK_P99_REL_ERROR) are checked by tests/test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.util import (atomic_path, cache_home, dist_version, format_table, human_size, now_iso, progress,
+                           sha256_bytes)
+
+DEFAULT_TOP_K = 64
+#: Tail tokens sampled per position (with replacement, from the base distribution outside the top k).
+TAIL_SAMPLES = 64
+CACHE_VERSION = 2
+WINDOWS = "non-overlapping"
+#: Stated bounds of the cache's KLD error relative to the exact full-vocabulary KLD, for ~1k scored tokens
+#: (README design: eval/bench; checked by tests/test_evaluate.py): mean KLD and its 99th percentile.
+TOPK_REL_ERROR = 0.02
+TOPK_P99_REL_ERROR = 0.10
+
+
+# ------------------------------------------------------------------------------------------ hardware
+def hardware(threads: int | None = None) -> dict:
+    """CPU model, logical cores, threads used, RAM and GPU name(s): enough to tell two reports apart."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads or default_threads(),
+                            "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        import psutil
+
+        info["ram_bytes"] = psutil.virtual_memory().total
+    except Exception:  # pragma: no cover - psutil is a dependency
+        pass
+    gpus = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    info["gpu"] = ", ".join(gpus) if gpus else None
+    return info
+
+
+def default_threads() -> int:
+    env = os.environ.get("QUANTKIT_THREADS")
+    if env and env.isdigit():
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ variants
+@dataclass
+class Variant:
+    """One thing to score: a GGUF file (llama.cpp) or an HF folder (transformers)."""
+
+    name: str
+    kind: str  # "gguf" | "hf"
+    path: Path
+    format: str  # gguf | awq | gptq | compressed-tensors | hf
+    spec: str  # what the user gave
+    type: str | None = None
+    manifest_dir: Path | None = None
+    artifact: str | None = None
+    size: int = 0
+    bits_per_weight: float | None = None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "path": str(self.path), "format": self.format,
+                "type": self.type, "artifact": self.artifact,
+                "manifest": str(self.manifest_dir) if self.manifest_dir else None, "size": self.size}
+
+
+def _hf_format(folder: Path) -> str:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "hf"
+    qc = cfg.get("quantization_config") or {}
+    return str(qc.get("quant_method") or "hf") if qc else "hf"
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _from_manifest(folder: Path, spec: str) -> list[Variant]:
+    from quantkit.manifest import Manifest
+
+    m = Manifest.load(folder, create=False)
+    out = []
+    for name, rec in m.artifacts.items():
+        p = (folder / rec.get("path", ".")).resolve()
+        fmt = rec.get("format") or ("gguf" if p.suffix == ".gguf" else _hf_format(p))
+        if fmt == "gguf" or p.suffix == ".gguf":
+            if not p.is_file():
+                raise QuantkitError(f"{folder}/quantkit.json lists {name} at {p}, which is missing: re-run the "
+                                    "command that made it (it redoes only what is missing)")
+            label = name[:-5] if name.endswith(".gguf") else name
+            out.append(Variant(label, "gguf", p, "gguf", spec, rec.get("type"), folder, name, p.stat().st_size,
+                               rec.get("bits_per_weight")))
+        elif p.is_dir() and (p / "config.json").is_file():
+            out.append(Variant(name, "hf", p, fmt, spec, rec.get("type"), folder, name, _weights_size(p),
+                               rec.get("bits_per_weight")))
+    if not out:
+        raise QuantkitError(f"{folder}/quantkit.json lists no artifact to evaluate (no GGUF file or model folder)")
+    return out
+
+
+def resolve_variants(spec: str) -> list[Variant]:
+    """A VARIANT argument -> the things to score (a folder of GGUFs gives one per artifact)."""
+    from quantkit.hub import HUB_ID_RE
+
+    p = Path(os.path.expanduser(spec))
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise QuantkitError(f"{spec} is a file but not a .gguf: give a GGUF file, a model folder or a Hub id")
+        p = p.resolve()
+        # A GGUF inside a quantkit folder: attach its artifact so results land in its quantkit.json.
+        if (p.parent / "quantkit.json").is_file():
+            try:
+                for v in _from_manifest(p.parent, spec):
+                    if v.path == p:
+                        return [v]
+            except QuantkitError:
+                pass
+        return [Variant(p.stem, "gguf", p, "gguf", spec, size=p.stat().st_size)]
+    if p.is_dir():
+        p = p.resolve()
+        if (p / "quantkit.json").is_file():
+            return _from_manifest(p, spec)
+        if (p / "config.json").is_file():
+            if not any(p.glob("*.safetensors")):
+                raise QuantkitError(f"{spec} has no *.safetensors weights: nothing to evaluate")
+            return [Variant(p.name, "hf", p, _hf_format(p), spec, size=_weights_size(p))]
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return [Variant(g.stem, "gguf", g, "gguf", spec, size=g.stat().st_size) for g in ggufs]
+        raise QuantkitError(f"{spec} holds no quantkit.json, config.json or .gguf file: nothing to evaluate")
+    if spec.startswith(("./", "../", "/", "~")) or not HUB_ID_RE.match(spec):
+        raise QuantkitError(f"{spec} does not exist (give a .gguf file, a model folder or a Hub id org/name)")
+    return _hub_variants(spec)
+
+
+def _hub_variants(repo_id: str) -> list[Variant]:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = [s.rfilename for s in (HfApi().model_info(repo_id).siblings or [])]
+    except Exception as e:
+        from quantkit.hub import _hub_error
+
+        raise _hub_error(e, repo_id, None) from None
+    if any(f.endswith(".safetensors") for f in files):
+        from quantkit.hub import resolve_model
+
+        src = resolve_model(repo_id)
+        return [Variant(src.name, "hf", src.path, _hf_format(src.path), repo_id, size=_weights_size(src.path))]
+    if any(f.endswith(".gguf") for f in files):
+        try:
+            path = Path(snapshot_download(repo_id, allow_patterns=["*.gguf", "quantkit.json"]))
+        except Exception as e:
+            from quantkit.hub import _hub_error
+
+            raise _hub_error(e, repo_id, None) from None
+        vs = _from_manifest(path, repo_id) if (path / "quantkit.json").is_file() else \
+            [Variant(g.stem, "gguf", g, "gguf", repo_id, size=g.stat().st_size) for g in sorted(path.glob("*.gguf"))]
+        for v in vs:  # never write into the Hub cache
+            v.manifest_dir = v.artifact = None
+        return vs
+    raise QuantkitError(f"{repo_id} has neither safetensors nor GGUF files: nothing to evaluate")
+
+
+# ------------------------------------------------------------------------------------------- text
+def load_text(text: str | None) -> tuple[str, str]:
+    """``(content, name)`` for ``"builtin"``/None, a file path, or (API only) the text itself."""
+    from quantkit.texts import BUILTIN_EVAL_NAME, builtin_eval_text
+
+    if text is None or text == "builtin":
+        return builtin_eval_text(), BUILTIN_EVAL_NAME
+    p = Path(os.path.expanduser(text))
+    if "\n" not in text and len(text) < 4096:
+        if p.is_file():
+            try:
+                return p.read_text(encoding="utf-8"), str(p)
+            except UnicodeDecodeError:
+                raise QuantkitError(f"--text {text} is not UTF-8 text") from None
+        raise QuantkitError(f"--text {text}: no such file (give a UTF-8 text file, or `builtin`)")
+    return text, "inline:" + sha256_bytes(text.encode())[:12]
+
+
+def parse_fraction(value, option: str, *, percent_only_above_one: bool = True) -> float | None:
+    """``"3%"`` -> 0.03, ``"0.03"`` -> 0.03, None -> None. A bare number >= 1 is ambiguous and refused."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+        s = str(value)
+    else:
+        s = str(value).strip()
+        try:
+            v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+        except ValueError:
+            raise QuantkitError(f"{option} {value!r} is not a number or a percentage like 3%") from None
+        if s.endswith("%"):
+            return v
+    if percent_only_above_one and v >= 1:
+        raise QuantkitError(f"{option} {s} is ambiguous: write a percentage like {s}% or a fraction like 0.0{s}")
+    if v < 0:
+        raise QuantkitError(f"{option} {s} must not be negative")
+    return v
+
+
+# ------------------------------------------------------------------------------------------ windows
+@dataclass
+class TokenStream:
+    ids: list[int]  # text token ids actually used (a whole number of windows)
+    prefix: list[int]  # BOS (or nothing) put in front of every window
+    ctx: int
+    n_windows: int
+
+    @property
+    def per_window(self) -> int:
+        return self.ctx - len(self.prefix)
+
+    def window(self, i: int) -> list[int]:
+        w = self.per_window
+        return self.prefix + self.ids[i * w:(i + 1) * w]
+
+    @property
+    def scored_per_window(self) -> int:
+        return self.ctx - 1
+
+    @property
+    def n_scored(self) -> int:
+        return self.n_windows * self.scored_per_window
+
+    def layout(self) -> str:
+        bos = f"BOS(id {self.prefix[0]}) + {self.per_window} text tokens" if self.prefix else \
+            f"{self.per_window} text tokens (no BOS)"
+        return (f"{WINDOWS} windows of {self.ctx} tokens: {bos}; positions 1..{self.ctx - 1} of each window "
+                f"scored ({self.n_scored} predictions)")
+
+
+def _bos_prefix(tok) -> list[int]:
+    probe = "Hello world"
+    with_sp = tok(probe).input_ids
+    without = tok(probe, add_special_tokens=False).input_ids
+    n = len(with_sp) - len(without)
+    if n > 0 and with_sp[n:n + len(without)] == without:
+        return list(with_sp[:n])
+    return []
+
+
+def make_stream(tok, text: str, ctx: int, max_tokens: int) -> TokenStream:
+    """Tokenise ``text`` once with the base tokenizer and cut it into whole windows."""
+    if ctx < 16:
+        raise QuantkitError(f"--ctx {ctx} is too small: use at least 16 (512 is usual)")
+    ids = tok(text, add_special_tokens=False).input_ids
+    prefix = _bos_prefix(tok)
+    per = ctx - len(prefix)
+    limit = min(len(ids), max_tokens)
+    n_windows = limit // per
+    if n_windows < 1:
+        raise QuantkitError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {per} "
+                            f"(with --max-tokens {max_tokens}): give a longer --text or a smaller --ctx")
+    return TokenStream(ids=list(ids[:n_windows * per]), prefix=prefix, ctx=ctx, n_windows=n_windows)
+
+
+# ------------------------------------------------------------------------------------------ maths
+def topk_cache_from_logits(logits, targets, k: int, samples: int = TAIL_SAMPLES, seed: int = 0) -> dict:
+    """Base side. ``logits`` [n, V] -> the cached record of each position (see "The top-k cache" above):
+    ``nll`` [n], ``idx``/``logp`` [n, k] (top-k tokens, log-probs), ``rest`` [n] (log of the mass outside the
+    top k), ``sidx``/``slogp`` [n, samples] (tokens drawn from the tail with replacement, their log-probs)."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(1, targets[:, None])[:, 0]
+    k = min(k, logp.shape[1])
+    vals, idx = logp.topk(k, dim=-1)
+    masked = logp.scatter(1, idx, float("-inf"))
+    rest = torch.logsumexp(masked, dim=-1)
+    out = {"nll": nll, "idx": idx, "logp": vals, "rest": rest}
+    if samples:
+        tail = torch.nan_to_num((masked - rest[:, None]).exp(), nan=0.0)
+        empty = tail.sum(-1) <= 0  # the top k hold all the mass: any token will do, its weight R_P is 0
+        tail[empty, 0] = 1.0
+        gen = torch.Generator().manual_seed(seed)
+        sidx = torch.multinomial(tail, samples, replacement=True, generator=gen)
+        out["sidx"] = sidx
+        out["slogp"] = logp.gather(1, sidx)
+    return out
+
+
+def kld_vs_topk(logits_q, targets, idx, logp_p, rest_p, sidx=None, slogp_p=None):
+    """Variant side. Returns (nll_q [n], kld [n], top1_match [n]) against the base's cached record.
+
+    KLD = top-k part (exact) + R_P log(R_P/R_Q) (lumped tail, exact) + R_P * KL(P_tail || Q_tail), the last
+    term estimated from the cached tail samples with the non-negative, low-variance estimator
+    mean((r - 1) - log r), r = (Q(v)/R_Q) / (P(v)/R_P)."""
+    import torch
+
+    logq = torch.log_softmax(logits_q.float(), dim=-1)
+    nll = -logq.gather(1, targets[:, None])[:, 0]
+    idx = idx.long()
+    if idx.numel() and int(idx.max()) >= logq.shape[1]:
+        raise QuantkitError(f"the variant's vocabulary ({logq.shape[1]} tokens) is smaller than the base's: "
+                            "they are not the same model family")
+    q_k = logq.gather(1, idx)
+    rest_q = torch.logsumexp(logq.scatter(1, idx, float("-inf")), dim=-1)
+    kld = (logp_p.exp() * (logp_p - q_k)).sum(-1)
+    r_p = rest_p.exp()
+    finite = torch.isfinite(rest_p) & torch.isfinite(rest_q)
+    kld = kld + torch.where(finite, r_p * (rest_p - rest_q), torch.zeros_like(r_p))
+    if sidx is not None and sidx.shape[1]:
+        sidx = sidx.long()
+        lr = (logq.gather(1, sidx) - rest_q[:, None]) - (slogp_p - rest_p[:, None])
+        est = ((lr.exp() - 1) - lr).mean(-1)
+        kld = kld + torch.where(finite, r_p * torch.nan_to_num(est, nan=0.0, posinf=0.0), torch.zeros_like(r_p))
+    kld = kld.clamp_min(0.0)
+    top1 = logq.argmax(-1) == idx[:, 0]
+    return nll, kld, top1
+
+
+def exact_kld(logits_p, logits_q):
+    """Full-vocabulary KL(P || Q) per row (for tests and the docs' error figure)."""
+    import torch
+
+    lp = torch.log_softmax(logits_p.double(), -1)
+    lq = torch.log_softmax(logits_q.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------ engines
+def _hf_device() -> str:
+    return "cuda" if cuda_available() else "cpu"
+
+
+def load_hf_model(path: Path, device: str | None = None):
+    """A transformers model for scoring: fp32 on CPU; quantised formats as their loader wants them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    device = device or _hf_device()
+    fmt = _hf_format(path)
+    tries = [torch.float32 if device == "cpu" else "auto", "auto"]
+    last = None
+    for dtype in tries:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+            model.eval()
+            return model
+        except ImportError as e:
+            raise QuantkitError(f"{path} is a {fmt} model and transformers cannot load it here ({e}); install "
+                                "quantkit with scripts/install.sh") from None
+        except Exception as e:  # try the loader's own dtype once
+            last = e
+    raise QuantkitError(f"transformers could not load {path} ({fmt}): {type(last).__name__}: "
+                        f"{str(last).splitlines()[0] if str(last) else ''}")
+
+
+class HFScorer:
+    engine = "transformers"
+
+    def __init__(self, path: Path, threads: int | None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = _hf_device()
+        self.model = load_hf_model(path, self.device)
+        self.engine = f"transformers {dist_version('transformers')} ({self.device}, {self._dtype()})"
+
+    def _dtype(self) -> str:
+        try:
+            return str(next(self.model.parameters()).dtype).replace("torch.", "")
+        except StopIteration:  # pragma: no cover
+            return "?"
+
+    def logits(self, window: list[int]):
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([window], device=self.device)
+            return self.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
+
+    def close(self):
+        self.model = None
+
+
+_TOKENIZE_CHILD = """
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+ids = llm.tokenize(sys.stdin.buffer.read(), add_bos=False, special=False)
+sys.stdout.write(json.dumps(ids))
+sys.stdout.flush()
+llm.close()
+"""
+
+
+def gguf_tokenize(path: Path, text: str) -> tuple[list[int] | None, str | None]:
+    """llama.cpp's own token ids for ``text`` (vocab only, in a child process: a broken vocabulary makes
+    llama.cpp abort the whole process, e.g. a byte token missing from a mis-converted BPE vocab)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _TOKENIZE_CHILD, str(path)], input=text.encode("utf-8"),
+                       capture_output=True)
+    if r.returncode != 0:
+        tail = [ln for ln in r.stderr.decode(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
+        return None, f"llama.cpp's tokenizer failed on this text ({tail[0][:120]})"
+    return json.loads(r.stdout), None
+
+
+class GGUFScorer:
+    def __init__(self, path: Path, ctx: int, threads: int | None):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise QuantkitError("llama-cpp-python is not installed: run scripts/install.sh") from None
+        th = threads or default_threads()
+        self.ctx = ctx
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512),
+                             logits_all=True, n_threads=th, n_threads_batch=th, verbose=False,
+                             n_gpu_layers=-1 if cuda_available() else 0)
+        except Exception as e:
+            raise QuantkitError(f"llama.cpp could not load {path} ({e}): is it a complete GGUF file?") from None
+        self.engine = f"llama.cpp (llama-cpp-python {dist_version('llama-cpp-python')})"
+
+
+    def logits(self, window: list[int]):
+        import numpy as np
+        import torch
+
+        self.llm.reset()
+        self.llm.eval(window)
+        return torch.from_numpy(np.array(self.llm.scores[:len(window)], dtype=np.float32))
+
+    def close(self):
+        try:
+            self.llm.close()
+        except Exception:
+            pass
+        self.llm = None
+
+
+# ------------------------------------------------------------------------------------------ base cache
+def _cache_key(base_sha: str, text_sha: str, stream: TokenStream, max_tokens: int, k: int) -> str:
+    key = {"v": CACHE_VERSION, "base": base_sha, "text": text_sha, "ctx": stream.ctx, "max_tokens": max_tokens,
+           "prefix": stream.prefix, "windows": WINDOWS, "k": k, "samples": TAIL_SAMPLES,
+           "ids": sha256_bytes(json.dumps(stream.ids).encode())}
+    return sha256_bytes(json.dumps(key, sort_keys=True).encode())[:32]
+
+
+def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStream, max_tokens: int, k: int,
+               threads: int | None) -> tuple[dict, Path, bool]:
+    """Base model's top-k distribution over the stream, from the disk cache or computed now."""
+    import numpy as np
+    import torch
+
+    path = cache_home() / "eval" / f"{_cache_key(base_sha, text_sha, stream, max_tokens, k)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                data = {name: z[name] for name in z.files}
+            if data["nll"].shape[0] == stream.n_scored:
+                data["meta"] = json.loads(str(data["meta"]))
+                return data, path, True
+        except Exception:
+            pass  # unreadable cache: recompute
+    scorer = HFScorer(base_path, threads)
+    chunks: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for w in progress(range(stream.n_windows), desc="base (transformers)", unit="win"):
+        win = stream.window(w)
+        logits = scorer.logits(win)
+        rec = topk_cache_from_logits(logits[:-1], torch.tensor(win[1:]), k, TAIL_SAMPLES, seed=w)
+        for name, t in rec.items():
+            chunks.setdefault(name, []).append(t.numpy())
+    seconds = time.perf_counter() - t0
+    vocab = int(logits.shape[1])
+    idx_dtype = np.uint16 if vocab <= 65536 else np.int32
+    data = {name: np.concatenate(parts).astype(idx_dtype if name in ("idx", "sidx") else np.float32)
+            for name, parts in chunks.items()}
+    meta = {"base_sha": base_sha, "text_sha256": text_sha, "ctx": stream.ctx, "max_tokens": max_tokens,
+            "k": k, "tail_samples": TAIL_SAMPLES, "vocab": vocab, "windows": stream.n_windows, "engine": scorer.engine,
+            "seconds": round(seconds, 2), "tokens_per_second": round(stream.n_windows * stream.ctx / seconds, 1),
+            "created": now_iso()}
+    scorer.close()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **data)
+    data["meta"] = meta
+    return data, path, False
+
+
+# ------------------------------------------------------------------------------------------ report
+GATE_LABELS = {"kld_mean": ("KLD", ">", "--max-kld"), "ppl_increase": ("dPPL", ">", "--max-ppl-increase"),
+               "top1": ("top-1", "<", "--min-top1")}
+
+
+@dataclass
+class EvalReport:
+    base: dict
+    context: dict
+    rows: list[dict]
+    gates: dict = field(default_factory=dict)
+    failed: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"base": self.base, "context": self.context, "variants": self.rows, "gates": self.gates,
+                "failed": self.failed, "passed": not self.failed, "notes": self.notes}
+
+    def failure_line(self) -> str:
+        parts = []
+        for f in self.failed:
+            label, op, opt = GATE_LABELS[f["gate"]]
+            parts.append(f"{f['variant']} {label} {f['shown']} {op} {opt} {f['limit_shown']}")
+        return f"{len(self.failed)} quality gate(s) failed: " + "; ".join(parts)
+
+    def table(self) -> str:
+        bad = {(f["variant"], f["gate"]) for f in self.failed}
+
+        def mark(row, gate, text):
+            return f"{text} !" if (row["name"], gate) in bad else text
+
+        headers = ["variant", "engine", "size", "PPL", "dPPL", "KLD mean", "KLD p99", "top-1", "tok/s",
+                   "tokenizer"]
+        b = self.base
+        rows = [[b["name"] + " (base)", b["engine_short"], human_size(b["size"]) if b.get("size") else "",
+                 f"{b['ppl']:.4f}", "", "", "", "", f"{b['tokens_per_second']:.0f}" if b.get("tokens_per_second") else "",
+                 "base"]]
+        for r in self.rows:
+            rows.append([
+                r["name"], r["engine_short"], human_size(r["size"]) if r.get("size") else "", f"{r['ppl']:.4f}",
+                mark(r, "ppl_increase", f"{(r['ppl_ratio'] - 1) * 100:+.2f}%"),
+                mark(r, "kld_mean", f"{r['kld_mean']:.5f}"), f"{r['kld_p99']:.4f}",
+                mark(r, "top1", f"{r['top1'] * 100:.2f}%"), f"{r['tokens_per_second']:.0f}",
+                "same" if r["tokenizer_match"] else ("DIFFERENT" if r["tokenizer_match"] is False else "n/a")])
+        c = self.context
+        lines = [f"text: {c['text']} (sha256 {c['text_sha256'][:16]}...), {c['tokens']} tokens, {c['layout']}",
+                 "", format_table(rows, headers)]
+        if self.gates:
+            gl = ", ".join(f"{GATE_LABELS[g][2]} {v['shown']}" for g, v in self.gates.items())
+            lines += ["", f"gates: {gl}: " + ("all passed" if not self.failed else
+                                                f"{len(self.failed)} failed (cells marked !)")]
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+
+def _pct(values, q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, threads: int | None) -> dict:
+    import numpy as np
+    import torch
+
+    t_load = time.perf_counter()
+    tokenizer_match = None
+    mismatch_at = None
+    if v.kind == "gguf":
+        own, why = gguf_tokenize(v.path, text)
+        n = len(stream.ids)
+        if own is None:
+            tokenizer_match, mismatch_at = False, why
+        else:
+            tokenizer_match = own[:n] == stream.ids
+            if not tokenizer_match:
+                mismatch_at = next((i for i, (a, b) in enumerate(zip(own, stream.ids)) if a != b),
+                                   min(len(own), n))
+        scorer = GGUFScorer(v.path, stream.ctx, threads)
+    else:
+        scorer = HFScorer(v.path, threads)
+    load_s = time.perf_counter() - t_load
+    n_per = stream.scored_per_window
+    nll_all, kld_all, top1_all = [], [], []
+    t0 = time.perf_counter()
+    for w in progress(range(stream.n_windows), desc=f"{v.name} ({v.kind})", unit="win"):
+        win = stream.window(w)
+        logits = scorer.logits(win)[:-1]
+        sl = slice(w * n_per, (w + 1) * n_per)
+        sidx = torch.from_numpy(cache["sidx"][sl].astype(np.int64)) if "sidx" in cache else None
+        slogp = torch.from_numpy(cache["slogp"][sl]) if "slogp" in cache else None
+        nll, kld, top1 = kld_vs_topk(logits, torch.tensor(win[1:]), torch.from_numpy(cache["idx"][sl].astype(np.int64)),
+                                     torch.from_numpy(cache["logp"][sl]), torch.from_numpy(cache["rest"][sl]),
+                                     sidx, slogp)
+        nll_all.append(nll.numpy())
+        kld_all.append(kld.numpy())
+        top1_all.append(top1.numpy())
+    seconds = time.perf_counter() - t0
+    engine = scorer.engine
+    scorer.close()
+    nll = np.concatenate(nll_all).astype(np.float64)
+    kld = np.concatenate(kld_all).astype(np.float64)
+    top1 = np.concatenate(top1_all)
+    base_nll = cache["nll"].astype(np.float64)
+    ppl = float(math.exp(nll.mean()))
+    base_ppl = float(math.exp(base_nll.mean()))
+    d = nll - base_nll
+    n = len(nll)
+    ratio = ppl / base_ppl
+    row = {
+        "name": v.name, "spec": v.spec, "path": str(v.path), "format": v.format, "type": v.type, "kind": v.kind,
+        "artifact": v.artifact, "size": v.size,
+        "ppl": ppl, "base_ppl": base_ppl, "ppl_ratio": ratio, "delta_ppl": ppl - base_ppl,
+        "ppl_ratio_se": float(ratio * d.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "kld_mean": float(kld.mean()), "kld_se": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "kld_p99": _pct(kld, 99), "kld_median": _pct(kld, 50), "kld_max": float(kld.max()),
+        "top1": float(top1.mean()), "tokens": n, "windows": stream.n_windows, "ctx": stream.ctx,
+        "engine": engine, "engine_short": engine.split(" (")[0].split(" ")[0] if v.kind == "hf" else "llama.cpp",
+        "tokenizer_match": tokenizer_match, "tokenizer_first_mismatch": mismatch_at,
+        "load_seconds": round(load_s, 2), "seconds": round(seconds, 2),
+        "tokens_per_second": stream.n_windows * stream.ctx / seconds,
+    }
+    return row
+
+
+def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ctx: int = 512,
+             max_tokens: int = 32768, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
+             write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None) -> EvalReport:
+    """Score every variant against ``base`` on one token stream; see the module docstring."""
+    from transformers import AutoTokenizer
+
+    from quantkit.hub import resolve_model
+    from quantkit.texts import text_sha256
+
+    if not variants:
+        raise QuantkitError("give at least one VARIANT to evaluate against the base")
+    if top_k < 1:
+        raise QuantkitError(f"--top-k {top_k} must be at least 1")
+    gates = {}
+    if max_kld is not None:
+        gates["kld_mean"] = {"limit": float(max_kld), "shown": f"{float(max_kld):g}"}
+    inc = parse_fraction(max_ppl_increase, "--max-ppl-increase", percent_only_above_one=True)
+    if inc is not None:
+        gates["ppl_increase"] = {"limit": inc, "shown": f"{inc * 100:g}%"}
+    mt = parse_fraction(min_top1, "--min-top1")
+    if mt is not None:
+        gates["top1"] = {"limit": mt, "shown": f"{mt * 100:g}%"}
+
+    resolved = [v for spec in variants for v in resolve_variants(spec)]
+    # Unique display names (two folders may both hold "Q4_K_M").
+    seen: dict[str, int] = {}
+    for v in resolved:
+        seen[v.name] = seen.get(v.name, 0) + 1
+    for v in resolved:
+        if seen[v.name] > 1:
+            v.name = f"{v.name} [{v.manifest_dir.name if v.manifest_dir else v.path.parent.name}]"
+
+    src = resolve_model(base)
+    content, text_name = load_text(text)
+    tsha = text_sha256(content)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path)
+    except Exception as e:
+        raise QuantkitError(f"cannot load the base tokenizer from {src.path} ({type(e).__name__}); the base must "
+                            "be an HF folder with its tokenizer files") from None
+    stream = make_stream(tok, content, ctx, max_tokens)
+    cache, cache_path, cached = base_cache(src.path, src.sha, tsha, stream, max_tokens, top_k, threads)
+    meta = cache["meta"]
+    base_ppl = float(math.exp(cache["nll"].astype("float64").mean()))
+    context = {
+        "text": text_name, "text_sha256": tsha, "ctx": ctx, "max_tokens": max_tokens, "tokens": stream.n_scored,
+        "text_tokens": len(stream.ids), "windows": stream.n_windows, "window_mode": WINDOWS,
+        "layout": stream.layout(), "bos": stream.prefix, "top_k": top_k, "tail_samples": TAIL_SAMPLES,
+        "kld_cache_rel_error": {"mean": TOPK_REL_ERROR, "p99": TOPK_P99_REL_ERROR},
+        "base_cache": {"path": str(cache_path), "bytes": cache_path.stat().st_size, "reused": cached},
+        "hardware": hardware(threads), "time": now_iso(),
+    }
+    base_row = {"name": src.name, "id": src.id, "sha": src.sha, "path": str(src.path), "ppl": base_ppl,
+                "engine": meta["engine"], "engine_short": "transformers", "size": _weights_size(src.path),
+                "tokens_per_second": None if cached else meta.get("tokens_per_second")}
+    rows = [_score_variant(v, stream, cache, content, threads) for v in resolved]
+
+    failed = []
+    for r in rows:
+        checks = {"kld_mean": (r["kld_mean"], lambda x, lim: x > lim),
+                  "ppl_increase": (r["ppl_ratio"] - 1, lambda x, lim: x > lim),
+                  "top1": (r["top1"], lambda x, lim: x < lim)}
+        r["gates"] = {}
+        for g, spec in gates.items():
+            value, fails = checks[g]
+            ok = not fails(value, spec["limit"])
+            r["gates"][g] = ok
+            if not ok:
+                shown = {"kld_mean": f"{value:.5f}", "ppl_increase": f"{value * 100:+.2f}%",
+                         "top1": f"{value * 100:.2f}%"}[g]
+                failed.append({"variant": r["name"], "gate": g, "value": value, "limit": spec["limit"],
+                               "shown": shown, "limit_shown": spec["shown"]})
+    notes = []
+    for r in rows:
+        if r["tokenizer_match"] is False:
+            where = r["tokenizer_first_mismatch"]
+            why = where if isinstance(where, str) else f"first difference at token {where}"
+            notes.append(f"{r['name']}: llama.cpp's tokenizer does not give the base tokenizer's ids ({why}); "
+                         "it was scored on the base's ids")
+    report = EvalReport(base=base_row, context=context, rows=rows, gates=gates, failed=failed, notes=notes)
+    if write_manifest:
+        _write_manifests(report, resolved, src)
+    return report
+
+
+def _write_manifests(report: EvalReport, resolved: list[Variant], src) -> None:
+    from quantkit.manifest import Manifest
+
+    c = report.context
+    by_dir: dict[Path, list[tuple[Variant, dict]]] = {}
+    for v, r in zip(resolved, report.rows):
+        if v.manifest_dir and v.artifact:
+            by_dir.setdefault(v.manifest_dir, []).append((v, r))
+    for folder, items in by_dir.items():
+        m = Manifest.load(folder, create=False)  # fresh read: another stage may have written meanwhile
+        for v, r in items:
+            if v.artifact not in m.artifacts:
+                continue
+            m.update_artifact(v.artifact, eval={
+                "ppl": r["ppl"], "base_ppl": r["base_ppl"], "ppl_ratio": r["ppl_ratio"], "delta_ppl": r["delta_ppl"],
+                "ppl_ratio_se": r["ppl_ratio_se"], "kld_mean": r["kld_mean"], "kld_se": r["kld_se"],
+                "kld_p99": r["kld_p99"], "top1": r["top1"], "tokens": r["tokens"], "windows": r["windows"],
+                "ctx": r["ctx"], "text": c["text"], "text_sha256": c["text_sha256"], "engine": r["engine"],
+                "tokenizer_match": r["tokenizer_match"], "tokens_per_second": r["tokens_per_second"],
+                "gates": r.get("gates") or None, "time": c["time"]})
+        m.data["evaluation"] = {
+            "text": c["text"], "text_sha256": c["text_sha256"], "ctx": c["ctx"], "max_tokens": c["max_tokens"],
+            "tokens": c["tokens"], "windows": c["windows"], "window_mode": c["window_mode"], "layout": c["layout"],
+            "top_k": c["top_k"], "base": {"id": src.id, "sha": src.sha, "path": str(src.path)},
+            "base_ppl": report.base["ppl"], "base_engine": report.base["engine"], "hardware": c["hardware"],
+            "time": c["time"]}
+        m.log("eval", variants=[v.artifact for v, _ in items], passed=not report.failed)
+        m.save()
