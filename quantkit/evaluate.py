@@ -403,6 +403,10 @@ def load_hf_model(path: Path, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if os.environ.get("QUANTKIT_NO_PROGRESS"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     device = device or _hf_device()
     fmt = _hf_format(path)
     tries = [torch.float32 if device == "cpu" else "auto", "auto"]
@@ -498,7 +502,8 @@ class GGUFScorer:
 
         self.llm.reset()
         self.llm.eval(window)
-        return torch.from_numpy(np.array(self.llm.scores[:len(window)], dtype=np.float32))
+        # a view of llama-cpp-python's logit buffer (no copy): valid until the next eval()
+        return torch.from_numpy(np.ascontiguousarray(self.llm.scores[:len(window)], dtype=np.float32))
 
     def close(self):
         try:
