@@ -60,12 +60,15 @@ def _publish_dir(tmp: Path, final: Path) -> Path:
 
 def build_smollm2_hf(dest_root: str | os.PathLike | None = None) -> Path:
     """Build (once) and return the SmolLM2-135M-Instruct HF folder under ``dest_root``."""
-    if dest_root is None:
+    if dest_root is None:  # the builtin: named like the original, so artifacts are SmolLM2-135M-Instruct-*.gguf
         from quantkit.util import cache_home
 
-        dest_root = cache_home() / "models"
+        dest_root = cache_home() / "models" / f"smollm2-v{SMOLLM2_VERSION}"
+        final = dest_root / "SmolLM2-135M-Instruct"
+    else:
+        dest_root = Path(dest_root)
+        final = dest_root / f"smollm2-135m-instruct-v{SMOLLM2_VERSION}"
     dest_root = Path(dest_root)
-    final = dest_root / f"smollm2-135m-instruct-v{SMOLLM2_VERSION}"
     if (final / "config.json").is_file():
         repair_bytelevel_tokenizer(final)
         return final

@@ -128,6 +128,7 @@ class Bench:
     prompt_tokens: int = 128
     gen_tokens: int = 32
     repeats: int = 1
+    threads: int | None = None  # None: the bench default (all cores)
 
 
 @dataclass
@@ -219,7 +220,8 @@ CALIBRATION = {"spec": _STR, "samples": _POS, "seq_len": _POS}
 _FRAC = ((int, float, str, type(None)), "a fraction like 0.05, a percentage like '5%', or null")
 EVAL = {"enabled": _BOOL, "text": _STR, "ctx": _POS, "max_tokens": _POS, "max_kld": _OPT_NUM,
         "max_ppl_increase": _FRAC, "min_top1": _FRAC, "bench": ((dict, bool), "a mapping or true/false")}
-BENCH = {"enabled": _BOOL, "prompt_tokens": _POS, "gen_tokens": _POS, "repeats": _POS}
+BENCH = {"enabled": _BOOL, "prompt_tokens": _POS, "gen_tokens": _POS, "repeats": _POS,
+         "threads": ((int, type(None)), "a positive integer or null")}
 PUBLISH = {"enabled": _BOOL, "repo": _STR, "private": _BOOL, "per": _STR, "only_passing": _BOOL,
            "license": _OPT_STR, "accept_license_terms": _BOOL}
 VARIANT = {
