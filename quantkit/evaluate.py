@@ -625,6 +625,21 @@ def _pct(values, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
+def _hf_tokenizer_match(path: Path, text: str, ids: list[int]) -> tuple[bool | None, int | str | None]:
+    """Does the variant's own tokenizer (if it ships one) give the base's ids? None when it has none."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None, None
+    try:
+        from transformers import AutoTokenizer
+
+        own = AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False).input_ids
+    except Exception as e:
+        return False, f"its tokenizer does not load: {type(e).__name__}"
+    if own[:len(ids)] == ids:
+        return True, None
+    return False, next((i for i, (a, b) in enumerate(zip(own, ids)) if a != b), min(len(own), len(ids)))
+
+
 def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, threads: int | None) -> dict:
     import numpy as np
     import torch
@@ -644,6 +659,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
                                    min(len(own), n))
         scorer = GGUFScorer(v.path, stream.ctx, threads)
     else:
+        tokenizer_match, mismatch_at = _hf_tokenizer_match(v.path, text, stream.ids)
         scorer = HFScorer(v.path, threads)
     load_s = time.perf_counter() - t_load
     n_per = stream.scored_per_window
@@ -651,7 +667,15 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     t0 = time.perf_counter()
     for w in progress(range(stream.n_windows), desc=f"{v.name} ({v.kind})", unit="win"):
         win = stream.window(w)
-        logits = scorer.logits(win)[:-1]
+        try:
+            logits = scorer.logits(win)[:-1]
+        except QuantkitError:
+            raise
+        except Exception as e:  # the engine cannot run this model here: say so in one line
+            scorer.close()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise QuantkitError(f"{v.name}: {scorer.engine.split(' (')[0]} failed to run it on this machine "
+                                f"({type(e).__name__}: {msg[:200]})") from None
         sl = slice(w * n_per, (w + 1) * n_per)
         sidx = torch.from_numpy(cache["sidx"][sl].astype(np.int64)) if "sidx" in cache else None
         slogp = torch.from_numpy(cache["slogp"][sl]) if "slogp" in cache else None
@@ -766,7 +790,8 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
         if r["tokenizer_match"] is False:
             where = r["tokenizer_first_mismatch"]
             why = where if isinstance(where, str) else f"first difference at token {where}"
-            notes.append(f"{r['name']}: llama.cpp's tokenizer does not give the base tokenizer's ids ({why}); "
+            who = "llama.cpp's tokenizer" if r["kind"] == "gguf" else "its own tokenizer"
+            notes.append(f"{r['name']}: {who} does not give the base tokenizer's ids ({why}); "
                          "it was scored on the base's ids")
     report = EvalReport(base=base_row, context=context, rows=rows, gates=gates, failed=failed, notes=notes)
     if write_manifest:

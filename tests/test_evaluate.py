@@ -105,7 +105,7 @@ def test_base_vs_base_is_zero(smollm2_hf):
     assert r["kld_mean"] < 1e-6 and r["kld_p99"] < 1e-5
     assert r["top1"] == 1.0
     assert r["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert r["tokenizer_match"] is None  # same tokenizer by construction (HF)
+    assert r["tokenizer_match"] is True
 
 
 def test_kld_cache_within_stated_error_of_exact(smollm2_hf, smollm2_gguf_set):
