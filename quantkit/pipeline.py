@@ -238,9 +238,7 @@ class Pipeline:
         if self.r.model.startswith("builtin:"):
             from quantkit.demo import resolve_builtin
 
-            if self.dry_run:
-                from quantkit.demo import build_smollm2_hf  # noqa: F401  (cheap: only checks the cache folder)
-            folder = resolve_builtin(self.r.model)
+            folder = resolve_builtin(self.r.model)  # built once, then only looked up
             self.src = resolve_model(str(folder))
         elif self.dry_run and not os.path.exists(os.path.expanduser(self.r.model)):
             rec = self.runlog.record(stage)
@@ -251,9 +249,13 @@ class Pipeline:
                 self.base_sha = HfApi().model_info(self.r.model, revision=self.r.revision).sha
             except Exception:
                 pass
+            if self.base_sha:
+                self.keys[stage] = _key(stage=stage, model=self.r.model, revision=self.r.revision,
+                                        sha=self.base_sha)
             self.plan_rows.append({"stage": stage, "status": "cached" if rec and rec.get("sha") == self.base_sha
                                    and self.base_sha else "to do", "key": self.base_sha or "",
-                                   "detail": f"{self.r.model}@{self.r.revision or 'main'}"})
+                                   "detail": f"{self.r.model}@{self.r.revision or 'main'}"
+                                             + ("" if self.base_sha else " (not resolved: offline?)")})
             return
         else:
             self.src = resolve_model(self.r.model, self.r.revision)
@@ -366,11 +368,18 @@ class Pipeline:
             return False
         self.runlog.event(stage, "reused" if reused else "done", key, artifact=res.artifact)
         res.stages["quantize"] = "done"
-        m = Manifest.load(folder)
-        m.log("recipe.quantize", variant=v.name, key=key, recipe=self.r.path)
-        m.save()
+        self._stamp(v, "quantize", key)
         self._fill_artifact(v)
         return True
+
+    def _stamp(self, v: Variant, stage: str, key: str) -> None:
+        """Record a finished stage's key on the artifact in its folder's quantkit.json (and in its history)."""
+        m = Manifest.load(self.out / v.folder)
+        name = self.results[v.name].artifact
+        if name in m.artifacts:
+            m.artifacts[name].setdefault("recipe_stages", {})[stage] = key
+        m.log(f"recipe.{stage}", variant=v.name, key=key, recipe=os.path.basename(self.r.path))
+        m.save()
 
     def _fill_artifact(self, v: Variant) -> None:
         res = self.results[v.name]
@@ -437,6 +446,7 @@ class Pipeline:
             res.eval = {k: row.get(k) for k in keep}
             res.stages["eval"] = "done"
             self.runlog.event(stage, "done", key, result=res.eval)
+            self._stamp(v, "eval", key)
         self._gate(v)
 
     def _gate(self, v: Variant) -> None:
@@ -635,7 +645,7 @@ class Pipeline:
                 self.check_machine()
         res = RunResult(recipe=self.r.path, model=self.r.model, out=str(self.out), base_sha=self.base_sha,
                         variants=[self.results[v.name] for v in self.variants], dry_run=self.dry_run)
-        if self.dry_run and self.src is None:
+        if self.dry_run and self.base_sha is None:
             # unresolved Hub model: every later stage is to do
             for v in self.variants:
                 self.plan_rows.append({"stage": f"quantize:{v.name}", "status": "to do", "key": "",

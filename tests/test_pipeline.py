@@ -110,6 +110,9 @@ def test_recipe_end_to_end_with_push(tmp_path, tiny_llama, converted_tiny, hub_s
     m = json.loads((folder / "quantkit.json").read_text())
     assert m["report"]["markdown"] == "quantkit-report.md"
     assert any(h["stage"] == "recipe.quantize" for h in m["history"])
+    log = json.loads((out / RUN_LOG).read_text())["stages"]
+    stamped = m["artifacts"]["tiny-llama-s0-v1-Q4_K_M.gguf"]["recipe_stages"]
+    assert stamped == {"quantize": log["quantize:Q4_K_M"]["key"], "eval": log["eval:Q4_K_M"]["key"]}
     # on the Hub: both GGUFs, the card, the report
     files = set(hub_server.files("alice-org/tiny-llama-s0-v1-GGUF"))
     assert {"tiny-llama-s0-v1-Q8_0.gguf", "tiny-llama-s0-v1-Q4_K_M.gguf", "README.md",
