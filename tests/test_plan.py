@@ -133,3 +133,15 @@ def test_cli_plan(run_cli, tiny_llama):
     assert code == 0 and "GGUF Q8_0" in out and "fits on" in out
     code, out, err = run_cli("plan", "/nonexistent/folder")
     assert code == 2 and err.count("\n") == 1 and "error:" in err
+
+
+def test_plan_hub_id_reads_headers_not_weights(hub_server, tiny_llama):
+    """A Hub id: config.json + safetensors headers over HTTP (local Hub), no weight download."""
+    hub_server.seed("alice/tiny", folder=tiny_llama)
+    p = plan("alice/tiny", context=1024)
+    assert p.params_source == "safetensors headers"
+    assert p.params_total == params_from_config(json.loads((tiny_llama / "config.json").read_text()))["total"]
+    assert not p.checkpoint_local and p.checkpoint_bytes > 0
+    assert p.needs["gguf"].disk_bytes > p.checkpoint_bytes  # the download counts when it is a Hub id
+    hub_cache = hub_server.hf_home / "hub"
+    assert not (hub_cache.exists() and list(hub_cache.rglob("*.safetensors")))  # no weights downloaded
