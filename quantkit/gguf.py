@@ -690,12 +690,24 @@ def _public(path: Path) -> None:
 
 
 def _intact(folder: Path, rec: dict | None, check_sha: bool = True) -> bool:
+    """The recorded file is there with its size and sha256 (or, ``check_sha=False``, its size and mtime)."""
     if not rec or not rec.get("path"):
         return False
     p = folder / rec["path"]
     if not p.is_file() or p.stat().st_size != rec.get("size"):
         return False
-    return not check_sha or sha256_file(p) == rec.get("sha256")
+    if not check_sha:
+        return p.stat().st_mtime_ns == rec.get("mtime_ns")
+    return sha256_file(p) == rec.get("sha256")
+
+
+def _preload() -> None:
+    """Import what quantising needs while the converter subprocess runs (it leaves a core idle)."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except Exception:  # the main thread will report it
+        pass
 
 
 def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *, revision=None,
@@ -757,6 +769,9 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     converted = False
     inter_path = None
     if todo or not imatrix_ok:
+        import threading
+
+        threading.Thread(target=_preload, name="quantkit-preload", daemon=True).start()
         inter_path, converted = _ensure_intermediate(src, folder, work, manifest, conv_key, outtype)
 
     if calib is not None and not imatrix_ok:
@@ -786,7 +801,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
                 "type": t,
                 "ftype": SUPPORTED_TYPES[t],
                 "outtype": outtype,
-                "intermediate_sha256": inter["convert"]["sha256"],
+                "intermediate": {k: inter["convert"].get(k) for k in ("path", "size", "file_type", "created")},
                 "imatrix": ({"name": imatrix_path.name, "sha256": imx_rec["sha256"], "method": imx_rec["method"],
                              "entries": q["imatrix_entries"], "key": imx_key} if calib else None),
                 "nthread": threads,
@@ -817,7 +832,9 @@ def _ensure_intermediate(src, folder: Path, work: Path, manifest: Manifest, conv
     """The F32/F16/BF16 GGUF of this base: re-used when its key and sha256 match, else converted (once)."""
     inter = manifest.data["intermediates"]
     rec = inter.get("convert")
-    if rec and rec.get("key") == conv_key and _intact(folder, rec):
+    # a private work file: size + mtime identify it (hashing a multi-GB intermediate on every run costs more
+    # than it protects; the variants made from it are checked by sha256)
+    if rec and rec.get("key") == conv_key and _intact(folder, rec, check_sha=False):
         return folder / rec["path"], False
     work.mkdir(parents=True, exist_ok=True)
     if rec and rec.get("path") and (folder / rec["path"]).is_file() and rec.get("key") != conv_key:
@@ -829,8 +846,11 @@ def _ensure_intermediate(src, folder: Path, work: Path, manifest: Manifest, conv
             _run_converter(src.path, tmp, outtype, src.name, work / "convert.log", n_tensors)
     _public(dest)
     info = read_gguf_info(dest)
+    st = dest.stat()
     inter["convert"] = {
-        **file_record(folder, dest),
+        "path": dest.relative_to(folder).as_posix(),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
         "key": conv_key,
         "outtype": outtype,
         "file_type": info["file_type"],
