@@ -383,7 +383,12 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
         if not _P(os.path.expanduser(ev.text)).is_file():
             chk.fail(("eval", "text"), f"no such file {ev.text!r} (give a UTF-8 text file, or builtin)")
 
-    pub = Publish(**chk.mapping(top.get("publish") or {}, ("publish",), PUBLISH))
+    pub_raw = dict(chk.mapping(top.get("publish") or {}, ("publish",), PUBLISH))
+    if "repo" not in pub_raw:  # nothing to publish to: publishing is off unless asked for
+        if pub_raw.get("enabled"):
+            chk.fail(("publish",), "enabled is true but no `repo` is given (e.g. repo: my-org/{model_name}-{method})")
+        pub_raw["enabled"] = False
+    pub = Publish(**pub_raw)
     if pub.per not in ("method", "variant"):
         chk.fail(("publish", "per"), f"must be one of method, variant (got {pub.per!r})")
     for name in re.findall(r"\{([^{}]*)\}", pub.repo):
@@ -391,6 +396,9 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
             chk.fail(("publish", "repo"), f"unknown placeholder {{{name}}}; allowed: "
                                            + ", ".join("{" + f + "}" for f in REPO_FIELDS))
 
+    if pub.enabled and "/" not in pub.repo.split("{")[0] and not re.match(r"^[^/{}]*\{[^}]*\}/", pub.repo):
+        chk.fail(("publish", "repo"), f"{pub.repo!r} names no namespace: write it as my-org/{{model_name}}-{{method}} "
+                                      "(or set publish.enabled: false)")
     recipe = Recipe(path=where, model=model, revision=top.get("revision"),
                     out=top.get("out") or "", variants=[], calibration=calibration, eval=ev, publish=pub,
                     raw=top)

@@ -129,3 +129,11 @@ def test_shipped_recipes_are_valid(monkeypatch):
     for p in recipes:
         r = load_recipe(p)
         assert r.variants
+
+
+def test_publish_repo_needs_a_namespace(tmp_path):
+    base = "quantkit: 1\nmodel: a/b\nvariants:\n  - {method: gguf, types: [Q8_0]}\n"
+    with pytest.raises(QuantkitError, match=r"publish.repo: '\{model_name\}-GGUF' names no namespace"):
+        parse_recipe(base + "publish: {repo: '{model_name}-GGUF'}\n")
+    parse_recipe(base + "publish: {repo: '{model_name}-GGUF', enabled: false}\n")
+    assert parse_recipe(base + "publish: {repo: 'org/{model_name}-GGUF'}\n").variants[0].repo == "org/b-GGUF"
