@@ -4,7 +4,7 @@
   HF-format models -> transformers on CUDA when available, else CPU; vLLM instead of transformers when it is
   installed and a GPU is present.
 * Each model is measured in its **own child process** (spawned), so its peak memory is its own (peak RSS of
-  that process, engine runtime included; plus peak CUDA memory for torch on a GPU) and engines do not share
+  that process, VmHWM, engine runtime included; plus peak CUDA memory for torch on a GPU) and engines do not share
   thread pools or allocator state.
 * One warm-up pass (the full prompt + a few generated tokens), then ``repeats`` timed passes: prompt
   processing = ``prompt_tokens`` ids in one forward pass (tok/s), generation = ``gen_tokens`` greedy tokens one
@@ -207,8 +207,20 @@ def _bench_child(kind: str, path: str, prompt_tokens: int, gen_tokens: int, repe
     os.environ.setdefault("QUANTKIT_NO_PROGRESS", "1")
     fn = _bench_gguf if kind == "gguf" else _bench_hf
     out = fn(path, prompt_tokens, gen_tokens, repeats, threads)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = peak_rss()
     return out
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    spawned child would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _run_isolated(kind: str, path: Path, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int,

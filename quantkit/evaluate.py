@@ -52,7 +52,7 @@ from quantkit.util import (atomic_path, cache_home, dist_version, format_table, 
 DEFAULT_TOP_K = 64
 #: Tail tokens sampled per position (with replacement, from the base distribution outside the top k).
 TAIL_SAMPLES = 64
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 WINDOWS = "non-overlapping"
 #: Stated bounds of the cache's KLD error relative to the exact full-vocabulary KLD, for ~1k scored tokens
 #: (README design: eval/bench; checked by tests/test_evaluate.py): mean KLD and its 99th percentile.
@@ -335,7 +335,8 @@ def topk_cache_from_logits(logits, targets, k: int, samples: int = TAIL_SAMPLES,
     top k), ``sidx``/``slogp`` [n, samples] (tokens drawn from the tail with replacement, their log-probs)."""
     import torch
 
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    # float64: logits can be large (hundreds), and float32 rounding of x - logZ would then be ~1e-5
+    logp = torch.log_softmax(logits.double(), dim=-1)
     nll = -logp.gather(1, targets[:, None])[:, 0]
     k = min(k, logp.shape[1])
     vals, idx = logp.topk(k, dim=-1)
@@ -350,7 +351,7 @@ def topk_cache_from_logits(logits, targets, k: int, samples: int = TAIL_SAMPLES,
         sidx = torch.multinomial(tail, samples, replacement=True, generator=gen)
         out["sidx"] = sidx
         out["slogp"] = logp.gather(1, sidx)
-    return out
+    return {name: (t.float() if t.is_floating_point() else t) for name, t in out.items()}
 
 
 def kld_vs_topk(logits_q, targets, idx, logp_p, rest_p, sidx=None, slogp_p=None):
@@ -361,25 +362,39 @@ def kld_vs_topk(logits_q, targets, idx, logp_p, rest_p, sidx=None, slogp_p=None)
     mean((r - 1) - log r), r = (Q(v)/R_Q) / (P(v)/R_P)."""
     import torch
 
-    logq = torch.log_softmax(logits_q.float(), dim=-1)
-    nll = -logq.gather(1, targets[:, None])[:, 0]
+    logits = logits_q.float()
+    # log Z in float64 from a float32 pass (no full log-softmax copy: only gathered entries are needed); the
+    # gathered entries are converted to float64 before subtracting, so large logits lose no precision.
+    m = logits.max(dim=-1).values
+    logz = m.double() + torch.exp(logits - m[:, None]).sum(-1).double().log()
+    logp_p, rest_p = logp_p.double(), rest_p.double()
+    slogp_p = slogp_p.double() if slogp_p is not None else None
+    nll = (logz - logits.gather(1, targets[:, None])[:, 0].double()).float()
     idx = idx.long()
-    if idx.numel() and int(idx.max()) >= logq.shape[1]:
-        raise QuantkitError(f"the variant's vocabulary ({logq.shape[1]} tokens) is smaller than the base's: "
+    if idx.numel() and int(idx.max()) >= logits.shape[1]:
+        raise QuantkitError(f"the variant's vocabulary ({logits.shape[1]} tokens) is smaller than the base's: "
                             "they are not the same model family")
-    q_k = logq.gather(1, idx)
-    rest_q = torch.logsumexp(logq.scatter(1, idx, float("-inf")), dim=-1)
+    q_k = logits.gather(1, idx).double() - logz[:, None]
+    # Q's mass outside the base's top k: 1 - sum(top k), exact enough unless that mass is tiny; then recompute
+    # those rows from the logits themselves.
+    outside = 1.0 - q_k.exp().sum(-1)
+    rest_q = torch.log(outside.clamp_min(1e-300))
+    small = outside < 1e-4
+    if bool(small.any()):
+        rows = small.nonzero()[:, 0]
+        sub = logits[rows].double().scatter(1, idx[rows], float("-inf"))
+        rest_q[rows] = torch.logsumexp(sub, dim=-1) - logz[rows]
     kld = (logp_p.exp() * (logp_p - q_k)).sum(-1)
     r_p = rest_p.exp()
     finite = torch.isfinite(rest_p) & torch.isfinite(rest_q)
     kld = kld + torch.where(finite, r_p * (rest_p - rest_q), torch.zeros_like(r_p))
     if sidx is not None and sidx.shape[1]:
         sidx = sidx.long()
-        lr = (logq.gather(1, sidx) - rest_q[:, None]) - (slogp_p - rest_p[:, None])
+        lr = (logits.gather(1, sidx).double() - logz[:, None] - rest_q[:, None]) - (slogp_p - rest_p[:, None])
         est = ((lr.exp() - 1) - lr).mean(-1)
         kld = kld + torch.where(finite, r_p * torch.nan_to_num(est, nan=0.0, posinf=0.0), torch.zeros_like(r_p))
-    kld = kld.clamp_min(0.0)
-    top1 = logq.argmax(-1) == idx[:, 0]
+    kld = kld.clamp_min(0.0).float()
+    top1 = logits.argmax(-1) == idx[:, 0]
     return nll, kld, top1
 
 
