@@ -97,11 +97,14 @@ def variant_name(model_name: str, method: str, fmt: str, bits: int, group_size: 
     return f"{model_name}-{method.upper()}-{kind}-{group}{asym}"
 
 
+ALLOWED_BITS = {"awq": (4,), "gptq": (4, 8)}
+
+
 def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: int, seq_len: int,
                  damp: float | None = None) -> None:
     if fmt not in FORMATS:
         raise QuantkitError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    allowed_bits = (4,) if method == "awq" else (4, 8)
+    allowed_bits = ALLOWED_BITS[method]
     if bits not in allowed_bits:
         raise QuantkitError(f"{method.upper()} supports --bits {' or '.join(map(str, allowed_bits))} "
                             f"(got {bits})")

@@ -227,11 +227,10 @@ PUBLISH = {"enabled": _BOOL, "repo": _STR, "private": _BOOL, "per": _STR, "only_
 VARIANT = {
     "gguf": {"method": _STR, "types": ((list, str), "a list of GGUF types"), "imatrix": _BOOL,
              "outtype": _STR},
-    "awq": {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "sym": _BOOL, "format": _STR},
+    "awq": {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "format": _STR},
     "gptq": {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "sym": _BOOL, "format": _STR,
              "act_order": _BOOL, "damp": _NUM},
 }
-BITS = {"awq": (4,), "gptq": (2, 3, 4, 8)}
 
 
 class _Checker:
@@ -452,9 +451,11 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
                             params={"type": norm, "imatrix": imatrix, "outtype": outtype})
                 out.append(v)
         else:
+            from quantkit.hfquant import ALLOWED_BITS
+
             bits = e.get("bits", 4)
-            if bits not in BITS[method]:
-                chk.fail(path + ("bits",), f"{method} bits must be one of {', '.join(map(str, BITS[method]))}, "
+            if bits not in ALLOWED_BITS[method]:
+                chk.fail(path + ("bits",), f"{method} bits must be one of {', '.join(map(str, ALLOWED_BITS[method]))}, "
                                            f"got {bits}")
             gs = e.get("group_size", 128)
             if gs != -1 and gs < 1:
