@@ -155,4 +155,9 @@ def hub_server(_hub_server_session, tmp_path, monkeypatch):
     for k, v in patches.items():
         if hasattr(constants, k):
             monkeypatch.setattr(constants, k, v)
+    # The module-level HfApi behind huggingface_hub's top-level functions (get_safetensors_metadata, ...) took
+    # its endpoint at import, which may have happened before this fixture (e.g. through transformers).
+    from huggingface_hub import hf_api
+
+    monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)
     yield fx
