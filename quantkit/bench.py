@@ -15,12 +15,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
 import statistics
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import (Variant, _hf_format, _weights_size, default_threads, gguf_tokenize, hardware,
                                resolve_variants)
-from quantkit.util import dist_version, format_table, human_size, now_iso
+from quantkit.util import dist_version, format_table, human_size, now_iso, safetensors_tensors
 
 WARMUP_GEN = 4
 
@@ -37,16 +35,9 @@ WARMUP_GEN = 4
 def safetensors_stats(folder: Path) -> tuple[int, int]:
     """``(parameters, tensor bytes)`` from the safetensors headers of a folder (no weights are read)."""
     params = nbytes = 0
-    for p in sorted(Path(folder).glob("*.safetensors")):
-        with open(p, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            params += math.prod(t["shape"]) if t["shape"] else 1
-            a, b = t["data_offsets"]
-            nbytes += b - a
+    for _, _, shape, size in safetensors_tensors(folder):
+        params += math.prod(shape)
+        nbytes += size
     return params, nbytes
 
 

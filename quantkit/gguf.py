@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -282,26 +282,16 @@ def check_architecture(config: dict) -> str:
 
 def _safetensors_stats(folder: Path) -> tuple[Counter, int, int]:
     """(dtype counts over 2-D+ tensors, total parameters, number of tensors) from safetensors headers only."""
-    import json
-    import struct
+    from quantkit.util import safetensors_tensors
 
     dtypes: Counter = Counter()
     n_params = n_tensors = 0
-    for p in sorted(folder.glob("*.safetensors")):
-        with open(p, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            shape = t.get("shape") or []
-            numel = 1
-            for s in shape:
-                numel *= s
-            n_params += numel
-            n_tensors += 1
-            if len(shape) >= 2:
-                dtypes[t.get("dtype")] += numel
+    for _, dtype, shape, _ in safetensors_tensors(folder):
+        numel = math.prod(shape)
+        n_params += numel
+        n_tensors += 1
+        if len(shape) >= 2:
+            dtypes[dtype] += numel
     return dtypes, n_params, n_tensors
 
 
@@ -732,7 +722,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
         parse_spec(calibration)  # bad SPEC -> one-line error before any download
 
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
-    arch = check_architecture(src.config)
+    check_architecture(src.config)
     outtype = resolve_outtype(outtype, src.path)
     folder = Path(out) if out else Path.cwd() / f"{src.name}-GGUF"
     folder.mkdir(parents=True, exist_ok=True)

@@ -36,16 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.util import Timer, cache_home, format_table, human_size, now_iso, versions
+from quantkit.util import Timer, cache_home, format_table, human_size, now_iso, safetensors_tensors, versions
 
 FORMATS = ("classic", "compressed-tensors")
 DEFAULT_FORMAT = "classic"
@@ -121,10 +121,6 @@ def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: 
 
 # -- sizes and resources ------------------------------------------------------------------------
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
 def weight_stats(folder: Path) -> dict:
     """Sizes from the safetensors headers (no weights read): bytes on disk, parameter counts, and how many
     of them sit in 2-D ``layers`` matrices (what AWQ/GPTQ quantise; embeddings, norms, lm_head stay 16-bit)."""
@@ -134,23 +130,14 @@ def weight_stats(folder: Path) -> dict:
         b = sum(p.stat().st_size for p in folder.glob("pytorch_model*.bin"))
         return {"bytes": b, "params": b // 2, "quantisable_params": int(b // 2 * 0.9), "largest_matrix_bytes": 0,
                 "in_features": {}}
-    for p in files:
-        stats["bytes"] += p.stat().st_size
-        with open(p, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for d in t["shape"]:
-                count *= d
-            stats["params"] += count
-            if len(t["shape"]) == 2 and ".layers." in f".{name}" and "embed" not in name:
-                stats["quantisable_params"] += count
-                stats["in_features"].setdefault(int(t["shape"][1]), name)
-                stats["largest_matrix_bytes"] = max(stats["largest_matrix_bytes"],
-                                                     count * _DTYPE_BYTES.get(t["dtype"], 2))
+    stats["bytes"] = sum(p.stat().st_size for p in files)
+    for name, dtype, shape, nbytes in safetensors_tensors(folder):
+        count = math.prod(shape)
+        stats["params"] += count
+        if len(shape) == 2 and ".layers." in f".{name}" and "embed" not in name:
+            stats["quantisable_params"] += count
+            stats["in_features"].setdefault(int(shape[1]), name)
+            stats["largest_matrix_bytes"] = max(stats["largest_matrix_bytes"], nbytes)
     return stats
 
 

@@ -30,11 +30,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.util import safetensors_tensors
 
 GiB = 1 << 30
 GB = 10**9
@@ -273,20 +273,6 @@ def params_from_config(config: dict) -> dict:
             "largest": max(embed, h * a["inter"], h * a["moe_inter"])}
 
 
-def _header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise QuantkitError(f"{path} is not a safetensors file (too short)")
-        n = struct.unpack("<Q", raw)[0]
-        if n > 100 << 20:
-            raise QuantkitError(f"{path} has a {n}-byte header: not a safetensors file")
-        try:
-            return json.loads(f.read(n))
-        except json.JSONDecodeError:
-            raise QuantkitError(f"{path} has an unreadable safetensors header") from None
-
-
 def _is_expert(name: str) -> bool:
     return ".experts." in name and "shared" not in name
 
@@ -333,13 +319,8 @@ def _local_inputs(folder: Path) -> tuple[dict, dict | None, int]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return config, None, 0
-    tensors = {}
-    size = 0
-    for f in files:
-        size += f.stat().st_size
-        for name, info in _header(f).items():
-            if name != "__metadata__":
-                tensors[name] = (info["dtype"], info["shape"])
+    size = sum(f.stat().st_size for f in files)
+    tensors = {name: (dtype, shape) for name, dtype, shape, _ in safetensors_tensors(folder)}
     return config, tensors, size
 
 

@@ -94,6 +94,35 @@ def versions(*names: str) -> dict[str, str | None]:
     return out
 
 
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a ``.safetensors`` file (tensor names -> dtype/shape/data_offsets); no weights read."""
+    import struct
+
+    from quantkit.errors import QuantkitError
+
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise QuantkitError(f"{path} is not a safetensors file (too short)")
+        n = struct.unpack("<Q", raw)[0]
+        if n > 100 << 20:
+            raise QuantkitError(f"{path} has a {n}-byte header: not a safetensors file")
+        try:
+            return json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuantkitError(f"{path} has an unreadable safetensors header") from None
+
+
+def safetensors_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, str, list[int], int]]:
+    """``(name, dtype, shape, nbytes)`` for every tensor in a folder's ``*.safetensors`` files, headers only."""
+    for p in sorted(Path(folder).glob("*.safetensors")):
+        for name, t in read_safetensors_header(p).items():
+            if name == "__metadata__":
+                continue
+            a, b = t["data_offsets"]
+            yield name, t["dtype"], list(t.get("shape") or []), b - a
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

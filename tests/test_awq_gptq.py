@@ -1,7 +1,6 @@
 """quantkit awq / gptq: real quantisation of tiny models with both engines, loaded back with plain transformers."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
