@@ -47,6 +47,17 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _timed_runs(once, prompt_tokens: int, gen_tokens: int, repeats: int) -> tuple[list[float], list[float]]:
+    """One warm-up, then ``repeats`` timed runs of ``once(n_gen) -> (prompt s, gen s)``: tok/s lists."""
+    once(min(WARMUP_GEN, gen_tokens))
+    pp, tg = [], []
+    for _ in range(repeats):
+        a, b = once(gen_tokens)
+        pp.append(prompt_tokens / a)
+        tg.append(gen_tokens / b)
+    return pp, tg
+
+
 # ------------------------------------------------------------------------------------------ engines (child)
 def _prompt_text() -> str:
     from quantkit.texts import builtin_eval_text
@@ -89,12 +100,7 @@ def _bench_gguf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, th
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
-    once(min(WARMUP_GEN, gen_tokens))
-    pp, tg = [], []
-    for _ in range(repeats):
-        a, b = once(gen_tokens)
-        pp.append(prompt_tokens / a)
-        tg.append(gen_tokens / b)
+    pp, tg = _timed_runs(once, prompt_tokens, gen_tokens, repeats)
     out = {"pp": pp, "tg": tg, "engine": f"llama.cpp (llama-cpp-python {dist_version('llama-cpp-python')})",
            "device": "gpu" if gpu else "cpu", "load_seconds": load_s,
            "params": llm._model.n_params(), "tensor_bytes": llm._model.size(), "desc": llm._model.desc()}
@@ -149,12 +155,7 @@ def _bench_hf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, thre
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    once(min(WARMUP_GEN, gen_tokens))
-    pp, tg = [], []
-    for _ in range(repeats):
-        a, b = once(gen_tokens)
-        pp.append(prompt_tokens / a)
-        tg.append(gen_tokens / b)
+    pp, tg = _timed_runs(once, prompt_tokens, gen_tokens, repeats)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     return {"pp": pp, "tg": tg, "engine": f"transformers {dist_version('transformers')} ({dtype})",
             "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "load_seconds": load_s,
