@@ -403,6 +403,24 @@ class Pipeline:
         self.runlog.event(stage, "failed", key, error=msg)
         self.say(f"[{stage}] failed: {msg}")
 
+    def _reuse(self, v: Variant, stage: str, key: str, field: str, detail: str) -> str | None:
+        """Record the stage's key; in a dry run add its plan row ("planned"); when its result is cached under
+        that key, restore it into the variant's result ("cached"); else None: the stage must run."""
+        self.keys[stage] = key
+        res = self.results[v.name]
+        rec = self.runlog.record(stage)
+        cached = self._cached(stage, key) and rec.get("result") is not None
+        if self.dry_run:
+            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
+                                   "detail": detail})
+            return "planned"
+        if cached:
+            setattr(res, field, rec["result"])
+            res.stages[field] = "cached"
+            self.runlog.event(stage, "cached", key)
+            return "cached"
+        return None
+
     # -- eval -------------------------------------------------------------------------------------------
     def _eval_key(self, v: Variant) -> str:
         e = self.r.eval
@@ -415,23 +433,15 @@ class Pipeline:
             return
         stage = f"eval:{v.name}"
         key = self._eval_key(v)
-        self.keys[stage] = key
         res = self.results[v.name]
-        rec = self.runlog.record(stage)
-        cached = self._cached(stage, key) and rec.get("result") is not None
-        if self.dry_run:
-            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
-                                   "detail": f"ctx {e.ctx}, {e.max_tokens} tokens of {e.text}"})
+        state = self._reuse(v, stage, key, "eval", f"ctx {e.ctx}, {e.max_tokens} tokens of {e.text}")
+        if state == "planned":
             return
-        if cached:
-            res.eval = rec["result"]
-            res.stages["eval"] = "cached"
-            self.runlog.event(stage, "cached", key)
-        else:
+        if state is None:
             from quantkit.evaluate import evaluate
 
             self._start(stage, key)
-            base, _ = str(self.src.path), None
+            base = str(self.src.path)
             try:
                 rep = _call(evaluate, base, [res.path], text=e.text, ctx=e.ctx, max_tokens=e.max_tokens,
                             max_kld=e.max_kld, max_ppl_increase=e.max_ppl_increase, min_top1=e.min_top1)
@@ -478,18 +488,8 @@ class Pipeline:
         stage = f"bench:{v.name}"
         key = _key(stage="bench", quantize=self.keys.get(f"quantize:{v.name}"), params=vars(b),
                    engines=_engines("bench"))
-        self.keys[stage] = key
         res = self.results[v.name]
-        rec = self.runlog.record(stage)
-        cached = self._cached(stage, key) and rec.get("result") is not None
-        if self.dry_run:
-            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
-                                   "detail": f"{b.prompt_tokens} prompt + {b.gen_tokens} generated tokens"})
-            return
-        if cached:
-            res.bench = rec["result"]
-            res.stages["bench"] = "cached"
-            self.runlog.event(stage, "cached", key)
+        if self._reuse(v, stage, key, "bench", f"{b.prompt_tokens} prompt + {b.gen_tokens} generated tokens"):
             return
         self._start(stage, key)
         try:
