@@ -373,6 +373,9 @@ def setup():
 
 def main(argv=None) -> None:
     """Entry point: run the group, turning user errors into one line and an exit code."""
+    from quantkit.util import quiet_third_party_logs
+
+    quiet_third_party_logs()
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except QuantkitError as e:

@@ -77,6 +77,16 @@ def progress(iterable: Iterable | None = None, **kw) -> tqdm:
     return tqdm(iterable, **kw)
 
 
+def quiet_third_party_logs() -> None:
+    """Silence import-time noise that says nothing to a quantkit user: torchao's "Failed to load <CUDA kernel
+    .so>" on CPU-only machines (transformers imports torchao when it is installed) and torch's pytree
+    deprecation warnings."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def dist_version(name: str) -> str | None:
     try:
         return metadata.version(name)
