@@ -188,12 +188,11 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> QuantkitErro
 
 
 def _is_network_error(e: Exception) -> bool:
-    import requests  # huggingface_hub may use httpx; check both by name
-
+    """By class name, so it holds for httpx (huggingface_hub >= 1.0) and requests alike, neither imported here."""
     names = {type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None}
     return bool(names & {"ConnectionError", "ConnectError", "Timeout", "ConnectTimeout", "ReadTimeout",
                          "OfflineModeIsEnabled", "LocalEntryNotFoundError", "NameResolutionError"}) or \
-        isinstance(e, (requests.ConnectionError, OSError))
+        isinstance(e, OSError)
 
 
 def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: str | None,
