@@ -218,6 +218,15 @@ class Pipeline:
         rec = self.runlog.record(stage)
         return bool(rec and rec.get("key") == key and rec.get("status") == "done" and outputs_ok())
 
+    def _look(self, stage: str, key: str, detail: str, outputs_ok: Callable[[], bool] = lambda: True) -> bool:
+        """Record the stage's key and whether its output is cached under it; a dry run also gets its plan row."""
+        self.keys[stage] = key
+        cached = self._cached(stage, key, outputs_ok)
+        if self.dry_run:
+            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
+                                   "detail": detail})
+        return cached
+
     def _start(self, stage: str, key: str) -> None:
         self.say(f"[{stage}] running")
         self.runlog.event(stage, "started", key)
@@ -261,11 +270,8 @@ class Pipeline:
             self.src = resolve_model(self.r.model, self.r.revision)
         self.base_sha = self.src.sha
         key = _key(stage=stage, model=self.r.model, revision=self.r.revision, sha=self.base_sha)
-        self.keys[stage] = key
-        cached = self._cached(stage, key)
+        cached = self._look(stage, key, f"{self.r.model} @ {self.base_sha[:12]}")
         if self.dry_run:
-            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
-                                   "detail": f"{self.r.model} @ {self.base_sha[:12]}"})
             return
         self.runlog.event(stage, "cached" if cached else "done", key, sha=self.base_sha, path=str(self.src.path))
 
@@ -324,12 +330,10 @@ class Pipeline:
     def quantize(self, v: Variant) -> bool:
         stage = f"quantize:{v.name}"
         key = self._quant_key(v)
-        self.keys[stage] = key
         res = self.results[v.name]
-        cached = self._cached(stage, key, lambda: self._artifact_ok(v))
+        cached = self._look(stage, key, f"{v.method} {json.dumps(v.params, sort_keys=True)} -> {v.folder}/",
+                            lambda: self._artifact_ok(v))
         if self.dry_run:
-            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
-                                   "detail": f"{v.method} {json.dumps(v.params, sort_keys=True)} -> {v.folder}/"})
             return True
         if cached:
             res.stages["quantize"] = "cached"
@@ -406,13 +410,10 @@ class Pipeline:
     def _reuse(self, v: Variant, stage: str, key: str, field: str, detail: str) -> str | None:
         """Record the stage's key; in a dry run add its plan row ("planned"); when its result is cached under
         that key, restore it into the variant's result ("cached"); else None: the stage must run."""
-        self.keys[stage] = key
         res = self.results[v.name]
         rec = self.runlog.record(stage)
-        cached = self._cached(stage, key) and rec.get("result") is not None
+        cached = self._look(stage, key, detail, lambda: rec.get("result") is not None)
         if self.dry_run:
-            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
-                                   "detail": detail})
             return "planned"
         if cached:
             setattr(res, field, rec["result"])
@@ -543,11 +544,8 @@ class Pipeline:
         key = _key(stage="card", deps=[self.keys.get(s) for v in members for s in
                                        (f"quantize:{v.name}", f"eval:{v.name}", f"bench:{v.name}")],
                    report=((m.data.get("report") or {}).get("sha256") if m else None), engines=_engines("card"))
-        self.keys[stage] = key
-        cached = self._cached(stage, key, lambda: (f / "README.md").is_file())
+        cached = self._look(stage, key, f"{folder}/README.md", lambda: (f / "README.md").is_file())
         if self.dry_run:
-            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
-                                   "detail": f"{folder}/README.md"})
             return key
         if not any(self.results[v.name].artifact for v in members):
             return None
@@ -592,11 +590,8 @@ class Pipeline:
             return
         key = _key(stage="push", card=card_key, repo=repo, private=self.r.publish.private,
                    endpoint=os.environ.get("HF_ENDPOINT"), engines=_engines("push"))
-        self.keys[stage] = key
-        cached = self._cached(stage, key)
+        cached = self._look(stage, key, f"-> {repo} ({'private' if self.r.publish.private else 'public'})")
         if self.dry_run:
-            self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
-                                   "detail": f"-> {repo} ({'private' if self.r.publish.private else 'public'})"})
             return
         if cached:
             self.runlog.event(stage, "cached", key)
