@@ -24,6 +24,7 @@ from pathlib import Path
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.formats import GGUF_TYPES
 from quantkit.manifest import Manifest
 from quantkit.util import atomic_path, human_size
 
@@ -242,19 +243,6 @@ def memory_estimate(size: int, dims: dict | None, ctx: int = KV_CONTEXT) -> int:
     return int(size * 1.05 + kv + 100e6)
 
 
-GGUF_ADVICE = {
-    "F32": "full precision; reference only", "F16": "full precision; reference, or to quantise yourself",
-    "BF16": "full precision; reference, or to quantise yourself", "Q8_0": "near-lossless; if you have the RAM",
-    "Q6_K": "very high quality, near-lossless", "Q5_K_M": "high quality; recommended when it fits",
-    "Q5_K_S": "high quality, a little smaller", "Q4_K_M": "good quality, the usual default; recommended",
-    "Q4_K_S": "a little smaller than Q4_K_M, slightly lower quality", "Q4_0": "legacy 4-bit; prefer Q4_K_M",
-    "IQ4_XS": "smaller than Q4_K_S at similar quality", "IQ4_NL": "4-bit non-linear; good on ARM",
-    "Q3_K_L": "low RAM; noticeably lower quality", "Q3_K_M": "low RAM; noticeably lower quality",
-    "Q3_K_S": "low RAM; low quality", "IQ3_M": "low RAM; usable", "IQ3_XS": "low RAM; lower quality",
-    "Q2_K": "very low quality; only when nothing else fits", "IQ2_M": "very low quality; surprisingly usable",
-}
-
-
 def _fmt_num(x, spec: str, dash: str = "—") -> str:
     if x is None:
         return dash
@@ -292,7 +280,7 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
         group = rec.get("group_size", params.get("group_size"))
         if fmt == "gguf":
             method = "llama.cpp" + (" + imatrix" if imatrix else "")
-            advice = GGUF_ADVICE.get(typ.upper(), "")
+            advice = GGUF_TYPES[typ.upper()].advice if typ.upper() in GGUF_TYPES else ""
         else:
             method = FORMAT_TITLES.get(fmt, fmt.upper()) + (f" ({rec['method']})" if rec.get("method") and
                                                             rec["method"].lower() != fmt else "")

@@ -15,6 +15,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.formats import DEFAULT_GROUP_SIZE, DEFAULT_HF_FORMAT, HF_FORMATS, HF_METHODS
 
 
 def emit_json(obj) -> None:
@@ -77,11 +78,17 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
 
 
 # ------------------------------------------------------------------------------------------ awq/gptq
+def _bits_option(method: str):
+    m = HF_METHODS[method]
+    return click.option("--bits", type=click.Choice([str(b) for b in m.bits]), default=str(m.default_bits),
+                        show_default=True, help=f"Weight bits ({m.title}: {' or '.join(map(str, m.bits))}).")
+
+
 def _hfquant_options(default_bits_help: str):
     """Options shared by ``quantkit awq`` and ``quantkit gptq``."""
     def deco(f):
         opts = [
-            click.option("--group-size", type=int, default=128, show_default=True,
+            click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True,
                          help="Weights per scale group (-1: one scale per output channel)."),
             click.option("--calibration", "calibration", metavar="SPEC", default=None,
                          help="builtin (default, offline), a .txt, a .jsonl with text/messages, or "
@@ -89,10 +96,9 @@ def _hfquant_options(default_bits_help: str):
             click.option("--samples", type=int, default=128, show_default=True, help="Calibration samples."),
             click.option("--seq-len", type=int, default=2048, show_default=True,
                          help="Tokens per calibration sample (at most)."),
-            click.option("--format", "fmt", type=click.Choice(["classic", "compressed-tensors"]),
-                         default="classic", show_default=True,
-                         help="classic = quant_method awq|gptq (vLLM, TGI, SGLang, transformers); "
-                              "compressed-tensors = vLLM's native format (llm-compressor)."),
+            click.option("--format", "fmt", type=click.Choice(list(HF_FORMATS)),
+                         default=DEFAULT_HF_FORMAT, show_default=True,
+                         help="; ".join(f"{f.name} = {f.help}" for f in HF_FORMATS.values()) + "."),
             click.option("--out", type=click.Path(file_okay=False), default=None,
                          help="Output folder [default: ./<Model>-<METHOD>-<INTn|WnA16>-g<group>]."),
             click.option("--revision", help="Branch, tag or commit SHA (Hub ids only)."),
@@ -121,7 +127,7 @@ def _print_quant_result(result, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--bits", type=click.Choice(["4"]), default="4", show_default=True, help="Weight bits (AWQ: 4).")
+@_bits_option("awq")
 @_hfquant_options("4")
 def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revision, allow_pickle, device,
         offload, as_json):
@@ -136,13 +142,14 @@ def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revisi
 
 @cli.command()
 @click.argument("model")
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True, help="Weight bits.")
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
+@_bits_option("gptq")
+@click.option("--act-order/--no-act-order", default=HF_METHODS["gptq"].act_order, show_default=True,
               help="Quantise columns in order of activation size (classic: desc_act; compressed-tensors: "
                    "actorder static).")
-@click.option("--damp", type=float, default=0.01, show_default=True,
+@click.option("--damp", type=float, default=HF_METHODS["gptq"].damp, show_default=True,
               help="Hessian dampening, as a fraction of its mean diagonal.")
-@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
+@click.option("--sym/--asym", default=HF_METHODS["gptq"].sym, show_default=True,
+              help="Symmetric (no zero point) or asymmetric.")
 @_hfquant_options("4|8")
 def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, seq_len, fmt, out, revision,
          allow_pickle, device, offload, as_json):
@@ -263,7 +270,8 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
 def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_id, accept_license_terms,
          no_card, as_json):
     """Publish OUTDIR (files + card + quantkit.json) to a Hub repo in one commit; re-pushing uploads only changes."""
-    from quantkit.publish import describe, push as do_push
+    from quantkit.publish import describe
+    from quantkit.publish import push as do_push
 
     res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
                   prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card)
@@ -304,7 +312,8 @@ def recipe_group():
 
 @recipe_group.command("check")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a field, e.g. eval.max_kld=0.03.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Override a field, e.g. eval.max_kld=0.03.")
 @click.option("--json", "as_json", is_flag=True, help="Print the validated recipe as JSON.")
 def recipe_check(file, overrides, as_json):
     """Validate FILE without running anything."""
@@ -328,8 +337,10 @@ def recipe_init(model):
 
 @cli.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a recipe field, e.g. eval.max_kld=0.03.")
-@click.option("--only", "only", multiple=True, metavar="VARIANT", help="Run only these variants (repeatable), e.g. Q4_K_M.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Override a recipe field, e.g. eval.max_kld=0.03.")
+@click.option("--only", "only", multiple=True, metavar="VARIANT",
+              help="Run only these variants (repeatable), e.g. Q4_K_M.")
 @click.option("--dry-run", is_flag=True, help="Print the stages and what is cached; run nothing.")
 @click.option("--no-push", is_flag=True, help="Skip the push stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -371,6 +382,11 @@ def setup():
     click.echo(f"llama.cpp tools: {tools or 'not built (only benchmarks/ need them)'}")
 
 
+# what click raises for a group called without a command (renamed NoArgsIsHelpError in click 8.2)
+_NO_ARGS_IS_HELP = tuple(getattr(click.exceptions, n) for n in ("NoArgsIsHelpError", "NoArgsIsHelp")
+                         if hasattr(click.exceptions, n))
+
+
 def main(argv=None) -> None:
     """Entry point: run the group, turning user errors into one line and an exit code."""
     from quantkit.util import quiet_third_party_logs
@@ -387,7 +403,8 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("error: interrupted; re-run the same command to resume where it stopped", err=True)
         sys.exit(130)
-    except click.exceptions.NoArgsIsHelp if hasattr(click.exceptions, "NoArgsIsHelp") else ():  # pragma: no cover
+    except _NO_ARGS_IS_HELP as e:  # a bare `quantkit` / `quantkit recipe`: the help, as --help prints it
+        click.echo(e.ctx.get_help())
         sys.exit(0)
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)

@@ -46,8 +46,17 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.util import (atomic_path, cache_home, dist_version, format_table, human_size, now_iso, progress,
-                           sha256_bytes)
+from quantkit.util import (
+    atomic_path,
+    cache_home,
+    default_threads,
+    dist_version,
+    format_table,
+    human_size,
+    now_iso,
+    progress,
+    sha256_bytes,
+)
 
 DEFAULT_TOP_K = 64
 #: Tail tokens sampled per position (with replacement, from the base distribution outside the top k).
@@ -89,16 +98,6 @@ def hardware(threads: int | None = None) -> dict:
         pass
     info["gpu"] = ", ".join(gpus) if gpus else None
     return info
-
-
-def default_threads() -> int:
-    env = os.environ.get("QUANTKIT_THREADS")
-    if env and env.isdigit():
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def cuda_available() -> bool:
@@ -250,25 +249,27 @@ def load_text(text: str | None) -> tuple[str, str]:
     return text, "inline:" + sha256_bytes(text.encode())[:12]
 
 
-def parse_fraction(value, option: str, *, percent_only_above_one: bool = True) -> float | None:
-    """``"3%"`` -> 0.03, ``"0.03"`` -> 0.03, None -> None. A bare number >= 1 is ambiguous and refused."""
+def parse_fraction(value, option: str, *, percent_only_above_one: bool = True,
+                   maximum: float | None = None) -> float | None:
+    """``"3%"`` -> 0.03, ``"0.03"`` -> 0.03, None -> None. A bare number >= 1 is ambiguous and refused; a
+    negative value, or one above ``maximum`` (a rate: 1), is refused whether written as a fraction or a %."""
     if value is None or value == "":
         return None
+    s = str(value).strip()
     if isinstance(value, (int, float)):
         v = float(value)
-        s = str(value)
     else:
-        s = str(value).strip()
         try:
             v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
         except ValueError:
             raise QuantkitError(f"{option} {value!r} is not a number or a percentage like 3%") from None
-        if s.endswith("%"):
-            return v
-    if percent_only_above_one and v >= 1:
+    if percent_only_above_one and v >= 1 and not s.endswith("%"):
         raise QuantkitError(f"{option} {s} is ambiguous: write a percentage like {s}% or a fraction like 0.0{s}")
     if v < 0:
         raise QuantkitError(f"{option} {s} must not be negative")
+    if maximum is not None and v > maximum:
+        raise QuantkitError(f"{option} {s} is above {maximum:g} (100%): give a fraction like 0.9 or a percentage "
+                            "like 90%")
     return v
 
 
@@ -747,7 +748,7 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     inc = parse_fraction(max_ppl_increase, "--max-ppl-increase", percent_only_above_one=True)
     if inc is not None:
         gates["ppl_increase"] = {"limit": inc, "shown": f"{inc * 100:g}%"}
-    mt = parse_fraction(min_top1, "--min-top1")
+    mt = parse_fraction(min_top1, "--min-top1", maximum=1)
     if mt is not None:
         gates["top1"] = {"limit": mt, "shown": f"{mt * 100:g}%"}
 

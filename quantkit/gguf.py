@@ -31,25 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import GGUF_TYPES, file_type_name, gguf_type, quant_size
 from quantkit.manifest import Manifest, file_record
-from quantkit.util import (Timer, atomic_path, format_table, human_size, now_iso, progress, sha256_file,
-                           versions)
+from quantkit.util import (
+    Timer,
+    atomic_path,
+    default_threads,
+    format_table,
+    human_size,
+    now_iso,
+    progress,
+    sha256_file,
+    versions,
+)
 
-# llama.cpp's ``enum llama_ftype`` by the names llama-quantize uses (src/llama.h of the vendored commit).
-SUPPORTED_TYPES: dict[str, int] = {
-    "F32": 0, "F16": 1, "BF16": 32,
-    "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_0": 2, "Q4_1": 3,
-    "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q4_K_M": 15, "Q4_K_S": 14,
-    "Q3_K_L": 13, "Q3_K_M": 12, "Q3_K_S": 11, "Q2_K": 10, "Q2_K_S": 21,
-    "IQ4_XS": 30, "IQ4_NL": 25, "IQ3_M": 27, "IQ3_S": 26, "IQ3_XS": 22, "IQ3_XXS": 23,
-    "IQ2_M": 29, "IQ2_S": 28, "IQ2_XS": 20, "IQ2_XXS": 19, "IQ1_M": 31, "IQ1_S": 24,
-    "TQ1_0": 36, "TQ2_0": 37, "MXFP4_MOE": 38, "NVFP4": 39, "Q1_0": 40, "Q2_0": 41,
-}
-# llama-quantize's aliases
-TYPE_ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
-FTYPE_NAMES = {v: k for k, v in SUPPORTED_TYPES.items()}
-# Types that need an importance matrix (all IQ types: llama.cpp refuses or degrades badly without one).
-IMATRIX_REQUIRED = frozenset(t for t in SUPPORTED_TYPES if t.startswith("IQ"))
 OUTTYPES = ("f32", "f16", "bf16", "auto")
 WORK_DIR = ".quantkit-work"
 TABLE_HEADERS = ["type", "file", "size", "bits/weight", "seconds", "status"]
@@ -105,12 +100,9 @@ def normalize_types(types) -> list[str]:
         types = types.split(",")
     out: list[str] = []
     for t in types:
-        t = str(t).strip().upper().replace("-", "_")
-        if not t:
+        if not str(t).strip():
             continue
-        t = TYPE_ALIASES.get(t, t)
-        if t not in SUPPORTED_TYPES:
-            raise QuantkitError(f"unknown GGUF type {t!r}; choose from: {', '.join(SUPPORTED_TYPES)}")
+        t = gguf_type(t).name
         if t not in out:
             out.append(t)
     if not out:
@@ -122,12 +114,6 @@ def artifact_name(model_name: str, gtype: str) -> str:
     return f"{model_name}-{gtype}.gguf"
 
 
-def _file_type_name(ftype_id: int) -> str:
-    return FTYPE_NAMES.get(ftype_id, f"ftype-{ftype_id}")
-
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                 12: "<d"}
 
 
 def read_gguf_header(path: str | os.PathLike, max_array: int = 64) -> tuple[dict, list[tuple[str, int, tuple]]]:
@@ -140,6 +126,10 @@ def read_gguf_header(path: str | os.PathLike, max_array: int = 64) -> tuple[dict
     import mmap
     import struct
 
+    from gguf import GGUFValueType, GGUFWriter
+
+    scalars = {t: "<" + f for t, f in GGUFWriter._simple_value_packing.items()}  # gguf-py's own packing table
+
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if mm[:4] != b"GGUF":
             raise QuantkitError(f"{path} is not a GGUF file")
@@ -151,19 +141,19 @@ def read_gguf_header(path: str | os.PathLike, max_array: int = 64) -> tuple[dict
             return mm[pos + 8:pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
 
         def value(vtype, pos):
-            if vtype in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[vtype]
+            if vtype in scalars:
+                fmt = scalars[vtype]
                 return struct.unpack_from(fmt, mm, pos)[0], pos + struct.calcsize(fmt)
-            if vtype == 8:
+            if vtype == GGUFValueType.STRING:
                 return string(pos)
-            if vtype == 9:
+            if vtype == GGUFValueType.ARRAY:
                 etype, count = struct.unpack_from("<IQ", mm, pos)
                 pos += 12
-                if etype in _GGUF_SCALARS and count > max_array:
-                    return count, pos + count * struct.calcsize(_GGUF_SCALARS[etype])
+                if etype in scalars and count > max_array:
+                    return count, pos + count * struct.calcsize(scalars[etype])
                 items = []
                 for _ in range(count):
-                    if etype == 8:  # strings: walk the lengths
+                    if etype == GGUFValueType.STRING:  # strings: walk the lengths
                         (n,) = struct.unpack_from("<Q", mm, pos)
                         if count <= max_array:
                             items.append(mm[pos + 8:pos + 8 + n].decode("utf-8", "replace"))
@@ -205,7 +195,7 @@ def read_gguf_info(path: str | os.PathLike) -> dict:
         numel = 1
         for d in dims:
             numel *= d
-        block, type_size = gguf.GGML_QUANT_SIZES[qt]
+        block, type_size = quant_size(qt)
         n_params += numel
         n_bytes += numel // block * type_size
     arch = kv.get("general.architecture")
@@ -215,7 +205,7 @@ def read_gguf_info(path: str | os.PathLike) -> dict:
         "size": path.stat().st_size,
         "architecture": arch,
         "name": kv.get("general.name"),
-        "file_type": _file_type_name(int(ftype_id)) if ftype_id is not None else None,
+        "file_type": file_type_name(ftype_id) if ftype_id is not None else None,
         "file_type_id": int(ftype_id) if ftype_id is not None else None,
         "tensor_types": dict(counts.most_common()),
         "n_tensors": len(tensors),
@@ -580,14 +570,14 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
     import llama_cpp
 
     gtype = normalize_types([gtype])[0]
-    ftype = SUPPORTED_TYPES[gtype]
+    ftype = GGUF_TYPES[gtype].ftype
     const = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gtype}", None) if gtype != "F32" else llama_cpp.LLAMA_FTYPE_ALL_F32
     if const is not None and const != ftype:  # pragma: no cover - guards a renumbered enum
         ftype = const
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = int(threads or os.cpu_count() or 1)
+    params.nthread = int(threads or default_threads())
     keep = []  # keep ctypes buffers alive during the call
     n_entries = 0
     if imatrix is not None:
@@ -655,8 +645,8 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
 
 def _restore_llama_log() -> None:
     try:
-        from llama_cpp import _logger
         import llama_cpp
+        from llama_cpp import _logger
 
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     except Exception:  # pragma: no cover
@@ -707,7 +697,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     from quantkit.hub import resolve_model
 
     types = normalize_types(types)
-    need_imatrix = [t for t in types if t in IMATRIX_REQUIRED]
+    need_imatrix = [t for t in types if GGUF_TYPES[t].imatrix]
     if need_imatrix and not calibration:
         raise QuantkitError(f"{', '.join(need_imatrix)} need an importance matrix: pass --calibration FILE "
                             "(a text file, or 'builtin')")
@@ -715,7 +705,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
         raise QuantkitError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if threads is not None and int(threads) < 1:
         raise QuantkitError(f"--threads must be at least 1 (got {threads})")
-    threads = int(threads or os.cpu_count() or 1)
+    threads = int(threads or default_threads())
     if calibration:
         from quantkit.calibration import parse_spec
 
@@ -789,7 +779,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
             "files": [file_record(folder, dest)],
             "params": {
                 "type": t,
-                "ftype": SUPPORTED_TYPES[t],
+                "ftype": GGUF_TYPES[t].ftype,
                 "outtype": outtype,
                 "intermediate": {k: inter["convert"].get(k) for k in ("path", "size", "file_type", "created")},
                 "imatrix": ({"name": imatrix_path.name, "sha256": imx_rec["sha256"], "method": imx_rec["method"],

@@ -45,15 +45,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.util import Timer, cache_home, format_table, human_size, now_iso, safetensors_tensors, versions
+from quantkit.formats import DEFAULT_HF_FORMAT, HF_FORMATS, HF_METHODS, hf_param_problems
+from quantkit.util import (
+    Timer,
+    cache_home,
+    default_threads,
+    format_table,
+    human_size,
+    now_iso,
+    safetensors_tensors,
+    versions,
+)
 
-FORMATS = ("classic", "compressed-tensors")
-DEFAULT_FORMAT = "classic"
+DEFAULT_FORMAT = DEFAULT_HF_FORMAT
 RECIPE_NAME = "quantkit-recipe.json"
-ENGINE_DISTS = {
-    "classic": ("gptqmodel", "transformers", "torch", "optimum"),
-    "compressed-tensors": ("llmcompressor", "compressed-tensors", "transformers", "torch"),
-}
 LICENSE_GLOBS = ("LICENSE*", "LICENCE*", "license*", "NOTICE*", "USE_POLICY.md")
 TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status"]
 _GB = 1e9
@@ -97,20 +102,11 @@ def variant_name(model_name: str, method: str, fmt: str, bits: int, group_size: 
     return f"{model_name}-{method.upper()}-{kind}-{group}{asym}"
 
 
-ALLOWED_BITS = {"awq": (4,), "gptq": (4, 8)}
-
-
 def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: int, seq_len: int,
                  damp: float | None = None) -> None:
-    if fmt not in FORMATS:
-        raise QuantkitError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    allowed_bits = ALLOWED_BITS[method]
-    if bits not in allowed_bits:
-        raise QuantkitError(f"{method.upper()} supports --bits {' or '.join(map(str, allowed_bits))} "
-                            f"(got {bits})")
-    if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
-        raise QuantkitError(f"--group-size must be a power of two >= 16, or -1 for one scale per channel "
-                            f"(got {group_size})")
+    """Refuse parameters the method does not allow (the rules live in :mod:`quantkit.formats`)."""
+    for param, problem in hf_param_problems(method, bits=bits, group_size=group_size, fmt=fmt).items():
+        raise QuantkitError(f"--{param.replace('_', '-')} {problem}")
     if samples < 1:
         raise QuantkitError(f"--samples must be at least 1 (got {samples})")
     if seq_len < 16:
@@ -131,7 +127,7 @@ def weight_stats(folder: Path) -> dict:
         return {"bytes": b, "params": b // 2, "quantisable_params": int(b // 2 * 0.9), "largest_matrix_bytes": 0,
                 "in_features": {}}
     stats["bytes"] = sum(p.stat().st_size for p in files)
-    for name, dtype, shape, nbytes in safetensors_tensors(folder):
+    for name, _dtype, shape, nbytes in safetensors_tensors(folder):
         count = math.prod(shape)
         stats["params"] += count
         if len(shape) == 2 and ".layers." in f".{name}" and "embed" not in name:
@@ -155,6 +151,22 @@ def check_group_size(stats: dict, group_size: int, model: str) -> None:
         hint = f"use --group-size {ok}" if all(k % ok == 0 for k in stats["in_features"]) else "use --group-size -1"
         raise QuantkitError(f"--group-size {group_size} does not divide the input width {width} of {name} in {model} "
                             f"(serving kernels need whole groups): {hint}")
+
+
+def _check_group_size_from_headers(model: str, revision: str | None, group_size: int) -> None:
+    """For a Hub id, the width check on its config and safetensors headers, before the download (a local folder
+    is checked from its own files, after the cache lookup)."""
+    from quantkit.hub import is_local
+
+    if group_size == -1 or model.startswith("builtin:") or is_local(model):
+        return
+    from quantkit.plan import plan
+
+    try:
+        p = plan(model, revision=revision)
+    except Exception:  # offline, gated, no config: the same check runs on the files after the download
+        return
+    p.check_group_size(group_size)
 
 
 def estimate_output_bytes(stats: dict, bits: int, group_size: int) -> int:
@@ -220,7 +232,7 @@ def _available_memory() -> int:
 def engine_env_defaults() -> None:
     """Environment gptqmodel reads at import/first use (explicit user values win)."""
     if "GPTQMODEL_CPU_WORKERS" not in os.environ:
-        cores = os.cpu_count() or 1
+        cores = default_threads()
         os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, min(12, (cores + 1) // 2)))
     os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
 
@@ -461,13 +473,14 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     from quantkit.manifest import Manifest, file_record
     from quantkit.util import sha256_file
 
-    if method == "awq":
-        sym, act_order, damp_v = False, False, None
-    else:
-        damp_v = damp
+    m = HF_METHODS[method]  # what the method does not let a user choose comes from its row
+    sym = sym if "sym" in m.options else m.sym
+    act_order = act_order if "act_order" in m.options else m.act_order
+    damp_v = damp if "damp" in m.options else m.damp
     check_params(method, bits=bits, group_size=group_size, fmt=fmt, samples=samples, seq_len=seq_len,
                  damp=damp_v)
     spec = parse_spec(calibration)  # fail on a malformed SPEC before any download
+    _check_group_size_from_headers(model, revision, group_size)
     n = 6
     _stage(1, n, f"resolving {model}")
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
@@ -517,7 +530,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,
                   "calibration": cal.as_dict(), "device": device_used, "offload": offload,
-                  "engine_call": call, "tools": versions(*ENGINE_DISTS[fmt])}
+                  "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists)}
         (work / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         _stage(5, n, "hashing files")
         files = [file_record(work, p) for p in _folder_files(work)]

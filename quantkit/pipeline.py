@@ -288,7 +288,8 @@ class Pipeline:
         methods = {v.method for v in self.variants}
         imatrix = any(v.params.get("imatrix") for v in self.variants if v.method == "gguf")
         for m in sorted(methods):
-            p.check_machine(m, out=self.out, imatrix=imatrix and m == "gguf")
+            p.check_machine(m, out=self.out, imatrix=imatrix and m == "gguf",  # group sizes: before the download
+                            group_sizes={v.params["group_size"] for v in self.variants if v.method == m != "gguf"})
         self.say(f"[plan] {p.params_total / 1e9:.3g}B parameters; this machine can do "
                  f"{', '.join(sorted(methods))}")
 

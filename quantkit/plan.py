@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import GGUF_TYPES
 from quantkit.util import safetensors_tensors
 
 GiB = 1 << 30
@@ -42,26 +43,6 @@ GB = 10**9
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
-LLAMA3_8B_PARAMS = 8_030_261_248
-_QUANTIZE_CPP_GIB = {  # llama.cpp tools/quantize/quantize.cpp QUANT_OPTIONS, "<size>G ... @ Llama-3-8B"
-    "Q2_K": 2.96, "Q3_K_S": 3.41, "Q3_K_M": 3.74, "Q3_K_L": 4.03, "Q4_K_S": 4.37, "Q4_K_M": 4.58,
-    "Q5_K_S": 5.21, "Q5_K_M": 5.33,
-}
-#: bits per weight of every GGUF type plan knows: name -> (bits/weight, source)
-GGUF_BPW: dict[str, tuple[float, str]] = {
-    "F16": (16.0, "ggml type size"),
-    "BF16": (16.0, "ggml type size"),
-    "Q8_0": (8.5, "ggml block: 34 bytes / 32 weights"),
-    "Q6_K": (6.5625, "ggml block: 210 bytes / 256 weights"),
-    **{k: (round(v * GiB * 8 / LLAMA3_8B_PARAMS, 3), f"quantize.cpp: {v} GiB @ Llama-3-8B")
-       for k, v in _QUANTIZE_CPP_GIB.items()},
-    "IQ4_XS": (4.25, "ggml block: 136 bytes / 256 weights"),
-    "IQ4_NL": (4.5, "ggml block: 18 bytes / 32 weights"),
-    "Q4_0": (4.5, "ggml block: 18 bytes / 32 weights"),
-    "IQ3_M": (3.66, "quantize.cpp: 3.66 bpw mix"),
-    "IQ3_XXS": (3.0625, "ggml block: 98 bytes / 256 weights"),
-    "IQ2_XS": (2.3125, "ggml block: 74 bytes / 256 weights"),
-}
 GGUF_COMMON = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"]
 
 KV_BYTES = 2  # fp16 KV cache
@@ -134,10 +115,12 @@ class Plan:
     kv_bytes: int
     rows: list[Row] = field(default_factory=list)
     needs: dict[str, Need] = field(default_factory=dict)
+    linear_widths: dict[int, str] = field(default_factory=dict)  # input width -> a matrix AWQ/GPTQ quantise
 
     # -- output ---------------------------------------------------------------------------------
     def to_json(self) -> dict:
         d = asdict(self)
+        d.pop("linear_widths")
         d["devices"] = [asdict(x) for x in DEVICES]
         return d
 
@@ -167,13 +150,24 @@ class Plan:
         return f"{head}\n\n{t}\n\nQuantisation run needs:\n{needs}\n\n{foot}"
 
     # -- checks ---------------------------------------------------------------------------------
+    def check_group_size(self, group_size: int) -> None:
+        """Raise QuantkitError when an AWQ/GPTQ ``group_size`` does not divide every quantised matrix's input
+        width (known from the headers or config alone, so this runs before any download)."""
+        from quantkit.hfquant import check_group_size
+
+        check_group_size({"in_features": self.linear_widths}, group_size, self.model)
+
     def check_machine(self, method: str, *, out: str | os.PathLike | None = None,
-                      imatrix: bool = False) -> None:
-        """Raise QuantkitError when this machine clearly cannot quantise with ``method``.
+                      imatrix: bool = False, group_sizes=()) -> None:
+        """Raise QuantkitError when this machine clearly cannot quantise with ``method``, or when one of
+        ``group_sizes`` (AWQ/GPTQ) does not fit the model's matrices.
 
         Checks the free disk where ``out`` will be written and the machine's total RAM against :attr:`needs`.
         """
         import psutil
+
+        for gs in group_sizes:
+            self.check_group_size(gs)
 
         key = "gguf+imatrix" if method == "gguf" and imatrix else method
         need = self.needs.get(key) or self.needs.get(method)
@@ -290,6 +284,7 @@ def _is_linear(name: str, shape: list[int]) -> bool:
 def params_from_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict) -> dict:
     """Counts from ``{name: (dtype, shape)}`` (safetensors headers)."""
     total = linear = expert = embed = largest = nbytes = 0
+    widths: dict[int, str] = {}
     for name, (dtype, shape) in tensors.items():
         n = 1
         for s in shape:
@@ -301,6 +296,7 @@ def params_from_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict)
             expert += n
         if _is_linear(name, shape):
             linear += n
+            widths.setdefault(int(shape[1]), name)
         if "embed" in name or "lm_head" in name:
             embed += n
     a = _arch(config)
@@ -308,7 +304,7 @@ def params_from_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict)
     if a["experts"] and expert:
         active = total - expert + expert * a["top_k"] // a["experts"]
     return {"total": total, "active": active, "linear": linear, "embed": embed, "largest": largest,
-            "bytes": nbytes}
+            "bytes": nbytes, "widths": widths}
 
 
 def _local_inputs(folder: Path) -> tuple[dict, dict | None, int]:
@@ -392,7 +388,9 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
              hidden_size=a["hidden"], heads=a["heads"], kv_heads=a["kv"], head_dim=a["head_dim"],
              vocab_size=a["vocab"], experts=a["experts"], experts_per_token=a["top_k"] if a["experts"] else None,
              checkpoint_bytes=int(checkpoint_bytes), checkpoint_local=local,
-             largest_tensor_bytes=int(counts["largest"]) * 4, context=context, batch=batch, kv_bytes=kv)
+             largest_tensor_bytes=int(counts["largest"]) * 4, context=context, batch=batch, kv_bytes=kv,
+             linear_widths=counts.get("widths") or {w: "config.json" for w in
+                                                     (a["hidden"], a["heads"] * a["head_dim"], a["inter"])})
 
     def add(name, method, weight_bytes, source, kinds=("nvidia", "apple")):
         weight_bytes = int(weight_bytes)
@@ -411,7 +409,7 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
             f"{bpw:.3f} bits/w on Linear layers (+fp16 scale and {bits}-bit zero per {group_size}), rest 16-bit",
             kinds=("nvidia",))
     for t in GGUF_COMMON:
-        bpw, src = GGUF_BPW[t]
+        bpw, src = GGUF_TYPES[t].bits_per_weight()
         add(f"GGUF {t}", "gguf", total * bpw / 8, src)
 
     dl = 0 if local else p.checkpoint_bytes

@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import DEFAULT_GROUP_SIZE, GGUF_TYPES, HF_METHODS, gguf_type, hf_param_problems
 
 VERSION = 1
-METHODS = ("gguf", "awq", "gptq")
+METHODS = ("gguf", *HF_METHODS)
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 REPO_FIELDS = ("model_name", "method", "variant", "bits")
 
@@ -224,12 +225,12 @@ BENCH = {"enabled": _BOOL, "prompt_tokens": _POS, "gen_tokens": _POS, "repeats":
          "threads": ((int, type(None)), "a positive integer or null")}
 PUBLISH = {"enabled": _BOOL, "repo": _STR, "private": _BOOL, "per": _STR, "only_passing": _BOOL,
            "license": _OPT_STR, "accept_license_terms": _BOOL}
+_HF_VARIANT = {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "format": _STR}
+_HF_OPTIONS = {"sym": _BOOL, "act_order": _BOOL, "damp": _NUM}  # what a method's `options` may list
 VARIANT = {
     "gguf": {"method": _STR, "types": ((list, str), "a list of GGUF types"), "imatrix": _BOOL,
              "outtype": _STR},
-    "awq": {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "format": _STR},
-    "gptq": {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "sym": _BOOL, "format": _STR,
-             "act_order": _BOOL, "damp": _NUM},
+    **{name: {**_HF_VARIANT, **{o: _HF_OPTIONS[o] for o in m.options}} for name, m in HF_METHODS.items()},
 }
 
 
@@ -366,16 +367,14 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
     bench = Bench(**chk.mapping(bench_raw or {}, ("eval", "bench"), BENCH))
     from quantkit.evaluate import parse_fraction
 
-    for g in ("max_ppl_increase", "min_top1"):
+    for g, maximum in (("max_ppl_increase", None), ("min_top1", 1)):
         try:
-            ev_raw[g] = parse_fraction(ev_raw.get(g), g)
+            ev_raw[g] = parse_fraction(ev_raw.get(g), g, maximum=maximum)
         except QuantkitError as e:
             chk.fail(("eval", g), str(e).replace(f"{g} ", "", 1))
     ev = Eval(**ev_raw, bench=bench)
     if ev.max_kld is not None and ev.max_kld < 0:
         chk.fail(("eval", "max_kld"), f"must be >= 0 (or null for no gate), got {ev.max_kld}")
-    if ev.min_top1 is not None and ev.min_top1 > 1:
-        chk.fail(("eval", "min_top1"), f"is a fraction between 0 and 1, got {ev.min_top1}")
     if ev.text != "builtin":
         from pathlib import Path as _P
 
@@ -412,8 +411,6 @@ def _safe(s: str) -> str:
 
 
 def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
-    from quantkit.gguf import SUPPORTED_TYPES, TYPE_ALIASES
-
     if not entries:
         chk.fail(("variants",), "is empty: list at least one {method: gguf|awq|gptq, ...}")
     out: list[Variant] = []
@@ -439,34 +436,23 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
                 chk.fail(path + ("outtype",), f"must be one of auto, f16, bf16, f32 (got {outtype!r})")
             imatrix = bool(e.get("imatrix", False))
             for j, t in enumerate(types):
-                norm = TYPE_ALIASES.get(str(t).strip().upper().replace("-", "_"), str(t).strip().upper())
-                if norm not in SUPPORTED_TYPES:
-                    close = _close(norm, SUPPORTED_TYPES)
-                    chk.fail(path + ("types", j), f"unknown GGUF type {t!r}"
-                                                  + (f" (did you mean {close}?)" if close else "")
-                                                  + f"; allowed: {', '.join(SUPPORTED_TYPES)}")
-                if norm.startswith("IQ") and not imatrix:
+                try:
+                    norm = gguf_type(t).name
+                except QuantkitError as err:
+                    chk.fail(path + ("types", j), str(err))
+                if GGUF_TYPES[norm].imatrix and not imatrix:
                     chk.fail(path + ("types", j), f"{norm} needs an importance matrix: add `imatrix: true`")
                 v = Variant(name=norm, method="gguf", entry=i, line=line,
                             params={"type": norm, "imatrix": imatrix, "outtype": outtype})
                 out.append(v)
         else:
-            from quantkit.hfquant import ALLOWED_BITS
-
-            bits = e.get("bits", 4)
-            if bits not in ALLOWED_BITS[method]:
-                chk.fail(path + ("bits",), f"{method} bits must be one of {', '.join(map(str, ALLOWED_BITS[method]))}, "
-                                           f"got {bits}")
-            gs = e.get("group_size", 128)
-            if gs != -1 and gs < 1:
-                chk.fail(path + ("group_size",), f"must be a positive integer or -1 (per channel), got {gs}")
-            if "format" in e:
-                from quantkit.hfquant import FORMATS
-
-                if e["format"] not in FORMATS:
-                    chk.fail(path + ("format",), f"must be one of {', '.join(FORMATS)} (got {e['format']!r})")
+            bits = e.get("bits", HF_METHODS[method].default_bits)
+            gs = e.get("group_size", DEFAULT_GROUP_SIZE)
+            # the same rules `quantkit awq|gptq` apply before any download
+            for param, problem in hf_param_problems(method, bits=bits, group_size=gs, fmt=e.get("format")).items():
+                chk.fail(path + (param,), problem)
             params = {"bits": bits, "group_size": gs}
-            for k in ("sym", "format", "act_order", "damp"):
+            for k in ("format", *HF_METHODS[method].options):
                 if k in e:
                     params[k] = e[k]
             name = e.get("name") or f"{method.upper()}-INT{bits}-g{gs if gs != -1 else 'channel'}"

@@ -149,7 +149,8 @@ def format_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
     def fmt(r):
         out = []
         for i, c in enumerate(r):
-            num = c.replace(".", "", 1).replace("%", "").replace("-", "", 1).replace("+", "", 1).replace("x", "").strip().isdigit()
+            num = (c.replace(".", "", 1).replace("%", "").replace("-", "", 1).replace("+", "", 1).replace("x", "")
+                   .strip().isdigit())
             out.append(c.rjust(widths[i]) if num else c.ljust(widths[i]))
         return "  ".join(out).rstrip()
 
@@ -180,3 +181,15 @@ def cache_home() -> Path:
     p = Path(root)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def default_threads() -> int:
+    """Threads for CPU work (quantising, eval, bench): ``QUANTKIT_THREADS`` when set, else the cores this
+    process may run on (its CPU affinity, which containers and ``taskset`` narrow), not the machine's count."""
+    env = os.environ.get("QUANTKIT_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.gguf import (IMATRIX_REQUIRED, SUPPORTED_TYPES, WORK_DIR, artifact_name, imatrix_method, load_imatrix,
+from quantkit.formats import GGUF_TYPES
+from quantkit.gguf import (WORK_DIR, artifact_name, imatrix_method, load_imatrix,
                            normalize_types, quantize_gguf, read_gguf_info)
 from quantkit.manifest import Manifest
 from quantkit.util import sha256_file
@@ -101,15 +102,15 @@ def test_normalize_types():
     assert normalize_types("q4_k_m, Q8_0,q4_k_m") == ["Q4_K_M", "Q8_0"]
     assert normalize_types(["Q4_K", "q5_k"]) == ["Q4_K_M", "Q5_K_M"]
     for t in ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "IQ4_XS"):
-        assert t in SUPPORTED_TYPES
+        assert t in GGUF_TYPES
     with pytest.raises(QuantkitError, match="unknown GGUF type 'Q9_K'"):
         normalize_types("Q4_K_M,Q9_K")
     import llama_cpp
 
-    for name, ftype in SUPPORTED_TYPES.items():  # our table agrees with the compiled library's enum
+    for name, row in GGUF_TYPES.items():  # our table agrees with the compiled library's enum
         const = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
         if hasattr(llama_cpp, const):
-            assert getattr(llama_cpp, const) == ftype, name
+            assert getattr(llama_cpp, const) == row.ftype, name
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen2"])
@@ -130,7 +131,7 @@ def test_files_types_and_manifest(which, request):
         assert expect[rec["type"]] <= set(info["tensor_types"]), (rec["type"], info["tensor_types"])
         if rec["type"] == "Q4_K_M":  # gguf's own reader (slow on a 50k-150k vocabulary: once per model)
             r = gguf.GGUFReader(str(path))
-            assert int(r.fields["general.file_type"].contents()) == SUPPORTED_TYPES["Q4_K_M"]
+            assert int(r.fields["general.file_type"].contents()) == GGUF_TYPES["Q4_K_M"].ftype
             types = Counter(t.tensor_type.name for t in r.tensors)
             assert {"Q4_K", "Q6_K"} <= set(types) and dict(types) == info["tensor_types"]
             assert sum(int(t.n_elements) for t in r.tensors) == info["params"]
@@ -215,7 +216,7 @@ def test_other_base_in_same_folder_refused(llama_set, tiny_qwen2, tmp_path):
 # -- importance matrix ----------------------------------------------------------------------------
 
 def test_iq_type_needs_calibration(tiny_llama, tmp_path):
-    assert "IQ4_XS" in IMATRIX_REQUIRED
+    assert GGUF_TYPES["IQ4_XS"].imatrix
     with pytest.raises(QuantkitError, match="IQ4_XS need an importance matrix"):
         quantize_gguf(str(tiny_llama), ["Q4_K_M", "IQ4_XS"], tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.plan import GB, GiB, GGUF_BPW, params_from_config, plan, plan_from_config
+from quantkit.formats import GGUF_TYPES
+from quantkit.plan import GB, GiB, params_from_config, plan, plan_from_config
 
 DATA = Path(__file__).parent / "data"
 
@@ -63,8 +64,9 @@ def test_int4_group_overhead_and_gguf_bpw():
     assert p.row("INT4 AWQ/GPTQ g128").weight_bytes == int(linear * (4 + 20 / 128) / 8 + rest * 2)
     assert p.row("INT8 AWQ/GPTQ g128").weight_bytes == int(linear * (8 + 24 / 128) / 8 + rest * 2)
     # GGUF: ggml block sizes and llama.cpp's published Llama-3-8B sizes reproduce themselves
-    assert GGUF_BPW["Q8_0"][0] == 8.5 and GGUF_BPW["Q6_K"][0] == 6.5625 and GGUF_BPW["IQ4_XS"][0] == 4.25
-    assert 4.8 <= GGUF_BPW["Q4_K_M"][0] <= 4.95 and 5.5 <= GGUF_BPW["Q5_K_M"][0] <= 5.75
+    bpw = {t: GGUF_TYPES[t].bits_per_weight()[0] for t in ("Q8_0", "Q6_K", "IQ4_XS", "Q4_K_M", "Q5_K_M")}
+    assert bpw["Q8_0"] == 8.5 and bpw["Q6_K"] == 6.5625 and bpw["IQ4_XS"] == 4.25
+    assert 4.8 <= bpw["Q4_K_M"] <= 4.95 and 5.5 <= bpw["Q5_K_M"] <= 5.75
     q4km = p.row("GGUF Q4_K_M").weight_bytes
     assert abs(q4km / GiB - 4.58) < 0.01  # quantize.cpp: "Q4_K_M 4.58G @ Llama-3-8B"
     assert abs(p.row("GGUF Q8_0").weight_bytes / GiB - 7.96) < 0.5

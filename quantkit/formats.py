@@ -1,0 +1,215 @@
+"""Facts about the formats quantkit makes, as tables (the way gguf-py's ``constants.py`` holds them).
+
+* :data:`GGUF_TYPES`: one row per llama-quantize type name: its llama file type (``LLAMA_FTYPE_*``), the ggml
+  tensor type most of its tensors get, whether it needs an importance matrix, its aliases and the advice line
+  the model card shows. Bits per weight are computed from gguf-py's ``GGML_QUANT_SIZES``, never typed in.
+* :data:`HF_METHODS` / :data:`HF_FORMATS`: what ``quantkit awq`` / ``quantkit gptq`` accept (bits, group sizes,
+  output formats, sym / act_order / damp defaults) and which engine writes each format.
+
+The CLI choices, recipe validation, plan, quantisers and cards all read these rows: adding a type is one row.
+Nothing here imports an engine (``gguf`` is imported only when a size is asked for), so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from quantkit.errors import QuantkitError
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+LLAMA3_8B_PARAMS = 8_030_261_248  # what quantize.cpp's "<size>G @ Llama-3-8B" figures refer to
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One llama-quantize type (``llama-quantize --help`` lists the same names)."""
+
+    name: str              # "Q4_K_M"
+    ftype: int             # LLAMA_FTYPE_MOSTLY_* in llama.h (gguf-py: LlamaFileType)
+    ggml_type: str         # default tensor type of this file type (llama-quant.cpp llama_ftype_get_default_type)
+    imatrix: bool = False  # refuse without an importance matrix
+    aliases: tuple[str, ...] = ()
+    advice: str = ""       # the model card's "use it when" line
+    size_8b_gib: float | None = None  # quantize.cpp QUANT_OPTIONS size at Llama-3-8B (mixes: whole-file average)
+
+    @property
+    def block_bits_per_weight(self) -> float | None:
+        """Bits per weight of :attr:`ggml_type` from gguf-py's ``GGML_QUANT_SIZES`` (None: gguf-py lacks it)."""
+        return _block_bpw(self.ggml_type)
+
+    def bits_per_weight(self) -> tuple[float | None, str]:
+        """(bits per weight of a whole file, where the number comes from): quantize.cpp's measured size for
+        the K mixes (which keep some tensors at a higher type), else the block size of the tensor type."""
+        if self.size_8b_gib is not None:
+            return (round(self.size_8b_gib * _GIB * 8 / LLAMA3_8B_PARAMS, 3),
+                    f"quantize.cpp: {self.size_8b_gib} GiB @ Llama-3-8B")
+        block, size = quant_size(self.ggml_type)
+        if not block:
+            return None, "unknown to gguf-py"
+        return size * 8 / block, f"ggml block: {size} bytes / {block} weights"
+
+
+# Which types need an importance matrix: llama.cpp (src/llama-quant.cpp, tensor_requires_imatrix) refuses
+# IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S (and so IQ2_M), IQ3_XXS, and Q2_K inside a Q2_K_S file -- after the whole
+# conversion, so quantkit checks first. quantkit also asks for one for the other IQ types, which lose much more
+# than K types of the same size without it.
+_ROWS = [
+    GGUFType("F32", 0, "F32", advice="full precision; reference only"),
+    GGUFType("F16", 1, "F16", advice="full precision; reference, or to quantise yourself"),
+    GGUFType("BF16", 32, "BF16", advice="full precision; reference, or to quantise yourself"),
+    GGUFType("Q8_0", 7, "Q8_0", advice="near-lossless; if you have the RAM"),
+    GGUFType("Q5_0", 8, "Q5_0"),
+    GGUFType("Q5_1", 9, "Q5_1"),
+    GGUFType("Q4_0", 2, "Q4_0", advice="legacy 4-bit; prefer Q4_K_M"),
+    GGUFType("Q4_1", 3, "Q4_1"),
+    GGUFType("Q6_K", 18, "Q6_K", advice="very high quality, near-lossless"),
+    GGUFType("Q5_K_M", 17, "Q5_K", aliases=("Q5_K",), advice="high quality; recommended when it fits",
+             size_8b_gib=5.33),
+    GGUFType("Q5_K_S", 16, "Q5_K", advice="high quality, a little smaller", size_8b_gib=5.21),
+    GGUFType("Q4_K_M", 15, "Q4_K", aliases=("Q4_K",), advice="good quality, the usual default; recommended",
+             size_8b_gib=4.58),
+    GGUFType("Q4_K_S", 14, "Q4_K", advice="a little smaller than Q4_K_M, slightly lower quality", size_8b_gib=4.37),
+    GGUFType("Q3_K_L", 13, "Q3_K", advice="low RAM; noticeably lower quality", size_8b_gib=4.03),
+    GGUFType("Q3_K_M", 12, "Q3_K", aliases=("Q3_K",), advice="low RAM; noticeably lower quality", size_8b_gib=3.74),
+    GGUFType("Q3_K_S", 11, "Q3_K", advice="low RAM; low quality", size_8b_gib=3.41),
+    GGUFType("Q2_K", 10, "Q2_K", advice="very low quality; only when nothing else fits", size_8b_gib=2.96),
+    GGUFType("Q2_K_S", 21, "Q2_K", imatrix=True, size_8b_gib=2.96),
+    GGUFType("IQ4_XS", 30, "IQ4_XS", imatrix=True, advice="smaller than Q4_K_S at similar quality"),
+    GGUFType("IQ4_NL", 25, "IQ4_NL", imatrix=True, advice="4-bit non-linear; good on ARM"),
+    GGUFType("IQ3_M", 27, "IQ3_S", imatrix=True, advice="low RAM; usable"),
+    GGUFType("IQ3_S", 26, "IQ3_S", imatrix=True),
+    GGUFType("IQ3_XS", 22, "IQ3_S", imatrix=True, advice="low RAM; lower quality"),
+    GGUFType("IQ3_XXS", 23, "IQ3_XXS", imatrix=True),
+    GGUFType("IQ2_M", 29, "IQ2_S", imatrix=True, advice="very low quality; surprisingly usable"),
+    GGUFType("IQ2_S", 28, "IQ2_XS", imatrix=True),
+    GGUFType("IQ2_XS", 20, "IQ2_XS", imatrix=True),
+    GGUFType("IQ2_XXS", 19, "IQ2_XXS", imatrix=True),
+    GGUFType("IQ1_M", 31, "IQ1_M", imatrix=True),
+    GGUFType("IQ1_S", 24, "IQ1_S", imatrix=True),
+    GGUFType("TQ1_0", 36, "TQ1_0"),
+    GGUFType("TQ2_0", 37, "TQ2_0"),
+    GGUFType("MXFP4_MOE", 38, "MXFP4"),
+    GGUFType("NVFP4", 39, "NVFP4"),
+    GGUFType("Q1_0", 40, "Q1_0"),
+    GGUFType("Q2_0", 41, "Q2_0"),
+]
+#: llama-quantize type name -> row, in the order error messages list them
+GGUF_TYPES: dict[str, GGUFType] = {r.name: r for r in _ROWS}
+GGUF_ALIASES: dict[str, str] = {a: r.name for r in _ROWS for a in r.aliases}
+GGUF_BY_FTYPE: dict[int, GGUFType] = {r.ftype: r for r in _ROWS}
+
+
+def gguf_type(name) -> GGUFType:
+    """The row for a type as a user writes it: ``q4_k_m``, ``Q4-K-M``, `` Q4_K `` (alias) -> Q4_K_M's row."""
+    key = str(name).strip().upper().replace("-", "_")
+    key = GGUF_ALIASES.get(key, key)
+    row = GGUF_TYPES.get(key)
+    if row is None:
+        close = difflib.get_close_matches(key, list(GGUF_TYPES), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise QuantkitError(f"unknown GGUF type {key!r}{hint}; allowed: {', '.join(GGUF_TYPES)}")
+    return row
+
+
+def file_type_name(ftype_id: int) -> str:
+    """``15`` -> ``Q4_K_M`` (a GGUF's ``general.file_type``)."""
+    row = GGUF_BY_FTYPE.get(int(ftype_id))
+    return row.name if row else f"ftype-{ftype_id}"
+
+
+def quant_size(ggml_type: str | int) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a ggml tensor type, from gguf-py; (0, 0) when gguf-py lacks it."""
+    import gguf
+
+    try:
+        qt = gguf.GGMLQuantizationType[ggml_type] if isinstance(ggml_type, str) else gguf.GGMLQuantizationType(
+            ggml_type)
+        return gguf.GGML_QUANT_SIZES[qt]
+    except (KeyError, ValueError):
+        return 0, 0
+
+
+@lru_cache(maxsize=None)
+def _block_bpw(ggml_type: str) -> float | None:
+    block, size = quant_size(ggml_type)
+    return size * 8 / block if block else None
+
+
+# --------------------------------------------------------------------------------------------- AWQ/GPTQ
+
+@dataclass(frozen=True)
+class HFFormat:
+    """An output layout of ``quantkit awq|gptq --format``."""
+
+    name: str
+    engine: str                 # who writes it
+    dists: tuple[str, ...]      # distributions whose versions are recorded
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class HFMethod:
+    """What one weight-only method accepts, and its defaults."""
+
+    name: str                   # awq | gptq
+    bits: tuple[int, ...]       # allowed weight bits; the first is the default
+    sym: bool                   # default symmetric (no zero point)
+    act_order: bool             # default activation-order column processing
+    damp: float | None          # default Hessian dampening (None: the method has none)
+    options: tuple[str, ...] = ()  # which of sym / act_order / damp a user may set
+    formats: tuple[str, ...] = field(default_factory=lambda: tuple(HF_FORMATS))
+
+    @property
+    def title(self) -> str:
+        return self.name.upper()
+
+    @property
+    def default_bits(self) -> int:
+        return self.bits[0]
+
+
+HF_FORMATS: dict[str, HFFormat] = {f.name: f for f in (
+    HFFormat("classic", "GPTQModel", ("gptqmodel", "transformers", "torch", "optimum"),
+             "quant_method awq|gptq (vLLM, TGI, SGLang, transformers)"),
+    HFFormat("compressed-tensors", "llm-compressor", ("llmcompressor", "compressed-tensors", "transformers", "torch"),
+             "vLLM's native format (llm-compressor)"),
+)}
+DEFAULT_HF_FORMAT = "classic"
+HF_METHODS: dict[str, HFMethod] = {m.name: m for m in (
+    HFMethod("awq", bits=(4,), sym=False, act_order=False, damp=None),
+    HFMethod("gptq", bits=(4, 8), sym=True, act_order=True, damp=0.01, options=("sym", "act_order", "damp")),
+)}
+DEFAULT_GROUP_SIZE = 128
+MIN_GROUP_SIZE = 16
+
+
+def group_size_problem(group_size) -> str | None:
+    """Why a group size is not allowed (``None`` when it is): a power of two >= 16, or -1 (one scale per
+    output channel). Whether it also divides the model's matrices is :func:`quantkit.hfquant.check_group_size`."""
+    if group_size == -1:
+        return None
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < MIN_GROUP_SIZE \
+            or group_size & (group_size - 1):
+        return (f"must be a power of two >= {MIN_GROUP_SIZE}, or -1 for one scale per channel "
+                f"(got {group_size})")
+    return None
+
+
+def hf_param_problems(method: str, *, bits=None, group_size=None, fmt=None) -> dict[str, str]:
+    """``{parameter: what is wrong}`` for the parameters given (empty when all are allowed); shared by the
+    quantisers (before any download) and ``quantkit recipe check``."""
+    m = HF_METHODS[method]
+    out: dict[str, str] = {}
+    if fmt is not None and fmt not in HF_FORMATS:
+        out["format"] = f"must be one of {', '.join(HF_FORMATS)} (got {fmt!r})"
+    if bits is not None and bits not in m.bits:
+        out["bits"] = f"must be one of {', '.join(map(str, m.bits))} for {m.title} (got {bits})"
+    if group_size is not None:
+        p = group_size_problem(group_size)
+        if p:
+            out["group_size"] = p
+    return out
