@@ -57,7 +57,8 @@ def pull(model, revision, allow_pickle, as_json):
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights when a repo has no safetensors.")
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "auto"]), default="auto", show_default=True,
               help="Type of the intermediate GGUF converted once from the HF weights.")
-@click.option("--threads", type=int, help="Threads for quantising (default: all cores).")
+@click.option("--threads", type=int, help="Threads for quantising (default: $QUANTKIT_THREADS, else every core "
+                                          "this process may use).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, as_json):
     """Convert MODEL (Hub id or local folder) once to GGUF, then quantise it to every --types."""

@@ -44,6 +44,7 @@ def test_builtin_default_is_offline_and_not_the_eval_text(tok):
     json.dumps(d)
 
 
+@pytest.mark.unit
 def test_builtin_without_tokenizer_packs_by_characters():
     cal = load_calibration(None, samples=4, seq_len=64)
     assert len(cal.texts) == 4 and cal.token_count is None
@@ -91,6 +92,7 @@ def test_jsonl_text_and_messages(tmp_path, tok):
 
 # -- hub ------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_hub_spec_parsing_without_network():
     s = parse_spec("hub:Salesforce/wikitext:wikitext-2-raw-v1:train:text")
     assert (s.kind, s.dataset, s.config, s.split, s.column) == (
@@ -117,6 +119,7 @@ def test_hub_form_loads_a_local_dataset_folder(tmp_path, tok):
 
 # -- malformed specs ------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spec, words", [
     ("hub:onlyname", "not of the form"),
     ("hub:org/name:train", "not of the form"),

@@ -41,6 +41,7 @@ def test_gguf_unsupported_architecture_subprocess(fake_arch_folder, tmp_path, ru
     assert "TotallyNewForCausalLM" in line and "not supported by llama.cpp's converter" in line
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ["missing", "no-config", "file", "iq-without-calibration", "bad-outtype",
                                   "no-types", "bad-threads", "bad-calibration"])
 def test_gguf_bad_input(case, tiny_llama, tmp_path, run_cli):

@@ -188,6 +188,7 @@ def test_user_errors_are_one_line(run_cli, smollm2_hf, tmp_path):
     assert code == 2 and "ambiguous" in err
 
 
+@pytest.mark.unit
 def test_parse_fraction():
     from quantkit.evaluate import parse_fraction
 

@@ -37,6 +37,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.unit
 def test_params_and_kv_from_published_configs(name):
     e = EXPECTED[name]
     p = plan_from_config(cfg(name), model=name, context=8192, batch=1)
@@ -51,10 +52,12 @@ def test_params_and_kv_from_published_configs(name):
     assert p2.kv_bytes == 2 * e["kv8k"]
 
 
+@pytest.mark.unit
 def test_llama31_8b_kv_is_one_gib_at_8k():
     assert plan_from_config(cfg("llama-3.1-8b")).kv_bytes == GiB
 
 
+@pytest.mark.unit
 def test_int4_group_overhead_and_gguf_bpw():
     p = plan_from_config(cfg("llama-3.1-8b"))
     linear = p.params_linear
@@ -72,6 +75,7 @@ def test_int4_group_overhead_and_gguf_bpw():
     assert abs(p.row("GGUF Q8_0").weight_bytes / GiB - 7.96) < 0.5
 
 
+@pytest.mark.unit
 def test_seed_table_magnitudes():
     """The seed's table: 7B ~ 14/8/5 GB (FP16/INT8/INT4), 70B ~ 140/80/40 GB."""
     q = plan_from_config(cfg("qwen2.5-7b-instruct"))
@@ -83,6 +87,7 @@ def test_seed_table_magnitudes():
             assert want / 1.4 <= g <= want * 1.4, (p.model, got)
 
 
+@pytest.mark.unit
 def test_device_fits():
     l70 = plan_from_config(cfg("llama-3.3-70b-instruct"), context=8192)
     int4 = l70.row("INT4 AWQ/GPTQ g128")
@@ -98,6 +103,7 @@ def test_device_fits():
     assert "RTX 4090 24GB" in small.row("FP16/BF16").fits
 
 
+@pytest.mark.unit
 def test_mixtral_moe_needs_total_memory():
     p = plan_from_config(cfg("mixtral-8x22b"))
     assert p.experts == 8 and p.experts_per_token == 2

@@ -5,6 +5,8 @@ import pytest
 from quantkit.errors import QuantkitError
 from quantkit.recipe import load_recipe, parse_recipe
 
+pytestmark = pytest.mark.unit  # no model, no llama.cpp: recipes are parsed, never run
+
 GOOD = """\
 quantkit: 1
 model: Qwen/Qwen2.5-7B-Instruct
