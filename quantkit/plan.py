@@ -389,7 +389,7 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
              vocab_size=a["vocab"], experts=a["experts"], experts_per_token=a["top_k"] if a["experts"] else None,
              checkpoint_bytes=int(checkpoint_bytes), checkpoint_local=local,
              largest_tensor_bytes=int(counts["largest"]) * 4, context=context, batch=batch, kv_bytes=kv,
-             linear_widths=counts.get("widths") or {w: "config.json" for w in
+             linear_widths=counts.get("widths") or {w: "a layer (config.json)" for w in
                                                      (a["hidden"], a["heads"] * a["head_dim"], a["inter"])})
 
     def add(name, method, weight_bytes, source, kinds=("nvidia", "apple")):

@@ -181,6 +181,25 @@ def test_cli_json_and_user_errors(tiny_qwen2, tmp_path, run_cli):
         assert code == 2 and len(errors) == 1 and words in errors[0] and "Traceback" not in stderr, (args, stderr)
 
 
+def test_group_size_width_checked_from_hub_headers_before_download(hub_server, tiny_llama, tmp_path, run_cli):
+    """A Hub id whose matrices a group size does not divide is refused from config + headers, no weights fetched
+    (it used to download the whole model first)."""
+    hub_server.seed("alice/tiny", folder=tiny_llama)
+    code, out, err = run_cli("awq", "alice/tiny", "--group-size", "1024", "--out", tmp_path / "o")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "does not divide the input width 256" in errors[0] and "--group-size 256" in errors[0]
+    hub_cache = hub_server.hf_home / "hub"
+    assert not (hub_cache.exists() and list(hub_cache.rglob("*.safetensors")))
+    assert not (tmp_path / "o").exists()
+    recipe = tmp_path / "r.yaml"  # the same check in `quantkit run`, before its pull stage
+    recipe.write_text(f"quantkit: 1\nmodel: alice/tiny\nout: {tmp_path / 'run'}\nvariants:\n"
+                      "  - {method: awq, group_size: 1024}\n")
+    code, out, err = run_cli("run", recipe, "--no-push")
+    assert code == 2 and "does not divide the input width 256" in err, err
+    assert not (hub_cache.exists() and list(hub_cache.rglob("*.safetensors")))
+
+
 def test_resource_check_refuses_with_the_amount_needed(smollm2_hf, tmp_path):
     from quantkit.hfquant import check_resources, resource_needs, weight_stats
 

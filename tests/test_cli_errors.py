@@ -41,7 +41,6 @@ def test_gguf_unsupported_architecture_subprocess(fake_arch_folder, tmp_path, ru
     assert "TotallyNewForCausalLM" in line and "not supported by llama.cpp's converter" in line
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("case", ["missing", "no-config", "file", "iq-without-calibration", "bad-outtype",
                                   "no-types", "bad-threads", "bad-calibration"])
 def test_gguf_bad_input(case, tiny_llama, tmp_path, run_cli):
@@ -82,6 +81,7 @@ def test_gguf_missing_types_option(tiny_llama, run_cli):
     assert "--types" in line
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ["missing", "no-config", "pickle-only", "revision-on-folder"])
 def test_pull_bad_input(case, tmp_path, run_cli):
     args = []

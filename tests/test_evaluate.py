@@ -199,6 +199,16 @@ def test_parse_fraction():
         parse_fraction("abc", "x")
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--max-ppl-increase", "-5%"), "must not be negative"),
+    (("--min-top1", "150%"), "is above 1"),
+])
+def test_eval_cli_refuses_out_of_range_percentages(run_cli, tmp_path, args, message):
+    # percentages used to skip the range check: -5% and 150% were accepted (no model needed: gates come first)
+    code, out, err = run_cli("eval", tmp_path / "base", tmp_path / "v.gguf", *args)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
 @pytest.mark.slow
 def test_imatrix_q4_k_m_not_worse_than_plain(smollm2_hf, smollm2_gguf_set):
     from quantkit.evaluate import evaluate

@@ -204,7 +204,7 @@ def test_group_size_width_check_from_config_alone():
     p = plan_from_config(json.loads((DATA / "qwen2.5-7b-instruct.config.json").read_text()))
     p.check_group_size(128)
     p.check_group_size(-1)
-    with pytest.raises(QuantkitError, match="does not divide the input width 18944.*use --group-size 512"):
+    with pytest.raises(QuantkitError, match="does not divide the input width 3584 of a layer.*use --group-size 512"):
         p.check_group_size(1024)
     with pytest.raises(QuantkitError, match="does not divide"):
         p.check_machine("awq", group_sizes={1024})
@@ -244,15 +244,6 @@ def test_parse_fraction_values():
     assert parse_fraction("150%", "--max-ppl-increase") == pytest.approx(1.5)  # a 150% rise is a valid limit
     assert parse_fraction("90%", "--min-top1", maximum=1) == pytest.approx(0.9)
     assert parse_fraction(0.05, "x") == 0.05 and parse_fraction("", "x") is None
-
-
-@pytest.mark.parametrize("args, message", [
-    (("--max-ppl-increase", "-5%"), "must not be negative"),
-    (("--min-top1", "150%"), "is above 1"),
-])
-def test_eval_cli_refuses_out_of_range_percentages(run_cli, tmp_path, args, message):
-    code, out, err = run_cli("eval", tmp_path / "base", tmp_path / "v.gguf", *args)
-    assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_recipe_min_top1_percentage_above_100(tmp_path):
