@@ -46,17 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.util import (
-    atomic_path,
-    cache_home,
-    default_threads,
-    dist_version,
-    format_table,
-    human_size,
-    now_iso,
-    progress,
-    sha256_bytes,
-)
+from quantkit.util import (atomic_path, cache_home, default_threads, dist_version, format_table, human_size,
+                           now_iso, progress, sha256_bytes)
 
 DEFAULT_TOP_K = 64
 #: Tail tokens sampled per position (with replacement, from the base distribution outside the top k).

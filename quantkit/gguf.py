@@ -33,17 +33,8 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES, file_type_name, gguf_type, quant_size
 from quantkit.manifest import Manifest, file_record
-from quantkit.util import (
-    Timer,
-    atomic_path,
-    default_threads,
-    format_table,
-    human_size,
-    now_iso,
-    progress,
-    sha256_file,
-    versions,
-)
+from quantkit.util import (Timer, atomic_path, default_threads, format_table, human_size, now_iso, progress,
+                           sha256_file, versions)
 
 OUTTYPES = ("f32", "f16", "bf16", "auto")
 WORK_DIR = ".quantkit-work"
@@ -645,8 +636,8 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
 
 def _restore_llama_log() -> None:
     try:
-        import llama_cpp
         from llama_cpp import _logger
+        import llama_cpp
 
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     except Exception:  # pragma: no cover
