@@ -98,7 +98,7 @@ def variant_name(model_name: str, method: str, fmt: str, bits: int, group_size: 
     """``SmolLM2-135M-AWQ-INT4-g128`` (classic) / ``SmolLM2-135M-GPTQ-W8A16-g128`` (compressed-tensors)."""
     kind = f"INT{bits}" if fmt == "classic" else f"W{bits}A16"
     group = "ch" if group_size == -1 else f"g{group_size}"
-    asym = "-asym" if (method == "gptq" and not sym) else ""
+    asym = "-asym" if ("sym" in HF_METHODS[method].options and not sym) else ""  # AWQ is always asymmetric
     return f"{model_name}-{method.upper()}-{kind}-{group}{asym}"
 
 
@@ -489,8 +489,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     folder = folder.absolute()
     params = {"method": method, "format": fmt, "bits": bits, "group_size": group_size, "sym": sym,
               "calibration": spec.source, "samples": samples, "seq_len": seq_len}
-    if method == "gptq":
-        params.update(act_order=act_order, damp=damp)
+    params.update({k: v for k, v in (("act_order", act_order), ("damp", damp)) if k in m.options})
     if spec.path is not None:
         params["calibration_file_sha256"] = sha256_file(spec.path)
     cached = _cached(folder, name, params, src.sha)
