@@ -9,7 +9,11 @@ that variant.
 
 Nothing is implemented twice: the stages call :func:`quantkit.gguf.quantize_gguf`,
 :func:`quantkit.awq.quantize_awq`, :func:`quantkit.gptq.quantize_gptq`, :func:`quantkit.evaluate.evaluate`,
-:func:`quantkit.bench.bench`, :func:`quantkit.card.write_card` and the Hub push in :mod:`quantkit.hub`.
+:func:`quantkit.bench.bench`, :func:`quantkit.card.write_card` and :func:`quantkit.publish.push`.
+
+The stages are a table (:data:`STAGES`) run by one :meth:`Pipeline.run_stage` (key, cache, dry-run plan row,
+run, run-log record, failure -> one line + traceback file); a new stage is a row plus the function that does
+its work. Results are the typed records of :mod:`quantkit.records`; progress goes to ``logging``.
 
 A variant that fails does not stop the others; the run ends with a table of every variant (done / cached /
 failed / gate failed) and a non-zero exit when any variant failed or missed its gate. Only variants that
@@ -157,6 +161,7 @@ class Stage:
     """One row of the stage table: how :meth:`Pipeline.run_stage` treats the stage."""
 
     name: str
+    step: str | None = None  # the Pipeline method that runs it for one variant, in this order (None: per folder)
     record: type | None = None  # the record class of its result: kept in the run log, restored when cached
     field: str | None = None  # the VariantResult attribute that holds that result
     fails_variant: bool = True  # a failure fails its variants (a benchmark's is only reported)
@@ -165,9 +170,9 @@ class Stage:
 
 
 STAGES = {s.name: s for s in (
-    Stage("quantize", stamp=True),
-    Stage("eval", record=EvalScore, field="eval", stamp=True),
-    Stage("bench", record=BenchScore, field="bench", fails_variant=False),
+    Stage("quantize", "quantize", stamp=True),
+    Stage("eval", "evaluate", record=EvalScore, field="eval", stamp=True),
+    Stage("bench", "bench", record=BenchScore, field="bench", fails_variant=False),
     Stage("card", tracked=False),
     Stage("push", record=PushResult),
 )}
@@ -425,12 +430,11 @@ class Pipeline:
             raise QuantkitError(f"{v.method} finished but {folder}/quantkit.json records no artifact for {v.name}")
         return Done(reused=reused, note={"artifact": self.results[v.name].artifact})
 
-    def quantize(self, v: Variant) -> bool:
-        state, _ = self.run_stage("quantize", v.name, self._quant_key(v),
+    def quantize(self, v: Variant) -> None:
+        self.run_stage("quantize", v.name, self._quant_key(v),
                                   f"{v.method} {json.dumps(v.params, sort_keys=True)} -> {v.folder}/",
                                   lambda: self._quantize(v), members=[self.results[v.name]],
                                   outputs_ok=lambda: self._artifact_ok(v))
-        return state != "failed"
 
     # -- eval -------------------------------------------------------------------------------------------
     def _eval_key(self, v: Variant) -> str:
@@ -604,10 +608,9 @@ class Pipeline:
             res.stages = self.plan_rows
             return res
         for v in self.variants:
-            if self.quantize(v):
-                self.evaluate(v)
-                if self.results[v.name].status != "failed":
-                    self.bench(v)
+            for st in STAGES.values():
+                if st.step and self.results[v.name].status != "failed":
+                    getattr(self, st.step)(v)
         for r in self.results.values():
             if r.status == "pending":
                 r.status = "cached" if all(s == "cached" for s in r.stages.values()) and r.stages else "done"
