@@ -119,6 +119,49 @@ def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: 
         raise QuantkitError(f"--damp must be between 0 and 1, e.g. 0.01 (got {damp})")
 
 
+# -- architectures: MoE, fused layers, what an engine cannot do (issue 9) ---------------------------
+
+# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+# (model_type, method, format) -> why this engine cannot make a loadable artifact, and what works instead.
+# Measured with transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py); a row
+# is a refusal before any download of calibration data or any engine work.
+UNSUPPORTED: dict[tuple[str, str, str], str] = {}
+
+# model_type -> why classic GPTQ runs without act-order (desc_act) there: gptqmodel's CPU kernel
+# (torch_aten_kernel._build_ret_idx) cannot run act-order g_idx on these layers. gptqmodel's own
+# act_group_aware ordering (static groups) is used instead, and the reason goes into quantkit-recipe.json.
+ACT_ORDER_OFF: dict[str, str] = {}
+
+
+def moe_experts(config: dict) -> int:
+    """Number of routed experts per MoE layer (0 for a dense model)."""
+    cfg = config.get("text_config") or config
+    return max([int(cfg.get(k) or 0) for k in _EXPERT_KEYS] + [0])
+
+
+def check_architecture(config: dict, method: str, fmt: str) -> None:
+    """Refuse (one line) an architecture x method x format the engines cannot make a loadable artifact of."""
+    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+    reason = UNSUPPORTED.get((mt, method, fmt))
+    if reason:
+        raise QuantkitError(f"{method.upper()} --format {fmt} is not supported for {mt} models: {reason}")
+
+
+def arch_settings(config: dict, method: str, fmt: str, act_order: bool) -> tuple[bool, dict]:
+    """Engine settings forced by the architecture: (act_order to use, notes recorded in the recipe)."""
+    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+    notes = {}
+    if method == "gptq" and fmt == "classic" and act_order and mt in ACT_ORDER_OFF:
+        notes["act_order"] = f"off for {mt}: {ACT_ORDER_OFF[mt]}"
+        act_order = False
+    experts = moe_experts(config)
+    if experts:
+        notes["moe"] = {"experts": experts, "calibration": "every expert sees every calibration token"}
+    return act_order, notes
+
+
 # -- sizes and resources ------------------------------------------------------------------------
 
 def weight_stats(folder: Path) -> dict:
@@ -308,7 +351,8 @@ def _strip_temp_paths(folder: Path) -> None:
 
 # -- the engines --------------------------------------------------------------------------------
 
-def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str) -> dict:
+def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str,
+                   moe: bool = False) -> dict:
     engine_env_defaults()
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.quantization import AWQConfig, GPTQConfig
@@ -316,6 +360,10 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
     offload_dir = work / ".gptqmodel-offload"
     common = dict(bits=p["bits"], group_size=p["group_size"], offload_to_disk=True,
                   offload_to_disk_path=str(offload_dir))
+    if moe:  # forward every calibration token to every expert (else rarely-routed experts fall back to RTN)
+        from gptqmodel.quantization.config import ExpertsRoutingBypass, MoEConfig
+
+        common["moe"] = MoEConfig(routing=ExpertsRoutingBypass())
     if method == "gptq":
         cfg = GPTQConfig(desc_act=p["act_order"], sym=p["sym"], damp_percent=p["damp"], **common)
         kw = {}
@@ -323,7 +371,8 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
         cfg = AWQConfig(sym=False, **common)
         kw = {"backend": BACKEND.AWQ_TORCH} if device == "cpu" else {}
     call = {"load": {"model": str(src_path), "quantize_config": type(cfg).__name__, "device": device,
-                     **{k: v for k, v in common.items() if k != "offload_to_disk_path"},
+                     **{k: (v.to_dict() if k == "moe" else v) for k, v in common.items()
+                        if k != "offload_to_disk_path"},
                      **({"desc_act": p["act_order"], "sym": p["sym"], "damp_percent": p["damp"]}
                         if method == "gptq" else {"sym": False})},
             "quantize": {"calibration": f"{len(texts)} strings", "batch_size": 1,
@@ -358,7 +407,7 @@ def _ct_modifiers(method: str, p: dict):
 
 
 def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str], p: dict, tokenizer,
-                       offload: bool) -> dict:
+                       offload: bool, moe: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -378,7 +427,8 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
     ds = Dataset.from_dict({"text": texts})
     with llmcompressor_cpu_pin_memory_patch() as patched:
         oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=p["seq_len"],
-                num_calibration_samples=len(texts), shuffle_calibration_samples=False)
+                num_calibration_samples=len(texts), shuffle_calibration_samples=False,
+                moe_calibrate_all_experts=moe)
     model.save_pretrained(str(work), save_compressed=True)
     tokenizer.save_pretrained(str(work))
     shutil.rmtree(work / ".offload", ignore_errors=True)
@@ -388,6 +438,7 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
     return {"load": {"model": str(src_path), "dtype": "auto", "device_map": "auto_offload" if offload else None},
             "oneshot": {"recipe": "recipe.yaml", "max_seq_length": p["seq_len"],
                         "num_calibration_samples": len(texts), "shuffle_calibration_samples": False,
+                        "moe_calibrate_all_experts": moe,
                         "dataset": f"{len(texts)} texts (column text)"},
             "save_pretrained": {"save_compressed": True},
             "cpu_pin_memory_patch": patched}
@@ -471,6 +522,13 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     n = 6
     _stage(1, n, f"resolving {model}")
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    check_architecture(src.config, method, fmt)
+    if method == "gptq":
+        act_order, arch_notes = arch_settings(src.config, method, fmt, act_order)
+    else:
+        arch_notes = arch_settings(src.config, method, fmt, False)[1]
+    for note in ([arch_notes["act_order"]] if "act_order" in arch_notes else []):
+        print(f"note: act-order {note}", file=sys.stderr)
     name = variant_name(src.name, method, fmt, bits, group_size, sym)
     folder = Path(out).expanduser() if out else Path.cwd() / name
     folder = folder.absolute()
@@ -510,14 +568,17 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         engine_env_defaults()
         with Timer() as t, stdout_to_stderr():
             if fmt == "classic":
-                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used)
+                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used,
+                                      moe="moe" in arch_notes)
             else:
-                call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload)
+                call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload,
+                                          moe="moe" in arch_notes)
         _stage(4, n, f"quantised in {t.seconds:.1f} s; writing recipe, licence and manifest")
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,
                   "calibration": cal.as_dict(), "device": device_used, "offload": offload,
-                  "engine_call": call, "tools": versions(*ENGINE_DISTS[fmt])}
+                  "engine_call": call, "tools": versions(*ENGINE_DISTS[fmt]),
+                  **({"architecture": arch_notes} if arch_notes else {})}
         (work / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         _stage(5, n, "hashing files")
         files = [file_record(work, p) for p in _folder_files(work)]
