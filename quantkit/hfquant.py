@@ -127,12 +127,21 @@ _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # (model_type, method, format) -> why this engine cannot make a loadable artifact, and what works instead.
 # Measured with transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py); a row
 # is a refusal before any download of calibration data or any engine work.
-UNSUPPORTED: dict[tuple[str, str, str], str] = {}
+_CLASSIC_MOE = ("transformers 5 holds MoE experts as fused 3-D tensors and cannot load gptqmodel's per-expert "
+                "qweight/qzeros/scales (reported UNEXPECTED: the experts would stay random); use --format "
+                "compressed-tensors, or quantkit gguf")
+UNSUPPORTED: dict[tuple[str, str, str], str] = {
+    (arch, method, "classic"): _CLASSIC_MOE
+    for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")
+}
 
 # model_type -> why classic GPTQ runs without act-order (desc_act) there: gptqmodel's CPU kernel
 # (torch_aten_kernel._build_ret_idx) cannot run act-order g_idx on these layers. gptqmodel's own
 # act_group_aware ordering (static groups) is used instead, and the reason goes into quantkit-recipe.json.
-ACT_ORDER_OFF: dict[str, str] = {}
+ACT_ORDER_OFF: dict[str, str] = {
+    "phi3": "gptqmodel's CPU kernel cannot run act-order g_idx on the fused qkv_proj/gate_up_proj "
+            "(_build_ret_idx: size mismatch); act_group_aware ordering is used instead",
+}
 
 
 def moe_experts(config: dict) -> int:
@@ -158,8 +167,33 @@ def arch_settings(config: dict, method: str, fmt: str, act_order: bool) -> tuple
         act_order = False
     experts = moe_experts(config)
     if experts:
-        notes["moe"] = {"experts": experts, "calibration": "every expert sees every calibration token"}
+        notes["moe"] = {"experts": experts, "layers": moe_layers(config),
+                        "calibration": "all experts (gptqmodel ExpertsRoutingBypass / llm-compressor "
+                                       "moe_calibrate_all_experts): every expert is fed every calibration token"}
     return act_order, notes
+
+
+def moe_layers(config: dict) -> list[int]:
+    """Indices of the decoder layers that hold routed experts (DeepSeek's first_k_dense_replace, Qwen's
+    mlp_only_layers / decoder_sparse_step)."""
+    cfg = config.get("text_config") or config
+    n = int(cfg.get("num_hidden_layers") or 0)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    first = int(cfg.get("first_k_dense_replace") or 0)
+    step = int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1)
+    return [i for i in range(n) if i not in dense and i >= first and (i + 1) % step == 0]
+
+
+def expert_token_counts(notes: dict, token_count: int) -> dict | None:
+    """Per MoE layer, the calibration tokens its least / most fed expert saw (quantkit.json ``moe``)."""
+    moe = notes.get("moe")
+    if not moe:
+        return None
+    per_layer = {str(i): {"min": token_count, "max": token_count} for i in moe["layers"]}
+    starved = [i for i, c in per_layer.items() if c["min"] == 0]
+    if starved:
+        print(f"warning: an expert got no calibration tokens in layer(s) {', '.join(starved)}", file=sys.stderr)
+    return {**moe, "expert_tokens": per_layer, "starved_layers": starved}
 
 
 # -- sizes and resources ------------------------------------------------------------------------
@@ -421,6 +455,14 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
         with load_offloaded_model():
             model = AutoModelForCausalLM.from_pretrained(src_path, device_map="auto_offload",
                                                          offload_folder=str(offload_dir), **load_kw)
+    elif moe:
+        # llm-compressor's own MoE loader: experts load as 2-D Linears and the model keeps a save mapping, so
+        # the saved names are the ones transformers' expert converters read back (a post-load linearisation
+        # saves `mlp.experts.N.gate_proj.*`, which transformers 5 reports UNEXPECTED)
+        from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+
+        with load_quantizable_moe():
+            model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
     recipe = _ct_modifiers(method, p)
@@ -600,6 +642,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
             "size": size,
             "params": params,
             "calibration": cal.as_dict(),
+            **({"moe": expert_token_counts(arch_notes, cal.token_count)} if "moe" in arch_notes else {}),
             "tools": recipe["tools"],
             "device": device_used,
             "seconds": round(t.seconds, 2),
