@@ -359,6 +359,25 @@ def llmcompressor_cpu_pin_memory_patch():
         IntermediatesCache.pin_memory = original
 
 
+@contextlib.contextmanager
+def transformers_patch_scan_guard():
+    """transformers 5.17's ``apply_patches`` (used by llm-compressor's MoE loader) calls ``dir()`` on every
+    ``transformers*`` module in ``sys.modules``; its lazy alias modules (e.g. ``image_processing_utils_fast``)
+    then import their target, which fails without torchvision. Such unimportable aliases hold no model classes:
+    they leave ``sys.modules`` while the loader runs and are put back afterwards."""
+    hidden = {}
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers") and mod is not None and getattr(mod, "__file__", "") is None:
+            try:
+                dir(mod)
+            except ImportError:
+                hidden[name] = sys.modules.pop(name)
+    try:
+        yield sorted(hidden)
+    finally:
+        sys.modules.update(hidden)
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -461,7 +480,7 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
         # saves `mlp.experts.N.gate_proj.*`, which transformers 5 reports UNEXPECTED)
         from llmcompressor.modeling.moe.linearize import load_quantizable_moe
 
-        with load_quantizable_moe():
+        with transformers_patch_scan_guard(), load_quantizable_moe():
             model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
