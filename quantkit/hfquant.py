@@ -128,11 +128,17 @@ _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Measured with transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py); a row
 # is a refusal before any download of calibration data or any engine work.
 _CLASSIC_MOE = ("transformers 5 holds MoE experts as fused 3-D tensors and cannot load gptqmodel's per-expert "
-                "qweight/qzeros/scales (reported UNEXPECTED: the experts would stay random); use --format "
-                "compressed-tensors, or quantkit gguf")
+                "qweight/qzeros/scales (reported UNEXPECTED: the experts would stay random)")
+_CT_NO_MOE_LOADER = ("llm-compressor 0.14 has no MoE load mapping for this architecture, so it saves experts "
+                     "as mlp.experts.N.*_proj, names transformers 5 reports UNEXPECTED (the experts would stay "
+                     "random)")
+_CT_MOE_OK = ("qwen2_moe", "qwen3_moe")  # llm-compressor's load_quantizable_moe keeps loadable expert names
 UNSUPPORTED: dict[tuple[str, str, str], str] = {
-    (arch, method, "classic"): _CLASSIC_MOE
-    for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")
+    **{(arch, method, "classic"): _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf"
+                                                  if arch in _CT_MOE_OK else "; use quantkit gguf")
+       for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")},
+    **{(arch, method, "compressed-tensors"): _CT_NO_MOE_LOADER + "; use quantkit gguf"
+       for arch in ("mixtral", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")},
 }
 
 # model_type -> why classic GPTQ runs without act-order (desc_act) there: gptqmodel's CPU kernel
