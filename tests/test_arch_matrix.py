@@ -20,11 +20,13 @@ GGUF_TYPES = ["Q8_0", "Q4_K_M"]
 HF = [(m, f) for m in ("gptq", "awq") for f in ("classic", "compressed-tensors")]
 # Mean KLD (nats/token) a healthy variant of these tiny random models stays under, and the top-1 agreement
 # with the base it stays above. Random models have flat distributions, so a broken artifact can have a small
-# KLD: classic GPTQ Mixtral with its experts left random (UNEXPECTED) measured KLD 0.17 but top-1 0.05.
-BOUND = {"Q8_0": 0.03, "Q4_K_M": 0.3, "hf": 0.3}
-MIN_TOP1 = {"Q8_0": 0.9, "Q4_K_M": 0.6, "hf": 0.6}
+# KLD: Mixtral with its experts left random (UNEXPECTED) measured KLD 0.17 / top-1 0.05 (classic GPTQ) and
+# 0.18 / 0.04 (compressed-tensors), while a healthy 4-bit Qwen2-MoE (151k-token vocabulary, near-flat
+# distribution) measured KLD 0.05 / top-1 0.29. So the HF and Q4_K_M bounds are on KLD; top-1 only for Q8_0.
+BOUND = {"Q8_0": 0.01, "Q4_K_M": 0.1, "hf": 0.1}
+MIN_TOP1 = {"Q8_0": 0.85, "Q4_K_M": 0.0, "hf": 0.0}
 EVAL = dict(text="builtin", ctx=128, max_tokens=256, write_manifest=False)
-SAMPLES, SEQ_LEN = 8, 128
+SAMPLES, SEQ_LEN = 4, 64
 DEFAULT = {("*", "gguf", "Q8_0"), ("mixtral", "gptq", "classic"), ("qwen2_moe", "gptq", "compressed-tensors")}
 
 
@@ -36,10 +38,17 @@ def _cases():
             yield arch, m, f
 
 
+# Cases that kill the process in the installed engine on some CPUs (not a quantkit refusal): skipped with why.
+CRASHES = {("gemma2", "gguf", "Q8_0"): "llama-cpp-python 0.3.36 dies with SIGILL evaluating this Q8_0 GGUF on an "
+                                      "AMX-capable CPU (the F32 intermediate runs)"}
+
+
 def _param(arch, method, fmt):
     default = (arch, method, fmt) in DEFAULT or ("*", method, fmt) in DEFAULT
-    return pytest.param(arch, method, fmt, id=f"{arch}-{method}-{fmt}",
-                        marks=() if default else pytest.mark.slow)
+    marks = [] if default else [pytest.mark.slow]
+    if (arch, method, fmt) in CRASHES:
+        marks.append(pytest.mark.skip(reason=CRASHES[(arch, method, fmt)]))
+    return pytest.param(arch, method, fmt, id=f"{arch}-{method}-{fmt}", marks=marks)
 
 
 def _model(arch: str) -> Path:
