@@ -38,16 +38,9 @@ def _cases():
             yield arch, m, f
 
 
-# Cases that kill the process in the installed engine on some CPUs (not a quantkit refusal): skipped with why.
-CRASHES = {("gemma2", "gguf", "Q8_0"): "llama-cpp-python 0.3.36 dies with SIGILL evaluating this Q8_0 GGUF on an "
-                                      "AMX-capable CPU (the F32 intermediate runs)"}
-
-
 def _param(arch, method, fmt):
     default = (arch, method, fmt) in DEFAULT or ("*", method, fmt) in DEFAULT
     marks = [] if default else [pytest.mark.slow]
-    if (arch, method, fmt) in CRASHES:
-        marks.append(pytest.mark.skip(reason=CRASHES[(arch, method, fmt)]))
     return pytest.param(arch, method, fmt, id=f"{arch}-{method}-{fmt}", marks=marks)
 
 
