@@ -132,6 +132,9 @@ _CLASSIC_MOE = ("transformers 5 holds MoE experts as fused 3-D tensors and canno
 _CT_NO_MOE_LOADER = ("llm-compressor 0.14 has no MoE load mapping for this architecture, so it saves experts "
                      "as mlp.experts.N.*_proj, names transformers 5 reports UNEXPECTED (the experts would stay "
                      "random)")
+_PHI3_CLASSIC = ("gptqmodel's defuser splits Phi-3's fused gate_up_proj and saves mlp.gate_proj/up_proj, which "
+                 "transformers does not load (gate_up_proj stays MISSING and the CPU kernel then fails in "
+                 "_build_ret_idx); use --format compressed-tensors, or quantkit gguf")
 _CT_MOE_OK = ("qwen2_moe", "qwen3_moe")  # llm-compressor's load_quantizable_moe keeps loadable expert names
 UNSUPPORTED: dict[tuple[str, str, str], str] = {
     **{(arch, method, "classic"): _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf"
@@ -139,14 +142,7 @@ UNSUPPORTED: dict[tuple[str, str, str], str] = {
        for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")},
     **{(arch, method, "compressed-tensors"): _CT_NO_MOE_LOADER + "; use quantkit gguf"
        for arch in ("mixtral", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")},
-}
-
-# model_type -> why classic GPTQ runs without act-order (desc_act) there: gptqmodel's CPU kernel
-# (torch_aten_kernel._build_ret_idx) cannot run act-order g_idx on these layers. gptqmodel's own
-# act_group_aware ordering (static groups) is used instead, and the reason goes into quantkit-recipe.json.
-ACT_ORDER_OFF: dict[str, str] = {
-    "phi3": "gptqmodel's CPU kernel cannot run act-order g_idx on the fused qkv_proj/gate_up_proj "
-            "(_build_ret_idx: size mismatch); act_group_aware ordering is used instead",
+    ("phi3", "gptq", "classic"): _PHI3_CLASSIC, ("phi3", "awq", "classic"): _PHI3_CLASSIC,
 }
 
 
@@ -164,19 +160,14 @@ def check_architecture(config: dict, method: str, fmt: str) -> None:
         raise QuantkitError(f"{method.upper()} --format {fmt} is not supported for {mt} models: {reason}")
 
 
-def arch_settings(config: dict, method: str, fmt: str, act_order: bool) -> tuple[bool, dict]:
-    """Engine settings forced by the architecture: (act_order to use, notes recorded in the recipe)."""
-    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
-    notes = {}
-    if method == "gptq" and fmt == "classic" and act_order and mt in ACT_ORDER_OFF:
-        notes["act_order"] = f"off for {mt}: {ACT_ORDER_OFF[mt]}"
-        act_order = False
+def moe_settings(config: dict) -> dict:
+    """What quantkit.json / quantkit-recipe.json record about a MoE model's calibration ({} for a dense one)."""
     experts = moe_experts(config)
-    if experts:
-        notes["moe"] = {"experts": experts, "layers": moe_layers(config),
-                        "calibration": "all experts (gptqmodel ExpertsRoutingBypass / llm-compressor "
-                                       "moe_calibrate_all_experts): every expert is fed every calibration token"}
-    return act_order, notes
+    if not experts:
+        return {}
+    return {"experts": experts, "layers": moe_layers(config),
+            "calibration": "all experts (gptqmodel ExpertsRoutingBypass / llm-compressor "
+                           "moe_calibrate_all_experts): every expert is fed every calibration token"}
 
 
 def moe_layers(config: dict) -> list[int]:
@@ -190,11 +181,8 @@ def moe_layers(config: dict) -> list[int]:
     return [i for i in range(n) if i not in dense and i >= first and (i + 1) % step == 0]
 
 
-def expert_token_counts(notes: dict, token_count: int) -> dict | None:
+def expert_token_counts(moe: dict, token_count: int) -> dict:
     """Per MoE layer, the calibration tokens its least / most fed expert saw (quantkit.json ``moe``)."""
-    moe = notes.get("moe")
-    if not moe:
-        return None
     per_layer = {str(i): {"min": token_count, "max": token_count} for i in moe["layers"]}
     starved = [i for i, c in per_layer.items() if c["min"] == 0]
     if starved:
@@ -590,12 +578,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     _stage(1, n, f"resolving {model}")
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
     check_architecture(src.config, method, fmt)
-    if method == "gptq":
-        act_order, arch_notes = arch_settings(src.config, method, fmt, act_order)
-    else:
-        arch_notes = arch_settings(src.config, method, fmt, False)[1]
-    for note in ([arch_notes["act_order"]] if "act_order" in arch_notes else []):
-        print(f"note: act-order {note}", file=sys.stderr)
+    moe = moe_settings(src.config)
     name = variant_name(src.name, method, fmt, bits, group_size, sym)
     folder = Path(out).expanduser() if out else Path.cwd() / name
     folder = folder.absolute()
@@ -636,16 +619,16 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         with Timer() as t, stdout_to_stderr():
             if fmt == "classic":
                 call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used,
-                                      moe="moe" in arch_notes)
+                                      moe=bool(moe))
             else:
                 call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload,
-                                          moe="moe" in arch_notes)
+                                          moe=bool(moe))
         _stage(4, n, f"quantised in {t.seconds:.1f} s; writing recipe, licence and manifest")
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,
                   "calibration": cal.as_dict(), "device": device_used, "offload": offload,
                   "engine_call": call, "tools": versions(*ENGINE_DISTS[fmt]),
-                  **({"architecture": arch_notes} if arch_notes else {})}
+                  **({"moe": moe} if moe else {})}
         (work / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         _stage(5, n, "hashing files")
         files = [file_record(work, p) for p in _folder_files(work)]
@@ -667,7 +650,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
             "size": size,
             "params": params,
             "calibration": cal.as_dict(),
-            **({"moe": expert_token_counts(arch_notes, cal.token_count)} if "moe" in arch_notes else {}),
+            **({"moe": expert_token_counts(moe, cal.token_count)} if moe else {}),
             "tools": recipe["tools"],
             "device": device_used,
             "seconds": round(t.seconds, 2),
