@@ -97,3 +97,24 @@ def test_gguf_refuses_tied_qwen2_moe(tmp_path):
     with pytest.raises(QuantkitError, match="output.weight"):
         quantize_gguf(str(base), ["Q8_0"], out=tmp_path / "g")
     assert not list((tmp_path / "g").glob("*.gguf")) if (tmp_path / "g").exists() else True
+
+
+def test_moe_settings_from_real_configs():
+    """MoE layers and expert counts come from each family's own config keys (no model is loaded)."""
+    import json
+
+    from quantkit import hfquant
+
+    got = {}
+    for arch in fm.MOE_ARCHS:
+        if fm.tiny_arch_available(arch):
+            cfg = json.loads((fm.build_tiny(arch) / "config.json").read_text())
+            got[arch] = hfquant.moe_settings(cfg)
+    assert got["mixtral"]["experts"] == 8 and got["mixtral"]["layers"] == [0, 1]
+    assert got["qwen2_moe"]["layers"] == [0, 1]
+    if "deepseek_v2" in got:  # first_k_dense_replace=1: layer 0 is a dense MLP
+        assert got["deepseek_v2"]["experts"] == 8 and got["deepseek_v2"]["layers"] == [1]
+    assert hfquant.moe_settings(json.loads((fm.build_tiny("llama") / "config.json").read_text())) == {}
+    counts = hfquant.expert_token_counts(got["mixtral"], 512)
+    assert counts["expert_tokens"] == {"0": {"min": 512, "max": 512}, "1": {"min": 512, "max": 512}}
+    assert counts["starved_layers"] == []
