@@ -51,10 +51,22 @@ def _model(arch: str) -> Path:
 
 
 def _kld(base: Path, variant: Path) -> dict:
-    from quantkit.evaluate import evaluate
+    """quantkit.evaluate's row for ``variant``, computed in a child process: an engine that dies (llama.cpp
+    aborts or hits SIGILL on some CPUs) fails this case instead of killing the whole test run."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    row = evaluate(str(base), [str(variant)], **EVAL).rows[0]
-    return row
+    code = ("import json, sys; from quantkit.evaluate import evaluate; "
+            f"r = evaluate({str(base)!r}, [{str(variant)!r}], **{EVAL!r}).rows[0]; "
+            "print('ROW ' + json.dumps({k: r[k] for k in ('kld_mean', 'top1')}))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
+    rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    assert proc.returncode == 0 and rows, f"evaluating {variant.name} exited {proc.returncode}: {proc.stderr[-800:]}"
+    return json.loads(rows[-1])
 
 
 @pytest.mark.parametrize("arch,method,fmt", [_param(*c) for c in _cases()])
