@@ -26,7 +26,7 @@ HF = [(m, f) for m in ("gptq", "awq") for f in ("classic", "compressed-tensors")
 BOUND = {"Q8_0": 0.01, "Q4_K_M": 0.1, "hf": 0.1}
 MIN_TOP1 = {"Q8_0": 0.85, "Q4_K_M": 0.0, "hf": 0.0}
 EVAL = dict(text="builtin", ctx=128, max_tokens=256, write_manifest=False)
-SAMPLES, SEQ_LEN = 4, 64
+SAMPLES, SEQ_LEN = 8, 128  # 4 x 64 tokens measured KLD 0.13 on Qwen2-MoE: too close to broken
 DEFAULT = {("*", "gguf", "Q8_0"), ("mixtral", "gptq", "classic"), ("qwen2_moe", "gptq", "compressed-tensors")}
 
 
