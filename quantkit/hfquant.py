@@ -124,26 +124,23 @@ def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: 
 # Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
-# (model_type, method, format) -> why this engine cannot make a loadable artifact, and what works instead.
-# Measured with transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py); a row
-# is a refusal before any download of calibration data or any engine work.
+# Why an engine cannot make a loadable artifact of an architecture, and what works instead; measured with
+# transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py). A refusal comes right
+# after the model's config is read, before calibration data or any engine work.
 _CLASSIC_MOE = ("transformers 5 holds MoE experts as fused 3-D tensors and cannot load gptqmodel's per-expert "
                 "qweight/qzeros/scales (reported UNEXPECTED: the experts would stay random)")
-_CT_NO_MOE_LOADER = ("llm-compressor 0.14 has no MoE load mapping for this architecture, so it saves experts "
-                     "as mlp.experts.N.*_proj, names transformers 5 reports UNEXPECTED (the experts would stay "
-                     "random)")
+_CT_NO_MOE_LOADER = ("llm-compressor has no MoE load mapping for this architecture, so it saves experts as "
+                     "mlp.experts.N.*_proj, names transformers 5 reports UNEXPECTED (the experts would stay random)")
 _PHI3_CLASSIC = ("gptqmodel's defuser splits Phi-3's fused gate_up_proj and saves mlp.gate_proj/up_proj, which "
                  "transformers does not load (gate_up_proj stays MISSING and the CPU kernel then fails in "
                  "_build_ret_idx); use --format compressed-tensors, or quantkit gguf")
-_CT_MOE_OK = ("qwen2_moe", "qwen3_moe")  # llm-compressor's load_quantizable_moe keeps loadable expert names
+# (model_type, method, format) -> reason, for dense architectures; MoE models follow the two rules in
+# unsupported_reason (classic: never; compressed-tensors: only where llm-compressor can load experts as 2-D).
 UNSUPPORTED: dict[tuple[str, str, str], str] = {
-    **{(arch, method, "classic"): _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf"
-                                                  if arch in _CT_MOE_OK else "; use quantkit gguf")
-       for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")},
-    **{(arch, method, "compressed-tensors"): _CT_NO_MOE_LOADER + "; use quantkit gguf"
-       for arch in ("mixtral", "deepseek_v2", "deepseek_v3") for method in ("gptq", "awq")},
     ("phi3", "gptq", "classic"): _PHI3_CLASSIC, ("phi3", "awq", "classic"): _PHI3_CLASSIC,
 }
+# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def moe_experts(config: dict) -> int:
@@ -152,11 +149,33 @@ def moe_experts(config: dict) -> int:
     return max([int(cfg.get(k) or 0) for k in _EXPERT_KEYS] + [0])
 
 
+def _ct_loads_moe(model_type: str) -> bool:
+    """llm-compressor's own answer: can ``load_quantizable_moe`` load (and save back) this MoE as 2-D experts."""
+    from llmcompressor.modeling.moe.conversion_mappings import has_linearize_load_mappings
+
+    return has_linearize_load_mappings(model_type)
+
+
+def unsupported_reason(config: dict, method: str, fmt: str) -> str | None:
+    """Why ``method``/``fmt`` cannot make a loadable artifact of this model, or None."""
+    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+    if (mt, method, fmt) in UNSUPPORTED:
+        return UNSUPPORTED[(mt, method, fmt)]
+    if not moe_experts(config):
+        return None
+    if fmt == "classic":
+        return _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf" if _ct_loads_moe(mt)
+                               else "; use quantkit gguf")
+    if not _ct_loads_moe(mt):
+        return _CT_NO_MOE_LOADER + "; use quantkit gguf"
+    return None
+
+
 def check_architecture(config: dict, method: str, fmt: str) -> None:
     """Refuse (one line) an architecture x method x format the engines cannot make a loadable artifact of."""
-    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
-    reason = UNSUPPORTED.get((mt, method, fmt))
+    reason = unsupported_reason(config, method, fmt)
     if reason:
+        mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
         raise QuantkitError(f"{method.upper()} --format {fmt} is not supported for {mt} models: {reason}")
 
 
@@ -166,8 +185,8 @@ def moe_settings(config: dict) -> dict:
     if not experts:
         return {}
     return {"experts": experts, "layers": moe_layers(config),
-            "calibration": "all experts (gptqmodel ExpertsRoutingBypass / llm-compressor "
-                           "moe_calibrate_all_experts): every expert is fed every calibration token"}
+            "calibration": "all experts (llm-compressor moe_calibrate_all_experts): every expert is fed "
+                           "every calibration token"}
 
 
 def moe_layers(config: dict) -> list[int]:
@@ -398,8 +417,7 @@ def _strip_temp_paths(folder: Path) -> None:
 
 # -- the engines --------------------------------------------------------------------------------
 
-def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str,
-                   moe: bool = False) -> dict:
+def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str) -> dict:
     engine_env_defaults()
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.quantization import AWQConfig, GPTQConfig
@@ -407,10 +425,6 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
     offload_dir = work / ".gptqmodel-offload"
     common = dict(bits=p["bits"], group_size=p["group_size"], offload_to_disk=True,
                   offload_to_disk_path=str(offload_dir))
-    if moe:  # forward every calibration token to every expert (else rarely-routed experts fall back to RTN)
-        from gptqmodel.quantization.config import ExpertsRoutingBypass, MoEConfig
-
-        common["moe"] = MoEConfig(routing=ExpertsRoutingBypass())
     if method == "gptq":
         cfg = GPTQConfig(desc_act=p["act_order"], sym=p["sym"], damp_percent=p["damp"], **common)
         kw = {}
@@ -418,8 +432,7 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
         cfg = AWQConfig(sym=False, **common)
         kw = {"backend": BACKEND.AWQ_TORCH} if device == "cpu" else {}
     call = {"load": {"model": str(src_path), "quantize_config": type(cfg).__name__, "device": device,
-                     **{k: (v.to_dict() if k == "moe" else v) for k, v in common.items()
-                        if k != "offload_to_disk_path"},
+                     **{k: v for k, v in common.items() if k != "offload_to_disk_path"},
                      **({"desc_act": p["act_order"], "sym": p["sym"], "damp_percent": p["damp"]}
                         if method == "gptq" else {"sym": False})},
             "quantize": {"calibration": f"{len(texts)} strings", "batch_size": 1,
@@ -618,8 +631,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         engine_env_defaults()
         with Timer() as t, stdout_to_stderr():
             if fmt == "classic":
-                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used,
-                                      moe=bool(moe))
+                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used)
             else:
                 call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload,
                                           moe=bool(moe))

@@ -1,7 +1,7 @@
 """Architecture coverage matrix (issue 9): every tiny architecture through GGUF (Q8_0, Q4_K_M) and AWQ/GPTQ
 (classic and compressed-tensors). Each case either loads back in its target engine (llama.cpp for GGUF,
 transformers for the HF formats, through quantkit.evaluate) with a mean KLD to the base under a bound, or is
-refused up front with the line from ``hfquant.UNSUPPORTED`` / ``gguf.UNTIED_ONLY``.
+refused up front with the line from ``hfquant.unsupported_reason`` / ``gguf.UNTIED_ONLY``.
 
 Default run: GGUF Q8_0 for every architecture plus one classic and one compressed-tensors MoE case; the rest
 is marked slow. The README's architecture table is this matrix's result.
@@ -83,8 +83,7 @@ def test_arch_matrix(arch, method, fmt, tmp_path):
     else:
         import json
 
-        mt = json.loads((base / "config.json").read_text())["model_type"]
-        reason = hfquant.UNSUPPORTED.get((mt, method, fmt))
+        reason = hfquant.unsupported_reason(json.loads((base / "config.json").read_text()), method, fmt)
         if reason:
             with pytest.raises(QuantkitError, match="not supported") as e:
                 hfquant.run(method, str(base), fmt=fmt, samples=SAMPLES, seq_len=SEQ_LEN, out=tmp_path / "v")
