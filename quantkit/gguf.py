@@ -244,6 +244,21 @@ def model_architecture(config: dict) -> str | None:
     return arch
 
 
+# HF architectures whose llama.cpp loader requires a separate ``output.weight`` (no fallback to the token
+# embeddings, src/models/<arch>.cpp creates it without TENSOR_NOT_REQUIRED): a tied-embedding checkpoint
+# converts, but llama.cpp then refuses to load it ("tensor 'output.weight' not found"). Real Qwen-MoE models
+# are untied; a tied one is refused before converting.
+UNTIED_ONLY = {"Qwen2MoeForCausalLM": "qwen2moe"}
+
+
+def _check_tied_output(arch: str, config: dict) -> None:
+    cfg = config.get("text_config") or config
+    if arch in UNTIED_ONLY and cfg.get("tie_word_embeddings", False):
+        raise QuantkitError(f"{arch} with tie_word_embeddings=true cannot be made into a loadable GGUF: llama.cpp's "
+                            f"{UNTIED_ONLY[arch]} loader needs a separate output.weight (the real models are "
+                            "untied); untie lm_head in the checkpoint, or use quantkit awq/gptq")
+
+
 def check_architecture(config: dict) -> str:
     from quantkit import llamacpp
 
@@ -256,6 +271,7 @@ def check_architecture(config: dict) -> str:
         raise QuantkitError(f"architecture {arch} is not supported by llama.cpp's converter "
                             f"(llama-cpp-python {llamacpp.version()}); GGUF needs a model llama.cpp knows, e.g. "
                             "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM")
+    _check_tied_output(arch, config)
     return arch
 
 

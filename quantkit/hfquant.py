@@ -115,6 +115,96 @@ def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: 
         raise QuantkitError(f"--damp must be between 0 and 1, e.g. 0.01 (got {damp})")
 
 
+# -- architectures: MoE, fused layers, what an engine cannot do (issue 9) ---------------------------
+
+# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+# Why an engine cannot make a loadable artifact of an architecture, and what works instead; measured with
+# transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py). A refusal comes right
+# after the model's config is read, before calibration data or any engine work.
+_CLASSIC_MOE = ("transformers 5 holds MoE experts as fused 3-D tensors and cannot load gptqmodel's per-expert "
+                "qweight/qzeros/scales (reported UNEXPECTED: the experts would stay random)")
+_CT_NO_MOE_LOADER = ("llm-compressor has no MoE load mapping for this architecture, so it saves experts as "
+                     "mlp.experts.N.*_proj, names transformers 5 reports UNEXPECTED (the experts would stay random)")
+_PHI3_CLASSIC = ("gptqmodel's defuser splits Phi-3's fused gate_up_proj and saves mlp.gate_proj/up_proj, which "
+                 "transformers does not load (gate_up_proj stays MISSING and the CPU kernel then fails in "
+                 "_build_ret_idx); use --format compressed-tensors, or quantkit gguf")
+# (model_type, method, format) -> reason, for dense architectures; MoE models follow the two rules in
+# unsupported_reason (classic: never; compressed-tensors: only where llm-compressor can load experts as 2-D).
+UNSUPPORTED: dict[tuple[str, str, str], str] = {
+    ("phi3", "gptq", "classic"): _PHI3_CLASSIC, ("phi3", "awq", "classic"): _PHI3_CLASSIC,
+}
+# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def moe_experts(config: dict) -> int:
+    """Number of routed experts per MoE layer (0 for a dense model)."""
+    cfg = config.get("text_config") or config
+    return max([int(cfg.get(k) or 0) for k in _EXPERT_KEYS] + [0])
+
+
+def _ct_loads_moe(model_type: str) -> bool:
+    """llm-compressor's own answer: can ``load_quantizable_moe`` load (and save back) this MoE as 2-D experts."""
+    from llmcompressor.modeling.moe.conversion_mappings import has_linearize_load_mappings
+
+    return has_linearize_load_mappings(model_type)
+
+
+def unsupported_reason(config: dict, method: str, fmt: str) -> str | None:
+    """Why ``method``/``fmt`` cannot make a loadable artifact of this model, or None."""
+    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+    if (mt, method, fmt) in UNSUPPORTED:
+        return UNSUPPORTED[(mt, method, fmt)]
+    if not moe_experts(config):
+        return None
+    if fmt == "classic":
+        return _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf" if _ct_loads_moe(mt)
+                               else "; use quantkit gguf")
+    if not _ct_loads_moe(mt):
+        return _CT_NO_MOE_LOADER + "; use quantkit gguf"
+    return None
+
+
+def check_architecture(config: dict, method: str, fmt: str) -> None:
+    """Refuse (one line) an architecture x method x format the engines cannot make a loadable artifact of."""
+    reason = unsupported_reason(config, method, fmt)
+    if reason:
+        mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+        raise QuantkitError(f"{method.upper()} --format {fmt} is not supported for {mt} models: {reason}")
+
+
+def moe_settings(config: dict) -> dict:
+    """What quantkit.json / quantkit-recipe.json record about a MoE model's calibration ({} for a dense one)."""
+    experts = moe_experts(config)
+    if not experts:
+        return {}
+    return {"experts": experts, "layers": moe_layers(config),
+            "calibration": "all experts (llm-compressor moe_calibrate_all_experts): every expert is fed "
+                           "every calibration token"}
+
+
+def moe_layers(config: dict) -> list[int]:
+    """Indices of the decoder layers that hold routed experts (DeepSeek's first_k_dense_replace, Qwen's
+    mlp_only_layers / decoder_sparse_step)."""
+    cfg = config.get("text_config") or config
+    n = int(cfg.get("num_hidden_layers") or 0)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    first = int(cfg.get("first_k_dense_replace") or 0)
+    step = int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1)
+    return [i for i in range(n) if i not in dense and i >= first and (i + 1) % step == 0]
+
+
+def expert_token_counts(moe: dict, token_count: int) -> dict:
+    """Per MoE layer, the calibration tokens its least / most fed expert saw (quantkit.json ``moe``)."""
+    per_layer = {str(i): {"min": token_count, "max": token_count} for i in moe["layers"]}
+    starved = [i for i, c in per_layer.items() if c["min"] == 0]
+    if starved:
+        print(f"warning: an expert got no calibration tokens in layer(s) {', '.join(starved)}", file=sys.stderr)
+    return {**moe, "expert_tokens": per_layer, "starved_layers": starved}
+
+
 # -- sizes and resources ------------------------------------------------------------------------
 
 def weight_stats(folder: Path) -> dict:
@@ -294,6 +384,25 @@ def llmcompressor_cpu_pin_memory_patch():
         IntermediatesCache.pin_memory = original
 
 
+@contextlib.contextmanager
+def transformers_patch_scan_guard():
+    """transformers 5.17's ``apply_patches`` (used by llm-compressor's MoE loader) calls ``dir()`` on every
+    ``transformers*`` module in ``sys.modules``; its lazy alias modules (e.g. ``image_processing_utils_fast``)
+    then import their target, which fails without torchvision. Such unimportable aliases hold no model classes:
+    they leave ``sys.modules`` while the loader runs and are put back afterwards."""
+    hidden = {}
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers") and mod is not None and getattr(mod, "__file__", "") is None:
+            try:
+                dir(mod)
+            except ImportError:
+                hidden[name] = sys.modules.pop(name)
+    try:
+        yield sorted(hidden)
+    finally:
+        sys.modules.update(hidden)
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -370,7 +479,7 @@ def _ct_modifiers(method: str, p: dict):
 
 
 def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str], p: dict, tokenizer,
-                       offload: bool) -> dict:
+                       offload: bool, moe: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -384,13 +493,22 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
         with load_offloaded_model():
             model = AutoModelForCausalLM.from_pretrained(src_path, device_map="auto_offload",
                                                          offload_folder=str(offload_dir), **load_kw)
+    elif moe:
+        # llm-compressor's own MoE loader: experts load as 2-D Linears and the model keeps a save mapping, so
+        # the saved names are the ones transformers' expert converters read back (a post-load linearisation
+        # saves `mlp.experts.N.gate_proj.*`, which transformers 5 reports UNEXPECTED)
+        from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+
+        with transformers_patch_scan_guard(), load_quantizable_moe():
+            model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
     recipe = _ct_modifiers(method, p)
     ds = Dataset.from_dict({"text": texts})
     with llmcompressor_cpu_pin_memory_patch() as patched:
         oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=p["seq_len"],
-                num_calibration_samples=len(texts), shuffle_calibration_samples=False)
+                num_calibration_samples=len(texts), shuffle_calibration_samples=False,
+                moe_calibrate_all_experts=moe)
     model.save_pretrained(str(work), save_compressed=True)
     tokenizer.save_pretrained(str(work))
     shutil.rmtree(work / ".offload", ignore_errors=True)
@@ -400,6 +518,7 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
     return {"load": {"model": str(src_path), "dtype": "auto", "device_map": "auto_offload" if offload else None},
             "oneshot": {"recipe": "recipe.yaml", "max_seq_length": p["seq_len"],
                         "num_calibration_samples": len(texts), "shuffle_calibration_samples": False,
+                        "moe_calibrate_all_experts": moe,
                         "dataset": f"{len(texts)} texts (column text)"},
             "save_pretrained": {"save_compressed": True},
             "cpu_pin_memory_patch": patched}
@@ -484,6 +603,8 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     n = 6
     _stage(1, n, f"resolving {model}")
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    check_architecture(src.config, method, fmt)
+    moe = moe_settings(src.config)
     name = variant_name(src.name, method, fmt, bits, group_size, sym)
     folder = Path(out).expanduser() if out else Path.cwd() / name
     folder = folder.absolute()
@@ -524,12 +645,14 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
             if fmt == "classic":
                 call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used)
             else:
-                call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload)
+                call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload,
+                                          moe=bool(moe))
         _stage(4, n, f"quantised in {t.seconds:.1f} s; writing recipe, licence and manifest")
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,
                   "calibration": cal.as_dict(), "device": device_used, "offload": offload,
-                  "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists)}
+                  "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists),
+                  **({"moe": moe} if moe else {})}
         (work / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         _stage(5, n, "hashing files")
         files = [file_record(work, p) for p in _folder_files(work)]
@@ -551,6 +674,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
             "size": size,
             "params": params,
             "calibration": cal.as_dict(),
+            **({"moe": expert_token_counts(moe, cal.token_count)} if moe else {}),
             "tools": recipe["tools"],
             "device": device_used,
             "seconds": round(t.seconds, 2),
