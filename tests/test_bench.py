@@ -93,6 +93,31 @@ def test_hf_base_as_labelled_reference_row(tiny_gguf_set, tiny_llama, bench_cach
     assert "reference: base in transformers" in rep.table()
 
 
+def test_hf_variant_against_base_checkpoint_in_transformers(tiny_llama, bench_cache, tmp_path):
+    """An HF-format variant (here an fp32 copy, as a quantkit folder) is compared with the base in transformers."""
+    from quantkit.bench import bench, safetensors_stats
+
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_llama, variant)
+    m = Manifest(variant)
+    m.set_base(local_path=str(tiny_llama), sha="local-test")
+    m.set_artifact("tiny-copy", {"path": ".", "format": "hf", "method": "copy", "type": "F32"})
+    m.save()
+    rep = bench([str(variant)], **TOKENS)
+    (b,) = rep.bases
+    (r,) = rep.rows
+    assert b["role"] == "base" and b["engine"].startswith("transformers") and b["path"] == str(tiny_llama)
+    assert r["engine"].startswith("transformers") and r["base"] == b["name"]
+    # memory = the tensors transformers holds: fp32 weights (as in the safetensors) + small buffers (rotary
+    # frequencies) + a non-empty KV cache
+    weights = safetensors_stats(tiny_llama)[1]
+    assert weights <= b["memory_breakdown"]["weights"] < weights + 4096 and b["memory_breakdown"]["KV"] > 0
+    assert r["peak_memory"] == b["peak_memory"] and r["memory_gain"] == 1.0 and r["size_gain"] == 1.0
+    assert r["tg_gain"] == r["tg_tps"] / b["tg_tps"]
+    assert Manifest.load(variant, create=False).artifacts["tiny-copy"]["bench"]["base"]["engine"].startswith(
+        "transformers")
+
+
 def test_spread_warning():
     from quantkit.bench import _spread_warnings
 
