@@ -66,7 +66,7 @@ def llama_bench(path: Path, args, prompt: int, gen: int, depth: int) -> dict:
 
     exe, env = llamacpp.tool("llama-bench")
     cmd = [str(exe), "-m", str(path), "-p", str(prompt), "-n", str(gen), "-d", str(depth), "-t", str(args.threads),
-           "-r", str(args.repeats), "-o", "json"]
+           "-r", str(args.repeats), "-o", "json", *args.llama_bench_arg]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"llama-bench failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", help="an fp32 HF folder instead of the built-in SmolLM2-135M-Instruct (smoke tests)")
+    ap.add_argument("--llama-bench-arg", action="append", default=[],
+                    help="extra llama-bench argument (repeatable), e.g. --llama-bench-arg=--repack --llama-bench-arg=0")
     args = ap.parse_args()
     os.environ.setdefault("QUANTKIT_NO_PROGRESS", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -91,8 +94,9 @@ def main() -> None:
     from quantkit.gguf import quantize_gguf
 
     load_before = os.getloadavg()[0]
-    base = build_smollm2_hf()
-    res = quantize_gguf(str(base), ["Q8_0", "Q4_K_M"], RESULTS / "smollm2-gguf", threads=2)
+    base = Path(args.model).resolve() if args.model else build_smollm2_hf()
+    res = quantize_gguf(str(base), ["Q8_0", "Q4_K_M"], RESULTS / ("smollm2-gguf" if not args.model else base.name),
+                        threads=2)
     ggufs = [res.folder / res.manifest.data["intermediates"]["convert"]["path"]] + \
             [p for p in res.paths() if "Q8_0" in p.name or "Q4_K_M" in p.name]
     kw = dict(prompt_tokens=args.prompt, gen_tokens=args.gen, repeats=args.repeats, threads=args.threads,
@@ -130,7 +134,7 @@ def main() -> None:
                      f"{rec['quantkit_tg']:.1f} ± {rec['quantkit_tg_std']:.1f}",
                      f"{rec['ref_tg']:.1f} ± {rec['ref_tg_std']:.1f}", f"{rec['tg_ratio']:.3f}", rec["ref"]])
     hw = hardware(args.threads)
-    head = (f"SmolLM2-135M-Instruct; prompt {args.prompt} tokens, generate {args.gen} tokens after it, "
+    head = (f"{base.name}; prompt {args.prompt} tokens, generate {args.gen} tokens after it, "
             f"{args.repeats} repeats after a warm-up; {hw['cpu']}, {hw['cpu_count']} CPUs, {args.threads} thread(s); "
             f"1-min load average {load_before:.2f} before, {load_after:.2f} after.")
     table = format_table(rows, ["model", "engine", "quantkit pp tok/s", "reference pp tok/s", "pp ratio",
@@ -141,7 +145,8 @@ def main() -> None:
                f"({'within' if worst <= 0.05 else 'outside'} the 5% goal).")
     md = (f"# quantkit bench vs llama-bench and a plain transformers loop\n\n"
           f"Made by `python3 benchmarks/bench_vs_llama_bench.py --threads {args.threads} --prompt {args.prompt} "
-          f"--gen {args.gen} --repeats {args.repeats}` on {time.strftime('%Y-%m-%d', time.gmtime())}.\n\n{head}\n\n"
+          f"--gen {args.gen} --repeats {args.repeats}"
+          f"{''.join(' --llama-bench-arg=' + a for a in args.llama_bench_arg)}` on {time.strftime('%Y-%m-%d', time.gmtime())}.\n\n{head}\n\n"
           f"```\n{table}\n```\n\n{verdict}\n")
     OUT_MD.write_text(md)
     OUT_JSON.write_text(json.dumps({"context": {"prompt_tokens": args.prompt, "gen_tokens": args.gen,
