@@ -585,8 +585,8 @@ def bench(variants: list[str], *, prompt_tokens: int = 512, gen_tokens: int = 12
     if load_avg is not None and load_avg > (os.cpu_count() or 1):
         warnings.append(f"the load average was {load_avg:.1f} on {os.cpu_count()} CPUs at the start: other work "
                         "shares the cores, so the speeds are low and noisy")
-    for w in warnings:
-        log.warning(w)
+    for w in warnings:  # also in the report (table, JSON, quantkit.json): info here, not printed twice
+        log.info(w)
     context = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "threads": threads,
                "warmup": f"1 pass ({prompt_tokens} prompt + {min(WARMUP_GEN, gen_tokens)} generated tokens)",
                "isolated": isolate, "hardware": ctx["hardware"], "load_avg_1m": load_avg, "time": now_iso()}
