@@ -205,8 +205,9 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
 
 @cli.command("bench")
 @click.argument("variants", nargs=-1, required=True)
-@click.option("--base", help="Base model (HF folder or Hub id) to measure in the same run; default: the base "
-                             "recorded in the variants' quantkit.json, when it is on disk.")
+@click.option("--base", help="The base to compare with: an unquantised .gguf (llama.cpp), or an HF folder / Hub id "
+                             "(transformers; a labelled reference row for GGUF variants). Default: per engine, the "
+                             "unquantised GGUF / base checkpoint recorded in the variants' quantkit.json.")
 @click.option("--no-base", is_flag=True, help="Do not measure the base.")
 @click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(1))
@@ -216,7 +217,8 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_cmd(variants, base, no_base, prompt_tokens, gen_tokens, repeats, threads, no_write, as_json):
     """Measure prompt-processing and generation speed, size, bits per weight and peak memory of VARIANTs,
-    each in its own engine (llama.cpp for GGUF, transformers/vLLM for the rest), with the gain vs the base."""
+    each in its own engine (llama.cpp for GGUF, transformers/vLLM for the rest), with the gain vs the base
+    measured in that same engine."""
     from quantkit.bench import bench
 
     rep = bench(list(variants), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,

@@ -730,7 +730,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     manifest.save()
     inter = manifest.data["intermediates"]
     tools = _tools()
-    conv_key = {"base_sha": src.sha, "outtype": outtype, "converter": converter_version()}
+    conv_key = _conv_key(src, outtype)
 
     # calibration (cheap) first: its identity decides which finished variants are still valid
     calib = None
@@ -812,6 +812,31 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     return GGUFResult(folder=folder, manifest=manifest, artifacts=[names[t] for t in types], built=built,
                       reused=[names[t] for t in reused], converted=converted,
                       imatrix=imatrix_path if calib else None)
+
+
+def _conv_key(src, outtype: str) -> dict:
+    """What the intermediate GGUF depends on: base commit, outtype, converter version."""
+    return {"base_sha": src.sha, "outtype": outtype, "converter": converter_version()}
+
+
+def unquantised_gguf(folder: str | os.PathLike) -> Path:
+    """The F32/F16/BF16 GGUF the variants of a quantkit GGUF folder were quantised from (``intermediates.convert``):
+    the recorded file when it is still there, else converted again from the base on disk (same outtype)."""
+    from quantkit.hub import resolve_model
+
+    folder = Path(folder).resolve()
+    manifest = Manifest.load(folder, create=False)
+    rec = manifest.data["intermediates"].get("convert") or {}
+    if _intact(folder, rec, check_sha=False):
+        return folder / rec["path"]
+    local = manifest.base.get("local_path")
+    if not local or not (Path(local) / "config.json").is_file():
+        raise QuantkitError(f"{folder} no longer holds its unquantised GGUF and its base "
+                            f"({local or manifest.base.get('id')}) is not on disk to convert it again")
+    src = resolve_model(local)
+    outtype = rec.get("outtype") or resolve_outtype("auto", src.path)
+    path, _ = _ensure_intermediate(src, folder, folder / WORK_DIR, manifest, _conv_key(src, outtype), outtype)
+    return path
 
 
 def _ensure_intermediate(src, folder: Path, work: Path, manifest: Manifest, conv_key: dict,
