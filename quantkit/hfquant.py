@@ -46,6 +46,7 @@ from pathlib import Path
 
 from quantkit.errors import QuantkitError
 from quantkit.util import Timer, cache_home, format_table, human_size, now_iso, safetensors_tensors, versions
+from quantkit.verify import raise_if_failed, verify_recorded, verify_status
 
 FORMATS = ("classic", "compressed-tensors")
 DEFAULT_FORMAT = "classic"
@@ -55,7 +56,7 @@ ENGINE_DISTS = {
     "compressed-tensors": ("llmcompressor", "compressed-tensors", "transformers", "torch"),
 }
 LICENSE_GLOBS = ("LICENSE*", "LICENCE*", "license*", "NOTICE*", "USE_POLICY.md")
-TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status"]
+TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status", "verify"]
 _GB = 1e9
 
 
@@ -77,7 +78,8 @@ class QuantResult:
         a = self.artifact
         cal = a.get("calibration") or {}
         return [[self.name, a["format"], a["bits"], a["group_size"], human_size(a["size"]),
-                 cal.get("token_count"), f"{a['seconds']:.1f}", "cached" if self.cached else "built"]]
+                 cal.get("token_count"), f"{a['seconds']:.1f}", "cached" if self.cached else "built",
+                 verify_status(a)]]
 
     def table(self) -> str:
         return format_table(self.table_rows(), TABLE_HEADERS)
@@ -454,8 +456,9 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         sym: bool = True, act_order: bool = True, damp: float = 0.01, calibration: str | None = None,
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
-        offload: bool = False) -> QuantResult:
-    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq."""
+        offload: bool = False, verify: bool = True) -> QuantResult:
+    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq. The
+    folder is then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
     from quantkit.calibration import load_calibration, parse_spec
     from quantkit.hub import resolve_model
     from quantkit.manifest import Manifest, file_record
@@ -468,7 +471,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     check_params(method, bits=bits, group_size=group_size, fmt=fmt, samples=samples, seq_len=seq_len,
                  damp=damp_v)
     spec = parse_spec(calibration)  # fail on a malformed SPEC before any download
-    n = 6
+    n = 7
     _stage(1, n, f"resolving {model}")
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
     name = variant_name(src.name, method, fmt, bits, group_size, sym)
@@ -483,6 +486,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     cached = _cached(folder, name, params, src.sha)
     if cached is not None:
         _stage(n, n, f"{folder} already holds {name} (intact): nothing to do")
+        _verify(cached, name, src, bits, verify)
         return QuantResult(folder=folder, name=name, manifest=cached, cached=True)
 
     stats = weight_stats(src.path)
@@ -558,4 +562,15 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return QuantResult(folder=folder, name=name, manifest=Manifest.load(folder), cached=False)
+    manifest = Manifest.load(folder)
+    _verify(manifest, name, src, bits, verify)
+    return QuantResult(folder=folder, name=name, manifest=manifest, cached=False)
+
+
+def _verify(manifest, name: str, src, bits: int, enabled: bool) -> None:
+    """Check the finished (or re-used) folder in its engine against the base; exit 1 when it fails."""
+    if enabled and not (manifest.artifact(name).get("verify") or {}).get("passed"):
+        _stage(7, 7, f"verifying {name} in its engine against the base")
+    with stdout_to_stderr():
+        res = verify_recorded(manifest, name, src.path, bits=bits, enabled=enabled, base_sha=src.sha)
+    raise_if_failed({name: res}, manifest.folder)
