@@ -459,7 +459,7 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
         "imatrix": imatrix, "gguf_rows": gguf_rows, "hf_rows": [r for r in rows if r["format"] != "gguf"],
         "recommended": recommended, "kv_context": KV_CONTEXT, "quantkit_version": __version__,
         "report": _report(folder, m),
-        "unverified": unverified(m),
+        "unverified": scrub_paths(unverified(m)),
         "json": lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str),
     }
 
