@@ -194,7 +194,7 @@ def unverified(manifest) -> dict[str, str]:
     for name, rec in manifest.artifacts.items():
         v = rec.get("verify")
         if not isinstance(v, dict):
-            out[name] = "never verified (made before quantkit verified builds: re-run the command that made it)"
+            out[name] = "never verified (re-running the command that made it verifies it)"
         elif not v.get("passed"):
             out[name] = VerifyResult.from_json(v).problem()
     return out

@@ -114,7 +114,7 @@ def test_broken_gguf_exits_1_stays_unverified_and_push_refuses(q8_folder, tiny_l
     assert code == 0, err
     assert f"publishing {name} unverified" in err
     card = (out / "README.md").read_text()
-    assert "**Warning: unverified.**" in card and f"`{name}` (mean KLD" in card
+    assert "**Warning: unverified.**" in card and f"`{name}` — mean KLD" in card
 
 
 def test_no_verify_is_recorded_as_skipped_and_a_rerun_verifies(q8_folder, tiny_llama, tmp_path, run_cli):
