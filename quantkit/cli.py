@@ -45,6 +45,12 @@ def pull(model, revision, allow_pickle, as_json):
         click.echo(f"{src.id or src.path} @ {src.sha}\n  path: {src.path}\n  licence: {src.license or 'unknown'}")
 
 
+no_verify_option = click.option(
+    "--no-verify", is_flag=True,
+    help="Skip loading each artifact in its engine and checking it against the base (recorded as skipped; "
+         "push then refuses it without --allow-unverified).")
+
+
 # ---------------------------------------------------------------------------------------------- gguf
 @cli.command()
 @click.argument("model")
@@ -59,13 +65,14 @@ def pull(model, revision, allow_pickle, as_json):
               help="Type of the intermediate GGUF converted once from the HF weights.")
 @click.option("--threads", type=int, help="Threads for quantising (default: $QUANTKIT_THREADS, else every core "
                                           "this process may use).")
+@no_verify_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, as_json):
+def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, no_verify, as_json):
     """Convert MODEL (Hub id or local folder) once to GGUF, then quantise it to every --types."""
     from quantkit.gguf import quantize_gguf
 
     res = quantize_gguf(model, types.split(","), out, revision=revision, calibration=calibration,
-                        allow_pickle=allow_pickle, outtype=outtype, threads=threads)
+                        allow_pickle=allow_pickle, outtype=outtype, threads=threads, verify=not no_verify)
     if as_json:
         emit_json(res.to_json())
     else:
@@ -110,6 +117,7 @@ def _hfquant_options(default_bits_help: str):
             click.option("--offload", is_flag=True,
                          help="Big models, compressed-tensors: spill weights that do not fit in RAM to disk "
                               "next to --out (classic always streams layers from the checkpoint)."),
+            no_verify_option,
             click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         ]
         for o in reversed(opts):
@@ -131,13 +139,13 @@ def _print_quant_result(result, as_json: bool) -> None:
 @_bits_option("awq")
 @_hfquant_options("4")
 def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revision, allow_pickle, device,
-        offload, as_json):
+        offload, no_verify, as_json):
     """AWQ-quantise MODEL (Hub id or local folder) to 4-bit weights, calibrated on SPEC."""
     from quantkit.awq import quantize_awq
 
     result = quantize_awq(model, bits=int(bits), group_size=group_size, calibration=calibration, samples=samples,
                           seq_len=seq_len, fmt=fmt, out=out, revision=revision, allow_pickle=allow_pickle,
-                          device=device, offload=offload)
+                          device=device, offload=offload, verify=not no_verify)
     _print_quant_result(result, as_json)
 
 
@@ -153,13 +161,14 @@ def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revisi
               help="Symmetric (no zero point) or asymmetric.")
 @_hfquant_options("4|8")
 def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, seq_len, fmt, out, revision,
-         allow_pickle, device, offload, as_json):
+         allow_pickle, device, offload, no_verify, as_json):
     """GPTQ-quantise MODEL (Hub id or local folder) to 4- or 8-bit weights, calibrated on SPEC."""
     from quantkit.gptq import quantize_gptq
 
     result = quantize_gptq(model, bits=int(bits), group_size=group_size, act_order=act_order, damp=damp, sym=sym,
                            calibration=calibration, samples=samples, seq_len=seq_len, fmt=fmt, out=out,
-                           revision=revision, allow_pickle=allow_pickle, device=device, offload=offload)
+                           revision=revision, allow_pickle=allow_pickle, device=device, offload=offload,
+                           verify=not no_verify)
     _print_quant_result(result, as_json)
 
 
@@ -269,14 +278,17 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
 @click.option("--accept-license-terms", is_flag=True,
               help="Publish publicly although the base licence is non-commercial/no-derivatives.")
 @click.option("--no-card", is_flag=True, help="Do not (re)generate README.md; upload the folder's own.")
+@click.option("--allow-unverified", is_flag=True,
+              help="Publish artifacts that failed or skipped their verify check (the card says so).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_id, accept_license_terms,
-         no_card, as_json):
+         no_card, allow_unverified, as_json):
     """Publish OUTDIR (files + card + quantkit.json) to a Hub repo in one commit; re-pushing uploads only changes."""
     from quantkit.publish import describe, push as do_push
 
     res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
-                  prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card)
+                  prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card,
+                  allow_unverified=allow_unverified)
     if as_json:
         emit_json(res.to_json())
         return

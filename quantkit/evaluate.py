@@ -668,6 +668,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     load_s = time.perf_counter() - t_load
     n_per = stream.scored_per_window
     nll_all, kld_all, top1_all = [], [], []
+    nonfinite = 0
     t0 = time.perf_counter()
     for w in progress(range(stream.n_windows), desc=f"{v.name} ({v.kind})", unit="win"):
         win = stream.window(w)
@@ -680,6 +681,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise QuantkitError(f"{v.name}: {scorer.engine.split(' (')[0]} failed to run it on this machine "
                                 f"({type(e).__name__}: {msg[:200]})") from None
+        nonfinite += int((~torch.isfinite(logits)).sum())
         sl = slice(w * n_per, (w + 1) * n_per)
         sidx = torch.from_numpy(cache["sidx"][sl].astype(np.int64)) if "sidx" in cache else None
         slogp = torch.from_numpy(cache["slogp"][sl]) if "slogp" in cache else None
@@ -708,7 +710,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         "ppl_ratio_se": float(ratio * d.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         "kld_mean": float(kld.mean()), "kld_se": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         "kld_p99": _pct(kld, 99), "kld_median": _pct(kld, 50), "kld_max": float(kld.max()),
-        "top1": float(top1.mean()), "tokens": n, "windows": stream.n_windows, "ctx": stream.ctx,
+        "top1": float(top1.mean()), "nonfinite_logits": nonfinite, "tokens": n, "windows": stream.n_windows, "ctx": stream.ctx,
         "engine": engine, "engine_short": engine.split(" (")[0].split(" ")[0] if v.kind == "hf" else "llama.cpp",
         "tokenizer_match": tokenizer_match, "tokenizer_first_mismatch": mismatch_at,
         "load_seconds": round(load_s, 2), "seconds": round(seconds, 2),

@@ -35,10 +35,11 @@ from quantkit.formats import GGUF_TYPES, file_type_name, gguf_type, quant_size
 from quantkit.manifest import Manifest, file_record
 from quantkit.util import (Timer, atomic_path, default_threads, format_table, human_size, now_iso, progress,
                            sha256_file, versions)
+from quantkit.verify import gguf_bits, raise_if_failed, verify_recorded, verify_status
 
 OUTTYPES = ("f32", "f16", "bf16", "auto")
 WORK_DIR = ".quantkit-work"
-TABLE_HEADERS = ["type", "file", "size", "bits/weight", "seconds", "status"]
+TABLE_HEADERS = ["type", "file", "size", "bits/weight", "seconds", "status", "verify"]
 IMATRIX_SAMPLES = 64   # chunks of calibration text fed to the importance matrix
 IMATRIX_CTX = 512      # tokens per chunk (llama-imatrix's default context)
 AUTO_F32_MAX_PARAMS = 1_000_000_000  # outtype auto: keep fp32 weights as F32 up to this size
@@ -64,7 +65,8 @@ class GGUFResult:
         for name in self.artifacts:
             rec = self.manifest.artifacts[name]
             rows.append([rec["type"], rec["path"], human_size(rec["size"]), f"{rec['bits_per_weight']:.2f}",
-                         f"{rec.get('seconds', 0.0):.1f}", "built" if name in self.built else "reused"])
+                         f"{rec.get('seconds', 0.0):.1f}", "built" if name in self.built else "reused",
+                         verify_status(rec)])
         return rows
 
     def table(self) -> str:
@@ -699,8 +701,9 @@ def _preload() -> None:
 
 def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *, revision=None,
                   calibration: str | None = None, allow_pickle=False, outtype="auto",
-                  threads=None) -> GGUFResult:
-    """Convert MODEL once and quantise it to every type in ``types``; see the module docstring."""
+                  threads=None, verify: bool = True) -> GGUFResult:
+    """Convert MODEL once and quantise it to every type in ``types``; see the module docstring. Each type is
+    verified against the base once written (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
     from quantkit.hub import resolve_model
 
     types = normalize_types(types)
@@ -766,6 +769,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     imx_rec = inter.get("imatrix") if calib else None
 
     built = []
+    checks = {}
     for t in todo:
         name = names[t]
         dest = folder / name
@@ -805,10 +809,16 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
                      imatrix=bool(calib))
         manifest.save()
         built.append(name)
+        checks[name] = verify_recorded(manifest, name, src.path, bits=gguf_bits(t), enabled=verify,
+                                       base_sha=src.sha, threads=threads)
 
     if not todo:
         manifest.log("gguf.resume", reused=[names[t] for t in reused])
         manifest.save()
+    for t in reused:  # a passed check is re-used; a missing or failed one is done now
+        checks[names[t]] = verify_recorded(manifest, names[t], src.path, bits=gguf_bits(t), enabled=verify,
+                                           base_sha=src.sha, threads=threads)
+    raise_if_failed(checks, folder)
     return GGUFResult(folder=folder, manifest=manifest, artifacts=[names[t] for t in types], built=built,
                       reused=[names[t] for t in reused], converted=converted,
                       imatrix=imatrix_path if calib else None)

@@ -56,11 +56,12 @@ from quantkit.util import (
     safetensors_tensors,
     versions,
 )
+from quantkit.verify import raise_if_failed, verify_recorded, verify_status
 
 DEFAULT_FORMAT = DEFAULT_HF_FORMAT
 RECIPE_NAME = "quantkit-recipe.json"
 LICENSE_GLOBS = ("LICENSE*", "LICENCE*", "license*", "NOTICE*", "USE_POLICY.md")
-TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status"]
+TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status", "verify"]
 _GB = 1e9
 
 
@@ -82,7 +83,8 @@ class QuantResult:
         a = self.artifact
         cal = a.get("calibration") or {}
         return [[self.name, a["format"], a["bits"], a["group_size"], human_size(a["size"]),
-                 cal.get("token_count"), f"{a['seconds']:.1f}", "cached" if self.cached else "built"]]
+                 cal.get("token_count"), f"{a['seconds']:.1f}", "cached" if self.cached else "built",
+                 verify_status(a)]]
 
     def table(self) -> str:
         return format_table(self.table_rows(), TABLE_HEADERS)
@@ -585,8 +587,9 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         sym: bool = True, act_order: bool = True, damp: float = 0.01, calibration: str | None = None,
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
-        offload: bool = False) -> QuantResult:
-    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq."""
+        offload: bool = False, verify: bool = True) -> QuantResult:
+    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq. The
+    folder is then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
     from quantkit.calibration import load_calibration, parse_spec
     from quantkit.hub import resolve_model
     from quantkit.manifest import Manifest, file_record
@@ -600,7 +603,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
                  damp=damp_v)
     spec = parse_spec(calibration)  # fail on a malformed SPEC before any download
     _check_group_size_from_headers(model, revision, group_size)
-    n = 6
+    n = 7
     _stage(1, n, f"resolving {model}")
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
     check_architecture(src.config, method, fmt)
@@ -616,6 +619,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     cached = _cached(folder, name, params, src.sha)
     if cached is not None:
         _stage(n, n, f"{folder} already holds {name} (intact): nothing to do")
+        _verify(cached, name, src, bits, verify)
         return QuantResult(folder=folder, name=name, manifest=cached, cached=True)
 
     stats = weight_stats(src.path)
@@ -694,4 +698,15 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return QuantResult(folder=folder, name=name, manifest=Manifest.load(folder), cached=False)
+    manifest = Manifest.load(folder)
+    _verify(manifest, name, src, bits, verify)
+    return QuantResult(folder=folder, name=name, manifest=manifest, cached=False)
+
+
+def _verify(manifest, name: str, src, bits: int, enabled: bool) -> None:
+    """Check the finished (or re-used) folder in its engine against the base; exit 1 when it fails."""
+    if enabled and not (manifest.artifact(name).get("verify") or {}).get("passed"):
+        _stage(7, 7, f"verifying {name} in its engine against the base")
+    with stdout_to_stderr():
+        res = verify_recorded(manifest, name, src.path, bits=bits, enabled=enabled, base_sha=src.sha)
+    raise_if_failed({name: res}, manifest.folder)

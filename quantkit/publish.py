@@ -258,12 +258,13 @@ def _check_ownership(api, repo_id: str, head: str, remote: dict, manifest: Manif
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, dry_run: bool = False,
          create_pr: bool = False, revision: str | None = None, prune: bool = False, license: str | None = None,
          accept_license_terms: bool = False, token: str | None = None, card: bool = True,
-         quantized_by: str | None = None) -> PushResult:
+         quantized_by: str | None = None, allow_unverified: bool = False) -> PushResult:
     """``quantkit push OUTDIR --repo org/name``. See the module docstring; returns what was (or would be) done."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 
     from quantkit.card import check_license, license_info, render_card
     from quantkit.hub import HUB_ID_RE
+    from quantkit.verify import check_publishable
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -301,6 +302,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
 
     lic = license_info(m.base, license)
     check_license(lic, repo_id, public=private is False, accept_terms=accept_license_terms)  # fail before any I/O
+    unverified_warnings = check_publishable(m, allow_unverified)
 
     token = token or get_token()
     api = HfApi(token=token if token else False)
@@ -318,6 +320,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
     effective_private = private if private is not None else (remote_private if exists else True)
 
     warnings = check_license(lic, repo_id, public=not effective_private, accept_terms=accept_license_terms)
+    warnings += unverified_warnings
 
     # generated files: the card (for this repo and branch) and the public manifest
     generated: dict[str, bytes] = {MANIFEST_NAME: public_manifest(m)}

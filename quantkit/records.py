@@ -134,7 +134,10 @@ class BenchScore(Record):
         """From one of ``bench()``'s variant rows, its context, the base row (same engine) and the optional
         reference row: the one place those keys are mapped."""
         c = context
-        keep = (lambda b: {k: b.get(k) for k in cls.BASE_FIELDS} if b else None)
+
+        def keep(b):
+            return {k: b.get(k) for k in cls.BASE_FIELDS} if b else None
+
         return cls(engine=row["engine"], device=row["device"], prompt_tokens=c["prompt_tokens"],
                    gen_tokens=c["gen_tokens"], repeats=c["repeats"], threads=c["threads"], pp_tps=row["pp_tps"],
                    pp_tps_std=row["pp_tps_std"], tg_tps=row["tg_tps"], tg_tps_std=row["tg_tps_std"],
@@ -149,15 +152,41 @@ class BenchScore(Record):
 
 @dataclass
 class VerifyResult(Record):
-    """A built artifact checked against its base right after it was made (``artifacts[name].verify``)."""
+    """A built artifact checked against its base right after it was made (``artifacts[name].verify``;
+    :mod:`quantkit.verify` makes it)."""
 
+    passed: bool | None = None
     engine: str | None = None
-    tokens: int | None = None
+    tokens: int = 0
     kld: float | None = None
     top1: float | None = None
-    passed: bool | None = None
+    bits: int | None = None
     bound: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    skipped: bool = False
+    time: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """Short form for summary tables: ``KLD 0.0712 ok``, ``skipped``, ``FAILED``."""
+        if self.skipped:
+            return "skipped"
+        if not self.passed:
+            return "FAILED"
+        return f"KLD {self.kld:.4f} ok"
+
+    def problem(self) -> str | None:
+        """What failed, in words (None when it passed)."""
+        if self.passed:
+            return None
+        if self.skipped:
+            return "not verified (built with --no-verify)"
+        if self.error:
+            return self.error
+        return (f"mean KLD {self.kld:.4g} to the base is above {self.bound:g}, the bound for {self.bits}-bit "
+                f"({self.tokens} tokens): its outputs are far from the base's")
 
 
 @dataclass
