@@ -45,12 +45,12 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbosity: int = 0) -> None:
-    """The one handler for quantkit's loggers: INFO by default, WARNING with -q, DEBUG with -v."""
+    """The one handler for quantkit's loggers: INFO by default, only errors with -q, DEBUG with -v."""
     root = logging.getLogger("quantkit")
     for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(h)
     root.addHandler(_StderrHandler())
-    root.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+    root.setLevel(logging.DEBUG if verbosity > 0 else logging.ERROR if verbosity < 0 else logging.INFO)
 
 
 def emit_json(obj) -> None:
@@ -88,7 +88,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="quantkit")
-@click.option("-q", "--quiet", "quiet", count=True, help="Only warnings and errors on stderr.")
+@click.option("-q", "--quiet", "quiet", count=True, help="Only errors on stderr (no progress messages or warnings).")
 @click.option("-v", "--verbose", "verbose", count=True, help="Also debug messages on stderr.")
 def cli(quiet, verbose):
     """Quantise open-weights LLMs (GGUF, AWQ, GPTQ), measure them, write cards and publish to the Hub."""

@@ -435,6 +435,8 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, private: bool | None =
                     files[p.name] = p
     local.update({rel: LocalFile(rel, p, recorded.get(rel)) for rel, p in files.items()})
 
+    log.debug("%s: %d remote file(s) at %s (%s)", repo_id, len(remote), head or "-",
+              "exists" if exists else "new")
     url = api.endpoint.rstrip("/") + f"/{repo_id}" + (f"/tree/{revision}" if revision != "main" else "")
     return PushPlan(folder=folder, repo=repo_id, revision=revision, private=bool(effective_private), exists=exists,
                     remote_private=remote_private, head=head, branch_exists=branch_exists, create_pr=create_pr,
@@ -506,7 +508,7 @@ def apply_push(plan: PushPlan) -> PushResult:
                                             f"{n_del} deleted" if n_del else "") if x))
         description = (f"Base: {m.base.get('id') or 'local folder'} @ {m.base.get('sha') or '?'}\n"
                        f"Pushed with quantkit {m.data.get('quantkit_version')}.")
-        log.info("uploading %d file(s), %s, to %s in one commit", n_up,
+        log.debug("uploading %d file(s), %s, to %s in one commit", n_up,
                  human_size(sum(f.size or 0 for f in plan.uploads)), repo_id)
         try:
             info = api.create_commit(repo_id, ops, commit_message=summary, commit_description=description,
