@@ -303,11 +303,11 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
     from quantkit.card import write_card
 
     res = write_card(outdir, repo_id=repo_id, revision=revision, license=license_id, quantized_by=quantized_by)
+    for w in res.warnings:  # on stderr with --json too: a licence warning must be seen
+        log.warning(w)
     if as_json:
         emit_json(res.to_json())
         return
-    for w in res.warnings:
-        log.warning(w)
     meta = res.metadata
     click.echo(f"wrote {res.path} ({len(res.text.encode())} bytes): base_model={meta.get('base_model', '-')}, "
                f"license={meta.get('license', 'unknown')}, tags={','.join(meta.get('tags', []))}")
@@ -335,11 +335,11 @@ def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_
 
     res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
                   prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card)
+    for w in res.warnings:  # on stderr with --json too: a licence warning must be seen
+        log.warning(w)
     if as_json:
         emit_json(res.to_json())
         return
-    for w in res.warnings:
-        log.warning(w)
     click.echo(describe(res))
 
 
