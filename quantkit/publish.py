@@ -51,8 +51,22 @@ class FileAction:
         return cls(**{k: d[k] for k in ("path", "action", "size", "reason", "sha256") if k in d})
 
 
+class _Actions:
+    """What a list of :class:`FileAction` (``self.files``) will upload and delete."""
+
+    files: list[FileAction]
+
+    @property
+    def uploads(self) -> list[FileAction]:
+        return [f for f in self.files if f.action == "upload"]
+
+    @property
+    def deletes(self) -> list[FileAction]:
+        return [f for f in self.files if f.action == "delete"]
+
+
 @dataclass
-class PushResult:
+class PushResult(_Actions):
     repo: str
     revision: str
     private: bool
@@ -64,14 +78,6 @@ class PushResult:
     url: str | None = None
     pr_url: str | None = None
     license: str | None = None
-
-    @property
-    def uploads(self) -> list[FileAction]:
-        return [f for f in self.files if f.action == "upload"]
-
-    @property
-    def deletes(self) -> list[FileAction]:
-        return [f for f in self.files if f.action == "delete"]
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "files"}
@@ -308,7 +314,7 @@ def _check_ownership(repo_id: str, head: str, remote: dict, manifest: Manifest, 
 # -- plan ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class PushPlan:
+class PushPlan(_Actions):
     """Everything a push will do, decided before the Hub changes: what ``--dry-run`` shows, what apply_push does."""
 
     folder: Path
@@ -329,14 +335,6 @@ class PushPlan:
     card_text: str | None = field(repr=False, default=None)
     set_private: bool | None = None  # change an existing repo's visibility to this
     token: str | None = field(repr=False, default=None)
-
-    @property
-    def uploads(self) -> list[FileAction]:
-        return [f for f in self.files if f.action == "upload"]
-
-    @property
-    def deletes(self) -> list[FileAction]:
-        return [f for f in self.files if f.action == "delete"]
 
     def result(self, *, dry_run: bool) -> PushResult:
         return PushResult(repo=self.repo, revision=self.revision, private=self.private, dry_run=dry_run,
