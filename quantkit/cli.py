@@ -9,6 +9,7 @@ functions, so ``quantkit --help`` stays fast.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
@@ -17,15 +18,82 @@ from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats import DEFAULT_GROUP_SIZE, DEFAULT_HF_FORMAT, HF_FORMATS, HF_METHODS
 
+log = logging.getLogger("quantkit.cli")  # not __name__: that is "__main__" under `python -m quantkit.cli`
+
+# -- output: results on stdout, everything else through logging on stderr -----------------------------------------------
+_JSON_OUT = "quantkit.json_out"  # click context meta: JSON texts held back until stdout is the real one again
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Plain messages on whatever sys.stderr is at the time (tests swap it); warnings and errors say so."""
+
+    PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler assigns it; we always look sys.stderr up
+        pass
+
+    def format(self, record):
+        return self.PREFIX.get(record.levelno, "") + super().format(record)
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """The one handler for quantkit's loggers: INFO by default, only errors with -q, DEBUG with -v."""
+    root = logging.getLogger("quantkit")
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)
+    root.addHandler(_StderrHandler())
+    root.setLevel(logging.DEBUG if verbosity > 0 else logging.ERROR if verbosity < 0 else logging.INFO)
+
 
 def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    text = json.dumps(obj, indent=2, default=str)
+    ctx = click.get_current_context(silent=True)
+    pending = ctx.meta.get(_JSON_OUT) if ctx is not None else None
+    if pending is None:
+        click.echo(text)
+    else:
+        pending.append(text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Command(click.Command):
+    """With ``--json``, the command runs with fd 1 sent to stderr, so nothing an engine prints while importing or
+    loading (Python, C libraries, child processes) reaches stdout; the JSON is written after, on the real stdout."""
+
+    def invoke(self, ctx):
+        if not ctx.params.get("as_json"):
+            return super().invoke(ctx)
+        from quantkit.util import stdout_to_stderr
+
+        pending = ctx.meta[_JSON_OUT] = []
+        try:
+            with stdout_to_stderr():
+                return super().invoke(ctx)
+        finally:
+            for text in pending:
+                click.echo(text)
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # sub-groups are _Group too
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="quantkit")
-def cli():
+@click.option("-q", "--quiet", "quiet", count=True, help="Only errors on stderr (no progress messages or warnings).")
+@click.option("-v", "--verbose", "verbose", count=True, help="Also debug messages on stderr.")
+def cli(quiet, verbose):
     """Quantise open-weights LLMs (GGUF, AWQ, GPTQ), measure them, write cards and publish to the Hub."""
+    setup_logging(verbose - quiet)
 
 
 # ---------------------------------------------------------------------------------------------- pull
@@ -254,11 +322,11 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
     from quantkit.card import write_card
 
     res = write_card(outdir, repo_id=repo_id, revision=revision, license=license_id, quantized_by=quantized_by)
+    for w in res.warnings:  # on stderr with --json too: a licence warning must be seen
+        log.warning(w)
     if as_json:
         emit_json(res.to_json())
         return
-    for w in res.warnings:
-        click.echo(f"warning: {w}", err=True)
     meta = res.metadata
     click.echo(f"wrote {res.path} ({len(res.text.encode())} bytes): base_model={meta.get('base_model', '-')}, "
                f"license={meta.get('license', 'unknown')}, tags={','.join(meta.get('tags', []))}")
@@ -289,11 +357,11 @@ def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_
     res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
                   prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card,
                   allow_unverified=allow_unverified)
+    for w in res.warnings:  # on stderr with --json too: a licence warning must be seen
+        log.warning(w)
     if as_json:
         emit_json(res.to_json())
         return
-    for w in res.warnings:
-        click.echo(f"warning: {w}", err=True)
     click.echo(describe(res))
 
 
@@ -406,16 +474,17 @@ def main(argv=None) -> None:
     from quantkit.util import quiet_third_party_logs
 
     quiet_third_party_logs()
+    setup_logging()
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except QuantkitError as e:
-        click.echo(f"error: {e}", err=True)
+        log.error(str(e))
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        click.echo("error: aborted; re-run the same command to resume where it stopped", err=True)
+        log.error("aborted; re-run the same command to resume where it stopped")
         sys.exit(130)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; re-run the same command to resume where it stopped", err=True)
+        log.error("interrupted; re-run the same command to resume where it stopped")
         sys.exit(130)
     except _NO_ARGS_IS_HELP as e:  # a bare `quantkit` / `quantkit recipe`: the help, as --help prints it
         click.echo(e.ctx.get_help())
@@ -423,7 +492,7 @@ def main(argv=None) -> None:
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "quantkit"
-        click.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+        log.error(f"{e.format_message()} (see `{where} --help`)")
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -54,6 +54,7 @@ from quantkit.util import (
     human_size,
     now_iso,
     safetensors_tensors,
+    stdout_to_stderr,
     versions,
 )
 from quantkit.verify import raise_if_failed, verify_recorded, verify_status
@@ -327,28 +328,6 @@ def engine_env_defaults() -> None:
         cores = default_threads()
         os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, min(12, (cores + 1) // 2)))
     os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Send whatever the engines print (Python- and C-level) to stderr while they run."""
-    sys.stdout.flush()
-    try:
-        fd_saved = os.dup(1)
-    except OSError:  # no real stdout
-        fd_saved = None
-    if fd_saved is not None:
-        os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        try:
-            sys.stdout.flush()
-        finally:
-            if fd_saved is not None:
-                os.dup2(fd_saved, 1)
-                os.close(fd_saved)
 
 
 @contextlib.contextmanager

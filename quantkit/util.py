@@ -77,6 +77,39 @@ def progress(iterable: Iterable | None = None, **kw) -> tqdm:
     return tqdm(iterable, **kw)
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever is printed meanwhile (Python, C libraries, child processes: fd 1) to stderr."""
+    sys.stdout.flush()
+    try:
+        fd_saved = os.dup(1)
+    except OSError:  # no real stdout
+        fd_saved = None
+    if fd_saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        try:
+            sys.stdout.flush()
+            _flush_c_stdio()
+        finally:
+            if fd_saved is not None:
+                os.dup2(fd_saved, 1)
+                os.close(fd_saved)
+
+
+def _flush_c_stdio() -> None:
+    """fflush(NULL): what a C library left in its stdout buffer belongs to the redirected fd, not the real one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (not POSIX)
+        pass
+
+
 def quiet_third_party_logs() -> None:
     """Silence import-time noise that says nothing to a quantkit user: torchao's "Failed to load <CUDA kernel
     .so>" on CPU-only machines (transformers imports torchao when it is installed) and torch's pytree
