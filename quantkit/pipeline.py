@@ -18,6 +18,7 @@ passed are pushed (``publish.only_passing``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -31,7 +32,7 @@ from typing import Callable
 from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
 from quantkit.recipe import Recipe, Variant, load_recipe
-from quantkit.util import dist_version, format_table, human_size, now_iso, write_json_atomic
+from quantkit.util import dist_version, format_table, human_size, now_iso, save_json_merged
 
 RUN_LOG = "quantkit-run.json"
 REPORT_MD = "quantkit-report.md"
@@ -72,6 +73,8 @@ def _call(fn: Callable, *args, **kwargs):
 class RunLog:
     """``<out>/quantkit-run.json``: every stage's key and outcome, plus an append-only event list."""
 
+    _PARTS = {"stages": {}, "events": [], "runs": []}
+
     def __init__(self, out: Path, readonly: bool = False):
         self.readonly = readonly
         self.path = out / RUN_LOG
@@ -81,8 +84,9 @@ class RunLog:
                 self.data = json.loads(self.path.read_text())
             except json.JSONDecodeError:
                 pass  # a torn log only costs a re-run of the stages
-            for k, v in (("stages", {}), ("events", []), ("runs", [])):
-                self.data.setdefault(k, v)
+            for k, v in self._PARTS.items():
+                self.data.setdefault(k, copy.deepcopy(v))
+        self._base = copy.deepcopy(self.data)  # saves merge against it: concurrent runs keep every event
 
     def record(self, stage: str) -> dict | None:
         return self.data["stages"].get(stage)
@@ -95,8 +99,9 @@ class RunLog:
         self.save()
 
     def save(self) -> None:
+        """Write under the log's lock, merged with what other processes recorded meanwhile."""
         if not self.readonly:
-            write_json_atomic(self.path, self.data)
+            self._base = save_json_merged(self.path, self.data, self._base, defaults=self._PARTS)
 
 
 # -- results ---------------------------------------------------------------------------------------------
