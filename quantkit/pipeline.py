@@ -354,7 +354,8 @@ class Pipeline:
                 from quantkit.gguf import quantize_gguf
 
                 r = _call(quantize_gguf, model, [v.params["type"]], folder, revision=revision,
-                          calibration=c.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"])
+                          calibration=c.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"],
+                          split_max_size=v.params.get("split_max_size"))
                 reused = bool(getattr(r, "reused", None))
             else:
                 mod = __import__(f"quantkit.{v.method}", fromlist=["x"])

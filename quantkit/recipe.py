@@ -226,7 +226,7 @@ PUBLISH = {"enabled": _BOOL, "repo": _STR, "private": _BOOL, "per": _STR, "only_
            "license": _OPT_STR, "accept_license_terms": _BOOL}
 VARIANT = {
     "gguf": {"method": _STR, "types": ((list, str), "a list of GGUF types"), "imatrix": _BOOL,
-             "outtype": _STR},
+             "outtype": _STR, "split_max_size": _STR},
     "awq": {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "format": _STR},
     "gptq": {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "sym": _BOOL, "format": _STR,
              "act_order": _BOOL, "damp": _NUM},
@@ -438,6 +438,15 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
             if outtype not in ("auto", "f16", "bf16", "f32"):
                 chk.fail(path + ("outtype",), f"must be one of auto, f16, bf16, f32 (got {outtype!r})")
             imatrix = bool(e.get("imatrix", False))
+            split = {}
+            if e.get("split_max_size") is not None:
+                from quantkit.gguf import split_size_bytes
+
+                try:
+                    split_size_bytes(e["split_max_size"])
+                    split = {"split_max_size": str(e["split_max_size"]).strip().upper()}
+                except QuantkitError as err:
+                    chk.fail(path + ("split_max_size",), str(err))
             for j, t in enumerate(types):
                 norm = TYPE_ALIASES.get(str(t).strip().upper().replace("-", "_"), str(t).strip().upper())
                 if norm not in SUPPORTED_TYPES:
@@ -448,7 +457,7 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
                 if norm.startswith("IQ") and not imatrix:
                     chk.fail(path + ("types", j), f"{norm} needs an importance matrix: add `imatrix: true`")
                 v = Variant(name=norm, method="gguf", entry=i, line=line,
-                            params={"type": norm, "imatrix": imatrix, "outtype": outtype})
+                            params={"type": norm, "imatrix": imatrix, "outtype": outtype, **split})
                 out.append(v)
         else:
             from quantkit.hfquant import ALLOWED_BITS
