@@ -62,7 +62,6 @@ TABLE_HEADERS = ["type", "file", "size", "bits/weight", "seconds", "status"]
 IMATRIX_SAMPLES = 64   # chunks of calibration text fed to the importance matrix
 IMATRIX_CTX = 512      # tokens per chunk (llama-imatrix's default context)
 AUTO_F32_MAX_PARAMS = 1_000_000_000  # outtype auto: keep fp32 weights as F32 up to this size
-HUB_MAX_FILE_BYTES = 50 * 1000 ** 3  # the Hub refuses single files over 50 GB
 # Split GGUFs bigger than this (llama-gguf-split's spelling): 2 GB under the Hub's limit, because
 # llama-gguf-split counts only tensor data against it (the first shard also holds the metadata and vocabulary)
 # and cuts only between tensors.
