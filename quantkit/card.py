@@ -302,6 +302,9 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "files": [{"path": f.get("path", "?"), "size": f.get("size", ""), "sha256": f.get("sha256", "")}
                       for f in rec.get("files") or [] if isinstance(f, dict)],
             "quant_method": rec.get("method") or fmt,
+            # a split GGUF: one row for the set, fetched whole with `hf download --include`, loaded from shard 1
+            "shards": len(rec.get("files") or []) if fmt == "gguf" else 1,
+            "include": f"*-{typ}-*" if fmt == "gguf" else None,
         })
     return rows
 

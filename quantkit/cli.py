@@ -133,14 +133,18 @@ no_verify_option = click.option(
               help="Type of the intermediate GGUF converted once from the HF weights.")
 @click.option("--threads", type=int, help="Threads for quantising (default: $QUANTKIT_THREADS, else every core "
                                           "this process may use).")
+@click.option("--split-max-size", metavar="SIZE",
+              help="Split a GGUF bigger than SIZE into llama.cpp shards (e.g. 500M, 48G; default 48G, under the "
+                   "Hub's 50 GB per-file limit).")
 @no_verify_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, no_verify, as_json):
+def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, split_max_size, no_verify, as_json):
     """Convert MODEL (Hub id or local folder) once to GGUF, then quantise it to every --types."""
     from quantkit.gguf import quantize_gguf
 
     res = quantize_gguf(model, types.split(","), out, revision=revision, calibration=calibration,
-                        allow_pickle=allow_pickle, outtype=outtype, threads=threads, verify=not no_verify)
+                        allow_pickle=allow_pickle, outtype=outtype, threads=threads, verify=not no_verify,
+                        split_max_size=split_max_size)
     if as_json:
         emit_json(res.to_json())
     else:

@@ -149,8 +149,8 @@ def _from_manifest(folder: Path, spec: str) -> list[Variant]:
                 raise QuantkitError(f"{folder}/quantkit.json lists {name} at {p}, which is missing: re-run the "
                                     "command that made it (it redoes only what is missing)")
             label = name[:-5] if name.endswith(".gguf") else name
-            out.append(Variant(label, "gguf", p, "gguf", spec, rec.get("type"), folder, name, p.stat().st_size,
-                               rec.get("bits_per_weight")))
+            out.append(Variant(label, "gguf", p, "gguf", spec, rec.get("type"), folder, name,
+                               rec.get("size") or p.stat().st_size, rec.get("bits_per_weight")))
         elif p.is_dir() and (p / "config.json").is_file():
             out.append(Variant(name, "hf", p, fmt, spec, rec.get("type"), folder, name, _weights_size(p),
                                rec.get("bits_per_weight")))
@@ -161,6 +161,7 @@ def _from_manifest(folder: Path, spec: str) -> list[Variant]:
 
 def resolve_variants(spec: str) -> list[Variant]:
     """A VARIANT argument -> the things to score (a folder of GGUFs gives one per artifact)."""
+    from quantkit.gguf import gguf_entry_points, gguf_set_size
     from quantkit.hub import HUB_ID_RE
 
     p = Path(os.path.expanduser(spec))
@@ -176,7 +177,7 @@ def resolve_variants(spec: str) -> list[Variant]:
                         return [v]
             except QuantkitError:
                 pass
-        return [Variant(p.stem, "gguf", p, "gguf", spec, size=p.stat().st_size)]
+        return [Variant(p.stem, "gguf", p, "gguf", spec, size=gguf_set_size(p))]
     if p.is_dir():
         p = p.resolve()
         if (p / "quantkit.json").is_file():
@@ -185,9 +186,9 @@ def resolve_variants(spec: str) -> list[Variant]:
             if not any(p.glob("*.safetensors")):
                 raise QuantkitError(f"{spec} has no *.safetensors weights: nothing to evaluate")
             return [Variant(p.name, "hf", p, _hf_format(p), spec, size=_weights_size(p))]
-        ggufs = sorted(p.glob("*.gguf"))
+        ggufs = gguf_entry_points(sorted(p.glob("*.gguf")))  # a split set: its first shard
         if ggufs:
-            return [Variant(g.stem, "gguf", g, "gguf", spec, size=g.stat().st_size) for g in ggufs]
+            return [Variant(g.stem, "gguf", g, "gguf", spec, size=gguf_set_size(g)) for g in ggufs]
         raise QuantkitError(f"{spec} holds no quantkit.json, config.json or .gguf file: nothing to evaluate")
     if spec.startswith(("./", "../", "/", "~")) or not HUB_ID_RE.match(spec):
         raise QuantkitError(f"{spec} does not exist (give a .gguf file, a model folder or a Hub id org/name)")
@@ -196,6 +197,8 @@ def resolve_variants(spec: str) -> list[Variant]:
 
 def _hub_variants(repo_id: str) -> list[Variant]:
     from huggingface_hub import HfApi, snapshot_download
+
+    from quantkit.gguf import gguf_entry_points, gguf_set_size
 
     try:
         files = [s.rfilename for s in (HfApi().model_info(repo_id).siblings or [])]
@@ -216,7 +219,8 @@ def _hub_variants(repo_id: str) -> list[Variant]:
 
             raise _hub_error(e, repo_id, None) from None
         vs = _from_manifest(path, repo_id) if (path / "quantkit.json").is_file() else \
-            [Variant(g.stem, "gguf", g, "gguf", repo_id, size=g.stat().st_size) for g in sorted(path.glob("*.gguf"))]
+            [Variant(g.stem, "gguf", g, "gguf", repo_id, size=gguf_set_size(g))
+             for g in gguf_entry_points(sorted(path.glob("*.gguf")))]
         for v in vs:  # never write into the Hub cache
             v.manifest_dir = v.artifact = None
         return vs

@@ -50,6 +50,8 @@ from quantkit.util import (
     Timer,
     cache_home,
     default_threads,
+    file_lock,
+    folder_lock_file,
     format_table,
     human_size,
     now_iso,
@@ -64,6 +66,10 @@ RECIPE_NAME = "quantkit-recipe.json"
 LICENSE_GLOBS = ("LICENSE*", "LICENCE*", "license*", "NOTICE*", "USE_POLICY.md")
 TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status", "verify"]
 _GB = 1e9
+# Safetensors shards of the saved weights (``model.safetensors.index.json`` + ``model-0000i-of-0000n``), set
+# explicitly for both engines: the Hub's and vLLM's usual shard size (transformers 5's own default is 50GB,
+# gptqmodel's 4GB in binary units), small enough to resume downloads and load shard by shard.
+MAX_SHARD_SIZE = "5GB"
 
 
 @dataclass
@@ -410,7 +416,8 @@ def _strip_temp_paths(folder: Path) -> None:
 
 # -- the engines --------------------------------------------------------------------------------
 
-def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str) -> dict:
+def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str,
+                   max_shard_size: str = MAX_SHARD_SIZE) -> dict:
     engine_env_defaults()
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.quantization import AWQConfig, GPTQConfig
@@ -429,11 +436,12 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
                      **({"desc_act": p["act_order"], "sym": p["sym"], "damp_percent": p["damp"]}
                         if method == "gptq" else {"sym": False})},
             "quantize": {"calibration": f"{len(texts)} strings", "batch_size": 1,
-                         **({"backend": "AWQ_TORCH"} if kw else {})}}
+                         **({"backend": "AWQ_TORCH"} if kw else {})},
+            "save": {"max_shard_size": max_shard_size}}
     with gptqmodel_logs_redirect():
         model = GPTQModel.load(str(src_path), cfg, device=device)
         model.quantize(texts, batch_size=1, **kw)
-        model.save(str(work))
+        model.save(str(work), max_shard_size=max_shard_size)
     del model
     shutil.rmtree(offload_dir, ignore_errors=True)
     _strip_temp_paths(work)
@@ -460,7 +468,7 @@ def _ct_modifiers(method: str, p: dict):
 
 
 def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str], p: dict, tokenizer,
-                       offload: bool, moe: bool = False) -> dict:
+                       offload: bool, moe: bool = False, max_shard_size: str = MAX_SHARD_SIZE) -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -490,7 +498,7 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
         oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=p["seq_len"],
                 num_calibration_samples=len(texts), shuffle_calibration_samples=False,
                 moe_calibrate_all_experts=moe)
-    model.save_pretrained(str(work), save_compressed=True)
+    model.save_pretrained(str(work), save_compressed=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(work))
     shutil.rmtree(work / ".offload", ignore_errors=True)
     del model
@@ -501,7 +509,7 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
                         "num_calibration_samples": len(texts), "shuffle_calibration_samples": False,
                         "moe_calibrate_all_experts": moe,
                         "dataset": f"{len(texts)} texts (column text)"},
-            "save_pretrained": {"save_compressed": True},
+            "save_pretrained": {"save_compressed": True, "max_shard_size": max_shard_size},
             "cpu_pin_memory_patch": patched}
 
 
@@ -566,12 +574,12 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         sym: bool = True, act_order: bool = True, damp: float = 0.01, calibration: str | None = None,
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
-        offload: bool = False, verify: bool = True) -> QuantResult:
+        offload: bool = False, verify: bool = True, max_shard_size: str = MAX_SHARD_SIZE) -> QuantResult:
     """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq. The
-    folder is then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
-    from quantkit.calibration import load_calibration, parse_spec
+    weights are saved in safetensors shards of at most ``max_shard_size`` (transformers' spelling); the folder is
+    then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
+    from quantkit.calibration import parse_spec
     from quantkit.hub import resolve_model
-    from quantkit.manifest import Manifest, file_record
     from quantkit.util import sha256_file
 
     m = HF_METHODS[method]  # what the method does not let a user choose comes from its row
@@ -595,6 +603,19 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     params.update({k: v for k, v in (("act_order", act_order), ("damp", damp)) if k in m.options})
     if spec.path is not None:
         params["calibration_file_sha256"] = sha256_file(spec.path)
+    # one process builds a folder at a time; another one waits, then finds it cached
+    with file_lock(folder_lock_file(folder), what=f"{folder.name} is being built by another process"):
+        return _build(method, src, name, folder, params, spec, n, fmt=fmt, bits=bits, group_size=group_size,
+                      calibration=calibration, samples=samples, seq_len=seq_len, device=device, offload=offload,
+                      max_shard_size=max_shard_size, moe=moe, verify=verify)
+
+
+def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int, *, fmt: str, bits: int,
+           group_size: int, calibration, samples: int, seq_len: int, device: str, offload: bool,
+           max_shard_size: str, moe: dict, verify: bool) -> QuantResult:
+    from quantkit.calibration import load_calibration
+    from quantkit.manifest import Manifest, file_record
+
     cached = _cached(folder, name, params, src.sha)
     if cached is not None:
         _stage(n, n, f"{folder} already holds {name} (intact): nothing to do")
@@ -626,10 +647,10 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         engine_env_defaults()
         with Timer() as t, stdout_to_stderr():
             if fmt == "classic":
-                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used)
+                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used, max_shard_size)
             else:
                 call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload,
-                                          moe=bool(moe))
+                                          moe=bool(moe), max_shard_size=max_shard_size)
         _stage(4, n, f"quantised in {t.seconds:.1f} s; writing recipe, licence and manifest")
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,

@@ -22,6 +22,7 @@ passed are pushed (``publish.only_passing``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
 from quantkit.recipe import Recipe, Variant, load_recipe
 from quantkit.records import GATES, BenchScore, EvalScore, PushResult, QuantResult, Record, VariantResult
-from quantkit.util import dist_version, format_table, human_size, now_iso, write_json_atomic
+from quantkit.util import dist_version, format_table, human_size, now_iso, save_json_merged
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def _engines(stage: str) -> dict:
 class RunLog:
     """``<out>/quantkit-run.json``: every stage's key and outcome, plus an append-only event list."""
 
+    _PARTS = {"stages": {}, "events": [], "runs": []}
+
     def __init__(self, out: Path, readonly: bool = False):
         self.readonly = readonly
         self.path = out / RUN_LOG
@@ -79,8 +82,9 @@ class RunLog:
                 self.data = json.loads(self.path.read_text())
             except json.JSONDecodeError:
                 pass  # a torn log only costs a re-run of the stages
-            for k, v in (("stages", {}), ("events", []), ("runs", [])):
-                self.data.setdefault(k, v)
+            for k, v in self._PARTS.items():
+                self.data.setdefault(k, copy.deepcopy(v))
+        self._base = copy.deepcopy(self.data)  # saves merge against it: concurrent runs keep every event
 
     def record(self, stage: str) -> dict | None:
         return self.data["stages"].get(stage)
@@ -93,8 +97,9 @@ class RunLog:
         self.save()
 
     def save(self) -> None:
+        """Write under the log's lock, merged with what other processes recorded meanwhile."""
         if not self.readonly:
-            write_json_atomic(self.path, self.data)
+            self._base = save_json_merged(self.path, self.data, self._base, defaults=self._PARTS)
 
 
 # -- results ---------------------------------------------------------------------------------------------
@@ -191,7 +196,8 @@ def _quantize_gguf(model: str, v: Variant, cal, out: Path, revision: str | None)
     from quantkit.gguf import quantize_gguf
 
     r = quantize_gguf(model, [v.params["type"]], out, revision=revision,
-                      calibration=cal.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"])
+                      calibration=cal.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"],
+                      split_max_size=v.params.get("split_max_size"))
     return bool(r.reused)
 
 
