@@ -203,6 +203,17 @@ def resolve_variants(spec: str) -> list[Variant]:
     return _hub_variants(spec)
 
 
+def unique_names(resolved: list[Variant]) -> list[Variant]:
+    """Unique display names (two folders may both hold "Q4_K_M")."""
+    seen: dict[str, int] = {}
+    for v in resolved:
+        seen[v.name] = seen.get(v.name, 0) + 1
+    for v in resolved:
+        if seen[v.name] > 1:
+            v.name = f"{v.name} [{v.manifest_dir.name if v.manifest_dir else v.path.parent.name}]"
+    return resolved
+
+
 def _hub_variants(repo_id: str) -> list[Variant]:
     from huggingface_hub import HfApi, snapshot_download
 
@@ -580,7 +591,16 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
 
 # ------------------------------------------------------------------------------------------ report
 GATE_LABELS = {"kld_mean": ("KLD", ">", "--max-kld"), "ppl_increase": ("dPPL", ">", "--max-ppl-increase"),
-               "top1": ("top-1", "<", "--min-top1")}
+               "top1": ("top-1", "<", "--min-top1"),
+               "recovery": ("recovery", "<", "--min-recovery")}  # task score / base score (quantkit.tasks)
+
+
+def gate_failure_line(failed: list[dict]) -> str:
+    parts = []
+    for f in failed:
+        label, op, opt = GATE_LABELS[f["gate"]]
+        parts.append(f"{f['variant']} {label} {f['shown']} {op} {opt} {f['limit_shown']}")
+    return f"{len(failed)} quality gate(s) failed: " + "; ".join(parts)
 
 
 @dataclass
@@ -597,11 +617,7 @@ class EvalReport:
                 "failed": self.failed, "passed": not self.failed, "notes": self.notes}
 
     def failure_line(self) -> str:
-        parts = []
-        for f in self.failed:
-            label, op, opt = GATE_LABELS[f["gate"]]
-            parts.append(f"{f['variant']} {label} {f['shown']} {op} {opt} {f['limit_shown']}")
-        return f"{len(self.failed)} quality gate(s) failed: " + "; ".join(parts)
+        return gate_failure_line(self.failed)
 
     def table(self) -> str:
         bad = {(f["variant"], f["gate"]) for f in self.failed}
@@ -751,14 +767,7 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     if mt is not None:
         gates["top1"] = {"limit": mt, "shown": f"{mt * 100:g}%"}
 
-    resolved = [v for spec in variants for v in resolve_variants(spec)]
-    # Unique display names (two folders may both hold "Q4_K_M").
-    seen: dict[str, int] = {}
-    for v in resolved:
-        seen[v.name] = seen.get(v.name, 0) + 1
-    for v in resolved:
-        if seen[v.name] > 1:
-            v.name = f"{v.name} [{v.manifest_dir.name if v.manifest_dir else v.path.parent.name}]"
+    resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
 
     src = resolve_model(base)
     content, text_name = load_text(text)
