@@ -27,6 +27,7 @@ How it works
 from __future__ import annotations
 
 import difflib
+import glob
 import hashlib
 import json
 import logging
@@ -92,7 +93,7 @@ def load_task_yaml(path: Path) -> dict:
             files = fix(files)
         for p in (files.values() if isinstance(files, dict) else [files]):
             for one in (p if isinstance(p, list) else [p]):
-                if "://" not in one and not any(Path().glob(one)) and not Path(one).exists():
+                if "://" not in one and not glob.glob(one):
                     raise QuantkitError(f"task YAML {path}: data file {one} does not exist")
         cfg["dataset_kwargs"] = {**kwargs, "data_files": files}
     return cfg
@@ -305,6 +306,8 @@ def hf_lm(path, tokenizer, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int
         torch.set_num_threads(threads)
     device = _hf_device()
     model = load_hf_model(Path(path), device)
+    # HFLM warns that a model object (not a name) was passed: that is deliberate here
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, device=device)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     lm.engine = f"transformers {dist_version('transformers')} ({device}, {dtype})"
@@ -406,9 +409,9 @@ class TaskReport:
         def pm(score, se, hib):
             if score is None:
                 return "n/a"
-            pct = hib and abs(score) <= 1
-            f = (lambda x: f"{x * 100:.1f}") if pct else (lambda x: f"{x:.4g}")
-            return f"{f(score)} ± {f(se)}" if se is not None else f(score)
+            if hib and abs(score) <= 1:
+                return f"{score * 100:.1f}%" + (f" ± {se * 100:.1f}" if se is not None else "")
+            return f"{score:.4g}" + (f" ± {se:.2g}" if se is not None else "")
 
         rows = []
         for r in self.rows:
@@ -479,6 +482,9 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
                             "be an HF folder with its tokenizer files") from None
 
     base_lm = hf_lm(src.path, tok, max_length, batch_size, threads)
+    # never beyond the base's trained context, and the same for every engine
+    max_length = min(max_length, getattr(base_lm.model.config, "max_position_embeddings", None) or max_length)
+    base_lm._max_length = max_length
     base_scores, base_s = _run_tasks(base_lm, taskset, limit, num_fewshot)
     base_engine = base_lm.engine
     del base_lm
