@@ -744,12 +744,20 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     return row
 
 
+def base_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise QuantkitError(f"cannot load the base tokenizer from {path} ({type(e).__name__}); the base must "
+                            "be an HF folder with its tokenizer files") from None
+
+
 def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ctx: int = 512,
              max_tokens: int = 32768, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
              write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None) -> EvalReport:
     """Score every variant against ``base`` on one token stream; see the module docstring."""
-    from transformers import AutoTokenizer
-
     from quantkit.hub import resolve_model
     from quantkit.texts import text_sha256
 
@@ -772,11 +780,7 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     src = resolve_model(base)
     content, text_name = load_text(text)
     tsha = text_sha256(content)
-    try:
-        tok = AutoTokenizer.from_pretrained(src.path)
-    except Exception as e:
-        raise QuantkitError(f"cannot load the base tokenizer from {src.path} ({type(e).__name__}); the base must "
-                            "be an HF folder with its tokenizer files") from None
+    tok = base_tokenizer(src.path)
     stream = make_stream(tok, content, ctx, max_tokens)
     cache, cache_path, cached = base_cache(src.path, src.sha, tsha, stream, max_tokens, top_k, threads)
     meta = cache["meta"]

@@ -458,7 +458,7 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     """Score ``base`` and every variant on ``tasks`` with lm-eval; see the module docstring."""
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import parse_fraction, resolve_variants, unique_names
+    from quantkit.evaluate import base_tokenizer, parse_fraction, resolve_variants, unique_names
     from quantkit.hub import resolve_model
     from quantkit.util import dist_version
 
@@ -475,11 +475,7 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     taskset = resolve_tasks(tasks)
     resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
     src = resolve_model(base)
-    try:
-        tok = AutoTokenizer.from_pretrained(src.path)
-    except Exception as e:
-        raise QuantkitError(f"cannot load the base tokenizer from {src.path} ({type(e).__name__}); the base must "
-                            "be an HF folder with its tokenizer files") from None
+    tok = base_tokenizer(src.path)
 
     base_lm = hf_lm(src.path, tok, max_length, batch_size, threads)
     # never beyond the base's trained context, and the same for every engine
