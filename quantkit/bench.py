@@ -353,6 +353,7 @@ def bench(variants: list[str], *, prompt_tokens: int = 512, gen_tokens: int = 12
 
 def _write_manifests(report: BenchReport, resolved: list[Variant]) -> None:
     from quantkit.manifest import Manifest
+    from quantkit.records import BenchScore
 
     c = report.context
     by_dir: dict[Path, list] = {}
@@ -365,15 +366,6 @@ def _write_manifests(report: BenchReport, resolved: list[Variant]) -> None:
         for v, r in items:
             if v.artifact not in m.artifacts:
                 continue
-            m.update_artifact(v.artifact, bench={
-                "engine": r["engine"], "device": r["device"], "prompt_tokens": c["prompt_tokens"],
-                "gen_tokens": c["gen_tokens"], "repeats": c["repeats"], "threads": c["threads"],
-                "pp_tps": r["pp_tps"], "pp_tps_std": r["pp_tps_std"], "tg_tps": r["tg_tps"],
-                "tg_tps_std": r["tg_tps_std"], "size": r["size"], "bits_per_weight": r["bits_per_weight"],
-                "peak_memory": r["peak_memory"], "peak_gpu_memory": r["peak_gpu_memory"],
-                "pp_gain": r.get("pp_gain"), "tg_gain": r.get("tg_gain"), "size_gain": r.get("size_gain"),
-                "base": {"name": b["name"], "engine": b["engine"], "pp_tps": b["pp_tps"], "tg_tps": b["tg_tps"],
-                         "size": b["size"], "peak_memory": b["peak_memory"]} if b else None,
-                "hardware": c["hardware"], "time": c["time"]})
+            m.update_artifact(v.artifact, bench=BenchScore.from_row(r, c, b).to_json())
         m.log("bench", variants=[v.artifact for v, _ in items])
         m.save()

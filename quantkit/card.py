@@ -25,6 +25,7 @@ from pathlib import Path
 from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
+from quantkit.records import BenchScore, EvalScore
 from quantkit.util import atomic_path, human_size
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -308,7 +309,7 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "mem_kind": "RAM" if fmt == "gguf" else "VRAM", "advice": advice, "revision": revision or "main",
             "params": scrub_paths(params), "calibration": scrub_paths(rec.get("calibration")),
             "tools": rec.get("tools") or {},
-            "eval": rec.get("eval") or None, "bench": rec.get("bench") or None,
+            "eval": EvalScore.from_json(rec.get("eval")), "bench": BenchScore.from_json(rec.get("bench")),
             "files": [{"path": f.get("path", "?"), "size": f.get("size", ""), "sha256": f.get("sha256", "")}
                       for f in rec.get("files") or [] if isinstance(f, dict)],
             "quant_method": rec.get("method") or fmt,
@@ -320,27 +321,27 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
     measured = [r for r in rows if r["eval"] or r["bench"]]
     table = []
     for r in rows:
-        e, b = r["eval"] or {}, r["bench"] or {}
-        ratio = e.get("ppl_ratio")
-        if ratio is None and e.get("ppl") and e.get("base_ppl"):
-            ratio = e["ppl"] / e["base_ppl"]
-        peak = b.get("peak_memory") or b.get("peak_mem") or b.get("peak_mem_bytes") or b.get("peak_rss")
+        e, b = r["eval"] or EvalScore(), r["bench"] or BenchScore()
+        ratio = e.ppl_ratio
+        if ratio is None and e.ppl and e.base_ppl:
+            ratio = e.ppl / e.base_ppl
+        peak = b.peak_memory
         table.append({
             "name": r["path"] if not r["folder"] else f"{r['type'] or r['format']} (folder)",
-            "ppl": _fmt_num(e.get("ppl"), ".4f"),
+            "ppl": _fmt_num(e.ppl, ".4f"),
             "dppl": (f"{(ratio - 1) * 100:+.2f}%" if ratio is not None else "—")
-            + (f" ± {e['ppl_ratio_se'] * 100:.2f}" if isinstance(e.get("ppl_ratio_se"), (int, float)) else ""),
-            "kld": _fmt_num(e.get("kld_mean"), ".5f"), "kld_p99": _fmt_num(e.get("kld_p99"), ".4f"),
-            "top1": (f"{e['top1'] * 100:.2f}%" if isinstance(e.get("top1"), (int, float)) else "—"),
-            "pp": _fmt_num(b.get("pp_tps"), ".1f"), "tg": _fmt_num(b.get("tg_tps"), ".1f"),
+            + (f" ± {e.ppl_ratio_se * 100:.2f}" if isinstance(e.ppl_ratio_se, (int, float)) else ""),
+            "kld": _fmt_num(e.kld_mean, ".5f"), "kld_p99": _fmt_num(e.kld_p99, ".4f"),
+            "top1": (f"{e.top1 * 100:.2f}%" if isinstance(e.top1, (int, float)) else "—"),
+            "pp": _fmt_num(b.pp_tps, ".1f"), "tg": _fmt_num(b.tg_tps, ".1f"),
             "peak": human_size(peak) if isinstance(peak, (int, float)) else "—",
-            "measured": bool(e or b),
+            "measured": bool(r["eval"] or r["bench"]),
         })
-    first_eval = next((r["eval"] for r in rows if r["eval"]), {}) or {}
-    first_bench = next((r["bench"] for r in rows if r["bench"]), {}) or {}
-    ev = {**{k: first_eval.get(k) for k in ("text", "text_sha256", "ctx", "tokens", "base_ppl")},
+    first_eval = next((r["eval"] for r in rows if r["eval"]), None) or EvalScore()
+    first_bench = next((r["bench"] for r in rows if r["bench"]), None) or BenchScore()
+    ev = {**{k: getattr(first_eval, k) for k in ("text", "text_sha256", "ctx", "tokens", "base_ppl")},
           **{k: v for k, v in (evaluation or {}).items() if v is not None}}
-    hw = ev.get("hardware") or first_bench.get("hardware") or {}
+    hw = ev.get("hardware") or first_bench.hardware or {}
     hardware = None
     if isinstance(hw, dict) and hw:
         parts = [hw.get("cpu")]
@@ -356,9 +357,8 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
     text = ev.get("text")
     if isinstance(text, dict):
         text = text.get("name") or text.get("source") or json.dumps(text, sort_keys=True)
-    bench_ctx = {k.replace("_", " "): first_bench.get(k) for k in
-                 ("engine", "device", "prompt_tokens", "gen_tokens", "n_prompt", "n_gen", "repeats", "threads", "ctx")
-                 if first_bench.get(k)}
+    bench_ctx = {k.replace("_", " "): getattr(first_bench, k) for k in
+                 ("engine", "device", "prompt_tokens", "gen_tokens", "repeats", "threads") if getattr(first_bench, k)}
     return {"any": bool(measured), "rows": table, "any_eval": any(r["eval"] for r in rows),
             "any_bench": any(r["bench"] for r in rows), "text": text,
             "text_sha256": (ev.get("text_sha256") or "")[:16] or None, "ctx": ev.get("ctx"),

@@ -356,7 +356,7 @@ def run_cmd(recipe, overrides, only, dry_run, no_push, as_json):
     from quantkit.pipeline import run_recipe
 
     res = run_recipe(recipe, overrides=overrides, only=only, dry_run=dry_run, push=not no_push,
-                     log=None if as_json else (lambda m: click.echo(m, err=True)))
+                     progress=not as_json)
     emit_json(res.to_json()) if as_json else click.echo(res.table())
     if res.exit_code:
         sys.exit(res.exit_code)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.records import GATE_BY_KEY, GATES, EvalScore
 from quantkit.util import (atomic_path, cache_home, dist_version, format_table, human_size, now_iso, progress,
                            sha256_bytes)
 
@@ -590,16 +591,14 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
 
 
 # ------------------------------------------------------------------------------------------ report
-GATE_LABELS = {"kld_mean": ("KLD", ">", "--max-kld"), "ppl_increase": ("dPPL", ">", "--max-ppl-increase"),
-               "top1": ("top-1", "<", "--min-top1"),
-               "recovery": ("recovery", "<", "--min-recovery")}  # task score / base score (quantkit.tasks)
-
-
-def gate_failure_line(failed: list[dict]) -> str:
+def gate_failure_line(failed: list[dict], gates=None) -> str:
+    """The one-line summary of failed gates; ``gates``: key -> :class:`quantkit.records.Gate` (default the
+    eval gates)."""
+    gates = gates or GATE_BY_KEY
     parts = []
     for f in failed:
-        label, op, opt = GATE_LABELS[f["gate"]]
-        parts.append(f"{f['variant']} {label} {f['shown']} {op} {opt} {f['limit_shown']}")
+        g = gates[f["gate"]]
+        parts.append(f"{f['variant']} {g.label} {f['shown']} {g.op} {g.flag} {f['limit_shown']}")
     return f"{len(failed)} quality gate(s) failed: " + "; ".join(parts)
 
 
@@ -642,7 +641,7 @@ class EvalReport:
         lines = [f"text: {c['text']} (sha256 {c['text_sha256'][:16]}...), {c['tokens']} tokens, {c['layout']}",
                  "", format_table(rows, headers)]
         if self.gates:
-            gl = ", ".join(f"{GATE_LABELS[g][2]} {v['shown']}" for g, v in self.gates.items())
+            gl = ", ".join(f"{GATE_BY_KEY[g].flag} {v['shown']}" for g, v in self.gates.items())
             lines += ["", f"gates: {gl}: " + ("all passed" if not self.failed else
                                                 f"{len(self.failed)} failed (cells marked !)")]
         for n in self.notes:
@@ -765,15 +764,12 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
         raise QuantkitError("give at least one VARIANT to evaluate against the base")
     if top_k < 1:
         raise QuantkitError(f"--top-k {top_k} must be at least 1")
-    gates = {}
-    if max_kld is not None:
-        gates["kld_mean"] = {"limit": float(max_kld), "shown": f"{float(max_kld):g}"}
-    inc = parse_fraction(max_ppl_increase, "--max-ppl-increase", percent_only_above_one=True)
-    if inc is not None:
-        gates["ppl_increase"] = {"limit": inc, "shown": f"{inc * 100:g}%"}
-    mt = parse_fraction(min_top1, "--min-top1")
-    if mt is not None:
-        gates["top1"] = {"limit": mt, "shown": f"{mt * 100:g}%"}
+    limits = {"max_kld": None if max_kld is None else float(max_kld),
+              "max_ppl_increase": parse_fraction(max_ppl_increase, "--max-ppl-increase",
+                                                 percent_only_above_one=True),
+              "min_top1": parse_fraction(min_top1, "--min-top1")}
+    gates = {g.key: {"limit": limits[g.name], "shown": g.show_limit(limits[g.name])}
+             for g in GATES if limits[g.name] is not None}
 
     resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
 
@@ -800,19 +796,15 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
 
     failed = []
     for r in rows:
-        checks = {"kld_mean": (r["kld_mean"], lambda x, lim: x > lim),
-                  "ppl_increase": (r["ppl_ratio"] - 1, lambda x, lim: x > lim),
-                  "top1": (r["top1"], lambda x, lim: x < lim)}
+        score = EvalScore.from_row(r, context)
         r["gates"] = {}
-        for g, spec in gates.items():
-            value, fails = checks[g]
-            ok = not fails(value, spec["limit"])
-            r["gates"][g] = ok
+        for key, spec in gates.items():
+            g = GATE_BY_KEY[key]
+            value = g.value(score)
+            r["gates"][key] = ok = g.passes(value, spec["limit"])
             if not ok:
-                shown = {"kld_mean": f"{value:.5f}", "ppl_increase": f"{value * 100:+.2f}%",
-                         "top1": f"{value * 100:.2f}%"}[g]
-                failed.append({"variant": r["name"], "gate": g, "value": value, "limit": spec["limit"],
-                               "shown": shown, "limit_shown": spec["shown"]})
+                failed.append({"variant": r["name"], "gate": key, "value": value, "limit": spec["limit"],
+                               "shown": g.shown(value), "limit_shown": spec["shown"]})
     notes = []
     for r in rows:
         if r["tokenizer_match"] is False:
@@ -840,13 +832,7 @@ def _write_manifests(report: EvalReport, resolved: list[Variant], src) -> None:
         for v, r in items:
             if v.artifact not in m.artifacts:
                 continue
-            m.update_artifact(v.artifact, eval={
-                "ppl": r["ppl"], "base_ppl": r["base_ppl"], "ppl_ratio": r["ppl_ratio"], "delta_ppl": r["delta_ppl"],
-                "ppl_ratio_se": r["ppl_ratio_se"], "kld_mean": r["kld_mean"], "kld_se": r["kld_se"],
-                "kld_p99": r["kld_p99"], "top1": r["top1"], "tokens": r["tokens"], "windows": r["windows"],
-                "ctx": r["ctx"], "text": c["text"], "text_sha256": c["text_sha256"], "engine": r["engine"],
-                "tokenizer_match": r["tokenizer_match"], "tokens_per_second": r["tokens_per_second"],
-                "gates": r.get("gates") or None, "time": c["time"]})
+            m.update_artifact(v.artifact, eval=EvalScore.from_row(r, c).to_json())
         m.data["evaluation"] = {
             "text": c["text"], "text_sha256": c["text_sha256"], "ctx": c["ctx"], "max_tokens": c["max_tokens"],
             "tokens": c["tokens"], "windows": c["windows"], "window_mode": c["window_mode"], "layout": c["layout"],

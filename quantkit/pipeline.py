@@ -9,7 +9,11 @@ that variant.
 
 Nothing is implemented twice: the stages call :func:`quantkit.gguf.quantize_gguf`,
 :func:`quantkit.awq.quantize_awq`, :func:`quantkit.gptq.quantize_gptq`, :func:`quantkit.evaluate.evaluate`,
-:func:`quantkit.bench.bench`, :func:`quantkit.card.write_card` and the Hub push in :mod:`quantkit.hub`.
+:func:`quantkit.bench.bench`, :func:`quantkit.card.write_card` and :func:`quantkit.publish.push`.
+
+The stages are a table (:data:`STAGES`) run by one :meth:`Pipeline.run_stage` (key, cache, dry-run plan row,
+run, run-log record, failure -> one line + traceback file); a new stage is a row plus the function that does
+its work. Results are the typed records of :mod:`quantkit.records`; progress goes to ``logging``.
 
 A variant that fails does not stop the others; the run ends with a table of every variant (done / cached /
 failed / gate failed) and a non-zero exit when any variant failed or missed its gate. Only variants that
@@ -19,23 +23,25 @@ passed are pushed (``publish.only_passing``).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
+import logging
 import os
 import signal
+import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
 from quantkit.recipe import Recipe, Variant, load_recipe
+from quantkit.records import GATES, BenchScore, EvalScore, PushResult, QuantResult, Record, VariantResult
 from quantkit.util import dist_version, format_table, human_size, now_iso, write_json_atomic
 
+log = logging.getLogger(__name__)
+
 RUN_LOG = "quantkit-run.json"
-REPORT_MD = "quantkit-report.md"
-REPORT_PNG = "quantkit-report.png"
 ENGINES = {
     "gguf": ("llama-cpp-python", "gguf"),
     "awq": ("gptqmodel", "llmcompressor", "compressed-tensors", "transformers", "torch"),
@@ -57,14 +63,6 @@ def _engines(stage: str) -> dict:
     from quantkit import __version__
 
     return {"quantkit": __version__, **{d: dist_version(d) for d in ENGINES[stage]}}
-
-
-def _call(fn: Callable, *args, **kwargs):
-    """Call ``fn`` with the keyword arguments it accepts (the engines' signatures differ in optional extras)."""
-    sig = inspect.signature(fn)
-    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
-    return fn(*args, **kwargs)
 
 
 # -- run log -------------------------------------------------------------------------------------------
@@ -102,25 +100,6 @@ class RunLog:
 # -- results ---------------------------------------------------------------------------------------------
 
 @dataclass
-class VariantResult:
-    name: str
-    method: str
-    folder: str
-    repo: str | None
-    status: str = "pending"  # done | cached | failed | gate failed | skipped
-    stages: dict = field(default_factory=dict)  # stage -> done | cached | failed | skipped
-    error: str | None = None
-    artifact: str | None = None
-    path: str | None = None
-    size: int | None = None
-    bits_per_weight: float | None = None
-    eval: dict | None = None
-    bench: dict | None = None
-    gates: dict = field(default_factory=dict)  # gate -> passed?
-    pushed: str | None = None
-
-
-@dataclass
 class RunResult:
     recipe: str
     model: str
@@ -142,9 +121,8 @@ class RunResult:
         return 0
 
     def to_json(self) -> dict:
-        from dataclasses import asdict
-
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["variants"] = [v.to_json() for v in self.variants]
         d["exit_code"] = self.exit_code
         d["passed"] = self.exit_code == 0
         return d
@@ -156,11 +134,11 @@ class RunResult:
                     f"out {self.out}\n" + format_table(rows, ["stage", "status", "key", "detail"]))
         rows = []
         for v in self.variants:
-            e = v.eval or {}
-            kld = f"{e['kld_mean']:.5f}" if e.get("kld_mean") is not None else ""
-            dppl = f"{(e['ppl_ratio'] - 1) * 100:+.2f}%" if e.get("ppl_ratio") is not None else ""
-            top1 = f"{e['top1'] * 100:.1f}%" if e.get("top1") is not None else ""
-            tps = _tps(v)
+            e = v.eval
+            kld = f"{e.kld_mean:.5f}" if e and e.kld_mean is not None else ""
+            dppl = f"{e.ppl_increase * 100:+.2f}%" if e and e.ppl_ratio is not None else ""
+            top1 = f"{e.top1 * 100:.1f}%" if e and e.top1 is not None else ""
+            tps = v.tokens_per_second
             rows.append((v.name, v.method, v.status, human_size(v.size) if v.size else "", kld, dppl, top1,
                          f"{tps:.1f}" if tps else "", v.pushed or "", (v.error or "")[:90]))
         t = format_table(rows, ["variant", "method", "status", "size", "KLD", "dPPL", "top-1", "tok/s", "pushed",
@@ -176,23 +154,84 @@ class RunResult:
         return "\n".join(lines)
 
 
-def _tps(v: VariantResult) -> float | None:
-    b = v.bench or {}
-    for k in ("tg_tps", "tg_tokens_per_second", "gen_tokens_per_second", "tokens_per_second", "tg", "decode_tps"):
-        if isinstance(b.get(k), (int, float)):
-            return float(b[k])
-    e = v.eval or {}
-    return e.get("tokens_per_second")
+# -- the stages ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table: how :meth:`Pipeline.run_stage` treats the stage."""
+
+    name: str
+    step: str | None = None  # the Pipeline method that runs it for one variant, in this order (None: per folder)
+    record: type | None = None  # the record class of its result: kept in the run log, restored when cached
+    field: str | None = None  # the VariantResult attribute that holds that result
+    fails_variant: bool = True  # a failure fails its variants (a benchmark's is only reported)
+    tracked: bool = True  # listed in the variant's ``stages``
+    stamp: bool = False  # its key is stamped on the artifact in quantkit.json
+
+
+STAGES = {s.name: s for s in (
+    Stage("quantize", "quantize", stamp=True),
+    Stage("eval", "evaluate", record=EvalScore, field="eval", stamp=True),
+    Stage("bench", "bench", record=BenchScore, field="bench", fails_variant=False),
+    Stage("card", tracked=False),
+    Stage("push", record=PushResult),
+)}
+
+
+@dataclass
+class Done:
+    """What a stage's work hands back to :meth:`Pipeline.run_stage`."""
+
+    result: Record | None = None  # the stage's record (run log ``result``)
+    reused: bool = False  # the engine found its output already built
+    note: dict = field(default_factory=dict)  # more fields for the run log
+
+
+def _quantize_gguf(model: str, v: Variant, cal, out: Path, revision: str | None) -> bool:
+    from quantkit.gguf import quantize_gguf
+
+    r = quantize_gguf(model, [v.params["type"]], out, revision=revision,
+                      calibration=cal.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"])
+    return bool(r.reused)
+
+
+def _quantize_hf(quantizer: Callable[[], Callable]) -> Callable[..., bool]:
+    def run(model: str, v: Variant, cal, out: Path, revision: str | None) -> bool:
+        p = v.params
+        extra = {k: p[k] for k in ("sym", "act_order", "damp") if k in p}
+        if p.get("format"):
+            extra["fmt"] = p["format"]
+        r = quantizer()(model, bits=p["bits"], group_size=p["group_size"], calibration=cal.spec,
+                        samples=cal.samples, seq_len=cal.seq_len, out=out, revision=revision, **extra)
+        return bool(r.cached)
+
+    return run
+
+
+def _awq():
+    from quantkit.awq import quantize_awq
+
+    return quantize_awq
+
+
+def _gptq():
+    from quantkit.gptq import quantize_gptq
+
+    return quantize_gptq
+
+
+#: method -> quantise(model, variant, calibration, out folder, revision) -> whether the output was reused
+QUANTIZERS: dict[str, Callable[..., bool]] = {"gguf": _quantize_gguf, "awq": _quantize_hf(_awq),
+                                             "gptq": _quantize_hf(_gptq)}
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, *, only=(), dry_run=False, push=True, log: Callable | None = None):
+    def __init__(self, recipe: Recipe, *, only=(), dry_run=False, push=True):
         self.r = recipe
         self.dry_run = dry_run
         self.push_enabled = push and recipe.publish.enabled
-        self.say = log or (lambda m: None)
         self.out = Path(recipe.out).expanduser()
         self.variants = self._select(only)
         self.runlog = RunLog(self.out, readonly=dry_run)
@@ -213,25 +252,81 @@ class Pipeline:
                                     f"{', '.join(self.r.variant_names())}")
         return [v for v in self.r.variants if v.name.upper() in {w.upper() for w in wanted}]
 
-    # -- stage helper --------------------------------------------------------------------------------
-    def _cached(self, stage: str, key: str, outputs_ok: Callable[[], bool] = lambda: True) -> bool:
-        rec = self.runlog.record(stage)
-        return bool(rec and rec.get("key") == key and rec.get("status") == "done" and outputs_ok())
-
+    # -- the one stage runner -------------------------------------------------------------------------
     def _look(self, stage: str, key: str, detail: str, outputs_ok: Callable[[], bool] = lambda: True) -> bool:
         """Record the stage's key and whether its output is cached under it; a dry run also gets its plan row."""
         self.keys[stage] = key
-        cached = self._cached(stage, key, outputs_ok)
+        rec = self.runlog.record(stage)
+        cached = bool(rec and rec.get("key") == key and rec.get("status") == "done" and outputs_ok())
         if self.dry_run:
             self.plan_rows.append({"stage": stage, "status": "cached" if cached else "to do", "key": key,
                                    "detail": detail})
         return cached
 
-    def _start(self, stage: str, key: str) -> None:
-        self.say(f"[{stage}] running")
+    def run_stage(self, name: str, scope: str, key: str, detail: str, work: Callable[[], Done], *,
+                  members: list[VariantResult], outputs_ok: Callable[[], bool] | None = None) -> tuple[str, Done]:
+        """Run stage ``name`` for ``scope`` (a variant or a folder) under ``key``, as its row in :data:`STAGES`
+        says: plan it (dry run), restore it (cached) or run ``work`` and record the outcome in the run log and
+        on ``members``. A failure becomes one line (and a traceback file for an unexpected exception).
+        Returns the state (planned | cached | done | failed) and what the work (or the cache) gave."""
+        st = STAGES[name]
+        stage = f"{name}:{scope}"
+        rec = self.runlog.record(stage) or {}
+        if outputs_ok is None:
+            outputs_ok = (lambda: rec.get("result") is not None) if st.record else (lambda: True)
+        cached = self._look(stage, key, detail, outputs_ok)
+        if self.dry_run:
+            return "planned", Done()
+        if cached:
+            self.runlog.event(stage, "cached", key)
+            done = Done(result=st.record.from_json(rec["result"]) if st.record else None)
+            self._settle(st, scope, key, members, "cached", done)
+            return "cached", done
+        log.info("[%s] running", stage)
         self.runlog.event(stage, "started", key)
         if os.environ.get(CRASH_ENV) == stage:
             os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            done = work()
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, QuantkitError):
+                msg = f"{type(e).__name__}: {msg}"
+                (self.out / "logs").mkdir(parents=True, exist_ok=True)
+                (self.out / "logs" / f"{stage.replace(':', '-')}.traceback.txt").write_text(traceback.format_exc())
+            self.runlog.event(stage, "failed", key, error=msg)
+            for r in members:
+                if st.tracked:
+                    r.stages[name] = "failed"
+                if st.fails_variant and r.status != "failed":
+                    r.status, r.error = "failed", f"{name}: {msg}"
+            log.info("[%s] failed: %s", stage, msg)
+            return "failed", Done()
+        result = {"result": done.result.to_json()} if done.result is not None else {}
+        self.runlog.event(stage, "reused" if done.reused else "done", key, **result, **done.note)
+        self._settle(st, scope, key, members, "done", done)
+        return "done", done
+
+    def _settle(self, st: Stage, scope: str, key: str, members: list[VariantResult], state: str, done: Done):
+        for r in members:
+            if st.tracked:
+                r.stages[st.name] = state
+            if st.field:
+                setattr(r, st.field, done.result)
+        if st.stamp and state == "done":
+            self._stamp(self._variant(scope), st.name, key)
+
+    def _variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    def _stamp(self, v: Variant, stage: str, key: str) -> None:
+        """Record a finished stage's key on the artifact in its folder's quantkit.json (and in its history)."""
+        m = Manifest.load(self.out / v.folder)
+        name = self.results[v.name].artifact
+        if name in m.artifacts:
+            m.artifacts[name].setdefault("recipe_stages", {})[stage] = key
+        m.log(f"recipe.{stage}", variant=v.name, key=key, recipe=os.path.basename(self.r.path))
+        m.save()
 
     # -- pull ------------------------------------------------------------------------------------------
     def _model_arg(self) -> tuple[str, str | None]:
@@ -283,14 +378,13 @@ class Pipeline:
             p = plan(str(self.src.path) if self.src else self.r.model, revision=None if self.src else self.r.revision,
                      context=self.r.eval.ctx)
         except QuantkitError as e:
-            self.say(f"[plan] could not size the model ({e}); continuing")
+            log.info("[plan] could not size the model (%s); continuing", e)
             return
         methods = {v.method for v in self.variants}
         imatrix = any(v.params.get("imatrix") for v in self.variants if v.method == "gguf")
         for m in sorted(methods):
             p.check_machine(m, out=self.out, imatrix=imatrix and m == "gguf")
-        self.say(f"[plan] {p.params_total / 1e9:.3g}B parameters; this machine can do "
-                 f"{', '.join(sorted(methods))}")
+        log.info("[plan] %.3gB parameters; this machine can do %s", p.params_total / 1e9, ", ".join(sorted(methods)))
 
     # -- quantise --------------------------------------------------------------------------------------
     def _quant_key(self, v: Variant) -> str:
@@ -301,126 +395,46 @@ class Pipeline:
         return _key(stage="quantize", base=self.base_sha, method=v.method, params=v.params, calibration=cal,
                     engines=_engines(v.method))
 
-    def _artifact_ok(self, v: Variant) -> bool:
-        res = self.results[v.name]
+    def _artifact(self, v: Variant) -> tuple[str | None, QuantResult | None]:
+        """The variant's artifact as its quantiser recorded it in the folder's quantkit.json (or None)."""
         folder = self.out / v.folder
         if not Manifest.exists(folder):
-            return False
+            return None, None
         m = Manifest.load(folder)
-        name = self._artifact_name(v, m)
-        rec = m.artifact(name) if name else None
-        if not rec or not rec.get("files"):
+        if v.method == "gguf":
+            names = [n for n, rec in m.artifacts.items() if rec.get("method") == "gguf" and rec.get("type") == v.name]
+        else:
+            names = [n for n, rec in m.artifacts.items() if rec.get("method") == v.method]
+        name = names[0] if len(names) == 1 or (names and v.method == "gguf") else (names[-1] if names else None)
+        return name, QuantResult.from_json(m.artifact(name)) if name else None
+
+    def _artifact_ok(self, v: Variant) -> bool:
+        name, art = self._artifact(v)
+        if not art or not art.files:
             return False
-        for f in rec["files"]:  # sizes only: sha256 of a 40 GB file is the engines' job on a re-run
-            p = folder / f["path"]
+        for f in art.files:  # sizes only: sha256 of a 40 GB file is the engines' job on a re-run
+            p = self.out / v.folder / f["path"]
             if not p.is_file() or p.stat().st_size != f["size"]:
                 return False
+        res = self.results[v.name]
         res.artifact = name
+        res.path = str(self.out / v.folder / (art.path or "."))
+        res.size, res.bits_per_weight = art.size, art.bits_per_weight
         return True
 
-    def _artifact_name(self, v: Variant, m: Manifest) -> str | None:
-        if v.method == "gguf":
-            for name, rec in m.artifacts.items():
-                if rec.get("method") == "gguf" and rec.get("type") == v.name:
-                    return name
-            return None
-        names = [n for n, rec in m.artifacts.items() if rec.get("method") == v.method]
-        return names[0] if len(names) == 1 else (names[-1] if names else None)
-
-    def quantize(self, v: Variant) -> bool:
-        stage = f"quantize:{v.name}"
-        key = self._quant_key(v)
-        res = self.results[v.name]
-        cached = self._look(stage, key, f"{v.method} {json.dumps(v.params, sort_keys=True)} -> {v.folder}/",
-                            lambda: self._artifact_ok(v))
-        if self.dry_run:
-            return True
-        if cached:
-            res.stages["quantize"] = "cached"
-            self.runlog.event(stage, "cached", key)
-            self._fill_artifact(v)
-            return True
-        self._start(stage, key)
+    def _quantize(self, v: Variant) -> Done:
         folder = self.out / v.folder
         model, revision = self._model_arg()
-        c = self.r.calibration
-        try:
-            if v.method == "gguf":
-                from quantkit.gguf import quantize_gguf
-
-                r = _call(quantize_gguf, model, [v.params["type"]], folder, revision=revision,
-                          calibration=c.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"])
-                reused = bool(getattr(r, "reused", None))
-            else:
-                mod = __import__(f"quantkit.{v.method}", fromlist=["x"])
-                fn = getattr(mod, f"quantize_{v.method}")
-                p = v.params
-                extra = {k: p[k] for k in ("sym", "act_order", "damp") if k in p}
-                if p.get("format"):
-                    extra["fmt"] = p["format"]
-                r = _call(fn, model, bits=p["bits"], group_size=p["group_size"], calibration=c.spec,
-                          samples=c.samples, seq_len=c.seq_len, out=folder, revision=revision, **extra)
-                reused = bool(getattr(r, "cached", False))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            self._fail(v, stage, key, e)
-            return False
+        reused = QUANTIZERS[v.method](model, v, self.r.calibration, folder, revision)
         if not self._artifact_ok(v):
-            self._fail(v, stage, key, QuantkitError(f"{v.method} finished but {folder}/quantkit.json records no "
-                                                    f"artifact for {v.name}"))
-            return False
-        self.runlog.event(stage, "reused" if reused else "done", key, artifact=res.artifact)
-        res.stages["quantize"] = "done"
-        self._stamp(v, "quantize", key)
-        self._fill_artifact(v)
-        return True
+            raise QuantkitError(f"{v.method} finished but {folder}/quantkit.json records no artifact for {v.name}")
+        return Done(reused=reused, note={"artifact": self.results[v.name].artifact})
 
-    def _stamp(self, v: Variant, stage: str, key: str) -> None:
-        """Record a finished stage's key on the artifact in its folder's quantkit.json (and in its history)."""
-        m = Manifest.load(self.out / v.folder)
-        name = self.results[v.name].artifact
-        if name in m.artifacts:
-            m.artifacts[name].setdefault("recipe_stages", {})[stage] = key
-        m.log(f"recipe.{stage}", variant=v.name, key=key, recipe=os.path.basename(self.r.path))
-        m.save()
-
-    def _fill_artifact(self, v: Variant) -> None:
-        res = self.results[v.name]
-        m = Manifest.load(self.out / v.folder)
-        res.artifact = res.artifact or self._artifact_name(v, m)
-        rec = m.artifact(res.artifact) or {}
-        res.path = str((self.out / v.folder / rec.get("path", ".")))
-        res.size = rec.get("size")
-        res.bits_per_weight = rec.get("bits_per_weight")
-
-    def _fail(self, v: Variant, stage: str, key: str, e: Exception) -> None:
-        res = self.results[v.name]
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, QuantkitError):
-            msg = f"{type(e).__name__}: {msg}"
-            tb = traceback.format_exc()
-            (self.out / "logs").mkdir(parents=True, exist_ok=True)
-            (self.out / "logs" / f"{stage.replace(':', '-')}.traceback.txt").write_text(tb)
-        res.status, res.error = "failed", f"{stage.split(':')[0]}: {msg}"
-        res.stages[stage.split(":")[0]] = "failed"
-        self.runlog.event(stage, "failed", key, error=msg)
-        self.say(f"[{stage}] failed: {msg}")
-
-    def _reuse(self, v: Variant, stage: str, key: str, field: str, detail: str) -> str | None:
-        """Record the stage's key; in a dry run add its plan row ("planned"); when its result is cached under
-        that key, restore it into the variant's result ("cached"); else None: the stage must run."""
-        res = self.results[v.name]
-        rec = self.runlog.record(stage)
-        cached = self._look(stage, key, detail, lambda: rec.get("result") is not None)
-        if self.dry_run:
-            return "planned"
-        if cached:
-            setattr(res, field, rec["result"])
-            res.stages[field] = "cached"
-            self.runlog.event(stage, "cached", key)
-            return "cached"
-        return None
+    def quantize(self, v: Variant) -> None:
+        self.run_stage("quantize", v.name, self._quant_key(v),
+                                  f"{v.method} {json.dumps(v.params, sort_keys=True)} -> {v.folder}/",
+                                  lambda: self._quantize(v), members=[self.results[v.name]],
+                                  outputs_ok=lambda: self._artifact_ok(v))
 
     # -- eval -------------------------------------------------------------------------------------------
     def _eval_key(self, v: Variant) -> str:
@@ -428,89 +442,56 @@ class Pipeline:
         return _key(stage="eval", quantize=self.keys.get(f"quantize:{v.name}"), base=self.base_sha, text=e.text,
                     text_file=_file_sig(e.text), ctx=e.ctx, max_tokens=e.max_tokens, engines=_engines("eval"))
 
+    def _evaluate(self, v: Variant) -> Done:
+        from quantkit.evaluate import evaluate
+
+        e = self.r.eval
+        rep = evaluate(str(self.src.path), [self.results[v.name].path], text=e.text, ctx=e.ctx,
+                       max_tokens=e.max_tokens, **{g.name: getattr(e, g.name) for g in GATES})
+        return Done(result=EvalScore.from_row(rep.rows[0], rep.context))
+
     def evaluate(self, v: Variant) -> None:
         e = self.r.eval
         if not e.enabled:
             return
-        stage = f"eval:{v.name}"
-        key = self._eval_key(v)
-        res = self.results[v.name]
-        state = self._reuse(v, stage, key, "eval", f"ctx {e.ctx}, {e.max_tokens} tokens of {e.text}")
-        if state == "planned":
-            return
-        if state is None:
-            from quantkit.evaluate import evaluate
-
-            self._start(stage, key)
-            base = str(self.src.path)
-            try:
-                rep = _call(evaluate, base, [res.path], text=e.text, ctx=e.ctx, max_tokens=e.max_tokens,
-                            max_kld=e.max_kld, max_ppl_increase=e.max_ppl_increase, min_top1=e.min_top1)
-            except KeyboardInterrupt:
-                raise
-            except Exception as ex:
-                self._fail(v, stage, key, ex)
-                return
-            row = rep.rows[0]
-            keep = ("ppl", "base_ppl", "ppl_ratio", "delta_ppl", "ppl_ratio_se", "kld_mean", "kld_se", "kld_p99",
-                    "top1", "tokens", "ctx", "engine", "tokenizer_match", "tokens_per_second", "size")
-            res.eval = {k: row.get(k) for k in keep}
-            res.stages["eval"] = "done"
-            self.runlog.event(stage, "done", key, result=res.eval)
-            self._stamp(v, "eval", key)
-        self._gate(v)
+        state, _ = self.run_stage("eval", v.name, self._eval_key(v),
+                                  f"ctx {e.ctx}, {e.max_tokens} tokens of {e.text}", lambda: self._evaluate(v),
+                                  members=[self.results[v.name]])
+        if state in ("cached", "done"):
+            self._gate(v)
 
     def _gate(self, v: Variant) -> None:
         res = self.results[v.name]
-        e, ev = self.r.eval, res.eval or {}
-        checks = {"max_kld": (e.max_kld, ev.get("kld_mean"), lambda x, lim: x <= lim),
-                  "max_ppl_increase": (e.max_ppl_increase,
-                                       None if ev.get("ppl_ratio") is None else ev["ppl_ratio"] - 1,
-                                       lambda x, lim: x <= lim),
-                  "min_top1": (e.min_top1, ev.get("top1"), lambda x, lim: x >= lim)}
-        for gate, (limit, value, ok) in checks.items():
+        for gate in GATES:
+            limit, value = getattr(self.r.eval, gate.name), gate.value(res.eval)
             if limit is None or value is None:
                 continue
-            res.gates[gate] = bool(ok(value, limit))
-            if not res.gates[gate]:
+            res.gates[gate.name] = gate.passes(value, limit)
+            if not res.gates[gate.name]:
                 res.status = "gate failed"
-                res.error = res.error or f"{gate} {limit:g}: measured {value:.5g}"
+                res.error = res.error or f"{gate.name} {limit:g}: measured {value:.5g}"
 
     # -- bench ------------------------------------------------------------------------------------------
+    def _bench(self, v: Variant) -> Done:
+        from quantkit.bench import bench
+
+        b = self.r.eval.bench
+        rep = bench([self.results[v.name].path], prompt_tokens=b.prompt_tokens, gen_tokens=b.gen_tokens,
+                    repeats=b.repeats, threads=b.threads, base=False)
+        return Done(result=BenchScore.from_row(rep.rows[0], rep.context, rep.base))
+
     def bench(self, v: Variant) -> None:
         b = self.r.eval.bench
         if not (self.r.eval.enabled and b.enabled):
             return
-        try:
-            from quantkit.bench import bench as bench_fn
-        except ImportError:
-            self.say("[bench] quantkit.bench is not available; skipped")
-            return
-        stage = f"bench:{v.name}"
         key = _key(stage="bench", quantize=self.keys.get(f"quantize:{v.name}"), params=vars(b),
                    engines=_engines("bench"))
-        res = self.results[v.name]
-        if self._reuse(v, stage, key, "bench", f"{b.prompt_tokens} prompt + {b.gen_tokens} generated tokens"):
-            return
-        self._start(stage, key)
-        try:
-            r = _call(bench_fn, [res.path], prompt_tokens=b.prompt_tokens, gen_tokens=b.gen_tokens,
-                      repeats=b.repeats, threads=b.threads, base=False)
-        except KeyboardInterrupt:
-            raise
-        except Exception as ex:  # a failed benchmark is reported, it does not fail the variant
-            msg = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-            self.runlog.event(stage, "failed", key, error=msg)
-            res.stages["bench"] = "failed"
-            self.say(f"[{stage}] failed: {msg}")
-            return
-        res.bench = _bench_row(r)
-        res.stages["bench"] = "done"
-        self.runlog.event(stage, "done", key, result=res.bench)
+        self.run_stage("bench", v.name, key, f"{b.prompt_tokens} prompt + {b.gen_tokens} generated tokens",
+                       lambda: self._bench(v), members=[self.results[v.name]])
 
     # -- report, card, push -----------------------------------------------------------------------------
     def report(self) -> dict | None:
-        from quantkit.report import write_report
+        from quantkit.report import REPORT_MD, REPORT_PNG, write_report
 
         done = [r for r in self.results.values() if r.eval]
         if not done or self.dry_run:
@@ -529,99 +510,78 @@ class Pipeline:
             m.save()
         return rep
 
+    def _members(self, folder: str) -> list[Variant]:
+        return [v for v in self.variants if v.folder == folder]
+
     def _folder_ok_to_push(self, folder: str) -> tuple[list[VariantResult], list[VariantResult]]:
-        members = [self.results[v.name] for v in self.variants if v.folder == folder]
+        members = [self.results[v.name] for v in self._members(folder)]
         good = [r for r in members if r.status not in ("failed", "gate failed") and r.artifact]
         bad = [r for r in members if r not in good]
         return good, bad
 
-    def card(self, folder: str) -> str | None:
-        stage = f"card:{folder}"
-        members = [v for v in self.variants if v.folder == folder]
-        good, _ = self._folder_ok_to_push(folder)
+    def _repo(self, folder: str) -> str | None:
+        """The Hub repo the folder goes to (None when this run does not push: the card then names none)."""
+        return self._members(folder)[0].repo if self.push_enabled else None
+
+    def _card_key(self, folder: str) -> str:
         f = self.out / folder
         m = Manifest.load(f) if Manifest.exists(f) else None
-        key = _key(stage="card", deps=[self.keys.get(s) for v in members for s in
-                                       (f"quantize:{v.name}", f"eval:{v.name}", f"bench:{v.name}")],
-                   report=((m.data.get("report") or {}).get("sha256") if m else None), engines=_engines("card"))
-        cached = self._look(stage, key, f"{folder}/README.md", lambda: (f / "README.md").is_file())
-        if self.dry_run:
-            return key
-        if not any(self.results[v.name].artifact for v in members):
+        return _key(stage="card", deps=[self.keys.get(s) for v in self._members(folder) for s in
+                                        (f"quantize:{v.name}", f"eval:{v.name}", f"bench:{v.name}")],
+                    report=((m.data.get("report") or {}).get("sha256") if m else None), repo=self._repo(folder),
+                    license=self.r.publish.license, engines=_engines("card"))
+
+    def _push_key(self, folder: str, card_key: str | None) -> str:
+        p = self.r.publish
+        return _key(stage="push", card=card_key, repo=self._members(folder)[0].repo, private=p.private,
+                    license=p.license, accept_license_terms=p.accept_license_terms,
+                    endpoint=os.environ.get("HF_ENDPOINT"), engines=_engines("push"))
+
+    def _card(self, folder: str) -> Done:
+        from quantkit.card import write_card
+
+        write_card(self.out / folder, repo_id=self._repo(folder), license=self.r.publish.license)
+        return Done()
+
+    def card(self, folder: str) -> str | None:
+        key = self._card_key(folder)
+        members = self._members(folder)
+        if not self.dry_run and not any(self.results[v.name].artifact for v in members):
+            self._look(f"card:{folder}", key, f"{folder}/README.md")
             return None
-        if cached:
-            self.runlog.event(stage, "cached", key)
-            return key
-        try:
-            from quantkit.card import write_card
-        except ImportError:
-            self.say("[card] quantkit.card is not available; skipped")
-            return None
-        self._start(stage, key)
-        try:
-            _call(write_card, f, repo_id=members[0].repo if self.push_enabled else None)
-        except KeyboardInterrupt:
-            raise
-        except Exception as ex:
-            msg = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-            self.runlog.event(stage, "failed", key, error=msg)
-            for v in members:
-                r = self.results[v.name]
-                if r.status not in ("failed",):
-                    r.status, r.error = "failed", f"card: {msg}"
-            return None
-        self.runlog.event(stage, "done", key)
-        return key
+        state, _ = self.run_stage("card", folder, key, f"{folder}/README.md", lambda: self._card(folder),
+                                  members=[self.results[v.name] for v in members],
+                                  outputs_ok=lambda: (self.out / folder / "README.md").is_file())
+        return None if state == "failed" else key
+
+    def _push(self, folder: str, repo: str) -> Done:
+        from quantkit.publish import push
+
+        p = self.r.publish
+        out = push(self.out / folder, repo, private=p.private, license=p.license,
+                   accept_license_terms=p.accept_license_terms)
+        return Done(result=PushResult(repo=repo, url=out.url, commit=out.commit, revision=out.revision,
+                                      pr_url=out.pr_url))
 
     def push(self, folder: str, card_key: str | None) -> None:
-        members = [v for v in self.variants if v.folder == folder]
-        repo = members[0].repo
-        stage = f"push:{folder}"
+        repo = self._members(folder)[0].repo
         good, bad = self._folder_ok_to_push(folder)
         if not self.push_enabled:
             return
         if self.r.publish.only_passing and bad:
             why = ", ".join(f"{r.name} ({r.status})" for r in bad)
-            self.say(f"[{stage}] not pushed: {why}")
+            log.info("[push:%s] not pushed: %s", folder, why)
             for r in good:
                 r.stages["push"] = "skipped"
             return
         if not good or card_key is None:
             return
-        key = _key(stage="push", card=card_key, repo=repo, private=self.r.publish.private,
-                   endpoint=os.environ.get("HF_ENDPOINT"), engines=_engines("push"))
-        cached = self._look(stage, key, f"-> {repo} ({'private' if self.r.publish.private else 'public'})")
-        if self.dry_run:
-            return
-        if cached:
-            self.runlog.event(stage, "cached", key)
+        state, _ = self.run_stage("push", folder, self._push_key(folder, card_key),
+                                  f"-> {repo} ({'private' if self.r.publish.private else 'public'})",
+                                  lambda: self._push(folder, repo), members=good)
+        if state in ("cached", "done"):
             for r in good:
                 r.pushed = repo
-                r.stages["push"] = "cached"
-            return
-        push_fn = _push_function()
-        if push_fn is None:
-            self.say("[push] no push function in quantkit.hub yet; skipped")
-            return
-        self._start(stage, key)
-        try:
-            out = _call(push_fn, self.out / folder, repo, private=self.r.publish.private,
-                        license=self.r.publish.license,
-                        accept_license_terms=self.r.publish.accept_license_terms)
-        except KeyboardInterrupt:
-            raise
-        except Exception as ex:
-            msg = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
-            self.runlog.event(stage, "failed", key, error=msg)
-            for r in good:
-                r.status, r.error = "failed", f"push: {msg}"
-                r.stages["push"] = "failed"
-            return
-        url = getattr(out, "url", None) or (out.get("url") if isinstance(out, dict) else None)
-        self.runlog.event(stage, "done", key, repo=repo, url=url)
-        for r in good:
-            r.pushed = repo
-            r.stages["push"] = "done"
 
     # -- all of it ---------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -648,10 +608,9 @@ class Pipeline:
             res.stages = self.plan_rows
             return res
         for v in self.variants:
-            if self.quantize(v):
-                self.evaluate(v)
-                if self.results[v.name].status != "failed":
-                    self.bench(v)
+            for st in STAGES.values():
+                if st.step and self.results[v.name].status != "failed":
+                    getattr(self, st.step)(v)
         for r in self.results.values():
             if r.status == "pending":
                 r.status = "cached" if all(s == "cached" for s in r.stages.values()) and r.stages else "done"
@@ -683,37 +642,30 @@ def _file_sig(spec: str | None) -> dict | None:
     return {"size": p.stat().st_size, "sha256": sha256_file(p)}
 
 
-def _bench_row(r) -> dict:
-    """Whatever bench() returns -> a small JSON-able dict of its first row."""
-    for attr in ("rows", "results", "variants"):
-        rows = getattr(r, attr, None) if not isinstance(r, dict) else r.get(attr)
-        if rows:
-            row = rows[0]
-            return dict(row) if isinstance(row, dict) else dict(vars(row))
-    if hasattr(r, "to_json"):
-        d = r.to_json()
-        for attr in ("rows", "results", "variants"):
-            if d.get(attr):
-                return d[attr][0]
-        return d
-    return r if isinstance(r, dict) else {"result": str(r)}
-
-
-def _push_function():
-    for modname in ("quantkit.publish", "quantkit.hub"):
-        try:
-            mod = __import__(modname, fromlist=["x"])
-        except ImportError:
-            continue
-        for name in ("push", "push_folder"):
-            fn = getattr(mod, name, None)
-            if callable(fn):
-                return fn
-    return None
-
-
 def run_recipe(path: str | os.PathLike, *, overrides=(), only=(), dry_run: bool = False, push: bool = True,
-               log: Callable | None = None) -> RunResult:
-    """Run (or with ``dry_run`` only plan) the recipe at ``path``; see the module docstring."""
+               progress: bool = False) -> RunResult:
+    """Run (or with ``dry_run`` only plan) the recipe at ``path``; see the module docstring.
+
+    Progress goes to ``logging`` (INFO, logger ``quantkit.pipeline``); ``progress=True`` shows it on stderr
+    when no logging handler is configured."""
     recipe = load_recipe(path, overrides=overrides)
-    return Pipeline(recipe, only=only, dry_run=dry_run, push=push, log=log).run()
+    if not progress or log.hasHandlers():
+        return Pipeline(recipe, only=only, dry_run=dry_run, push=push).run()
+    handler, level = _StderrHandler(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return Pipeline(recipe, only=only, dry_run=dry_run, push=push).run()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+class _StderrHandler(logging.Handler):
+    """Progress lines on whatever ``sys.stderr`` is at the time (INFO and up, the message only)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)

@@ -12,29 +12,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from quantkit.records import GATES
 from quantkit.util import atomic_path, human_size, sha256_bytes
 
 REPORT_MD = "quantkit-report.md"
 REPORT_PNG = "quantkit-report.png"
 
 
-def _tps(r) -> float | None:
-    from quantkit.pipeline import _tps as tps
-
-    return tps(r)
-
-
 def markdown(recipe, results, *, base_sha: str | None = None, image: str = REPORT_PNG) -> str:
     """The Markdown report (deterministic for the same inputs: no timestamps)."""
     e = recipe.eval
-    gates = []
-    if e.max_kld is not None:
-        gates.append(f"KLD <= {e.max_kld:g}")
-    if e.max_ppl_increase is not None:
-        gates.append(f"PPL increase <= {e.max_ppl_increase * 100:g}%")
-    if e.min_top1 is not None:
-        gates.append(f"top-1 >= {e.min_top1 * 100:g}%")
-    base_ppl = next((r.eval.get("base_ppl") for r in results if r.eval and r.eval.get("base_ppl")), None)
+    gates = [g.rule(getattr(e, g.name)) for g in GATES if getattr(e, g.name) is not None]
+    base_ppl = next((r.eval.base_ppl for r in results if r.eval and r.eval.base_ppl), None)
     lines = [
         f"# Quantisation report: {recipe.model_name}",
         "",
@@ -51,11 +40,11 @@ def markdown(recipe, results, *, base_sha: str | None = None, image: str = REPOR
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        ev = r.eval or {}
-        kld = f"{ev['kld_mean']:.5f}" if ev.get("kld_mean") is not None else "-"
-        dppl = f"{(ev['ppl_ratio'] - 1) * 100:+.2f}%" if ev.get("ppl_ratio") is not None else "-"
-        top1 = f"{ev['top1'] * 100:.2f}%" if ev.get("top1") is not None else "-"
-        tps = _tps(r)
+        ev = r.eval
+        kld = f"{ev.kld_mean:.5f}" if ev and ev.kld_mean is not None else "-"
+        dppl = f"{ev.ppl_increase * 100:+.2f}%" if ev and ev.ppl_ratio is not None else "-"
+        top1 = f"{ev.top1 * 100:.2f}%" if ev and ev.top1 is not None else "-"
+        tps = r.tokens_per_second
         status = {"gate failed": "**gate failed**", "failed": "**failed**"}.get(r.status, "passed")
         if r.status == "failed" and r.error:
             status += f" ({r.error[:60]})"
@@ -72,8 +61,8 @@ def markdown(recipe, results, *, base_sha: str | None = None, image: str = REPOR
 def _speed_note(results) -> str | None:
     b = next((r.bench for r in results if r.bench), None)
     if b:
-        return (f"tok/s: generation speed measured by `quantkit bench` on {b.get('device', '?')} with "
-                f"{b.get('engine', '?')}; it depends on the machine and its load.")
+        return (f"tok/s: generation speed measured by `quantkit bench` on {b.device or '?'} with "
+                f"{b.engine or '?'}; it depends on the machine and its load.")
     if any(r.eval for r in results):
         return "tok/s: scoring throughput during the evaluation (no benchmark was run)."
     return None
@@ -89,18 +78,18 @@ def chart(path: str | os.PathLike, recipe, results) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    use_kld = all(r.eval.get("kld_mean") is not None for r in pts)
+    use_kld = all(r.eval.kld_mean is not None for r in pts)
     fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
     colors = {"gguf": "#1f77b4", "awq": "#d62728", "gptq": "#2ca02c"}
     scale, unit = (1e9, "GB") if max(r.size for r in pts) > 2e9 else (1e6, "MB")
     for method in dict.fromkeys(r.method for r in pts):
         sel = [r for r in pts if r.method == method]
         xs = [r.size / scale for r in sel]
-        ys = [max(r.eval["kld_mean"], 1e-6) if use_kld else (r.eval["ppl_ratio"] - 1) * 100 for r in sel]
+        ys = [max(r.eval.kld_mean, 1e-6) if use_kld else r.eval.ppl_increase * 100 for r in sel]
         ax.scatter(xs, ys, s=46, color=colors.get(method, "#555"), label=method.upper(), zorder=3,
                    edgecolors=["black" if r.status == "gate failed" else "none" for r in sel])
         for r, x, y in zip(sel, xs, ys):
-            tps = _tps(r)
+            tps = r.tokens_per_second
             label = r.name + (f"\n{tps:.1f} tok/s" if tps and tps < 10 else f"\n{tps:.0f} tok/s" if tps else "")
             if r.status == "gate failed":
                 label += "\n(gate failed)"

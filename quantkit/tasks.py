@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.records import Gate
 from quantkit.util import format_table, now_iso
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "mc2", "f1", "word_perplexi
 DEFAULT_MAX_LENGTH = 2048
 #: Bootstrap iterations for stderrs of metrics that are not plain means (lm-eval's default is 100,000).
 BOOTSTRAP_ITERS = 1000
+#: The task gate, a row like quantkit.records.GATES (whose rows limit EvalScore values): recovery >= limit.
+RECOVERY_GATE = Gate("min_recovery", "recovery", "--min-recovery", "recovery", "task recovery", False, True,
+                     lambda v: "n/a" if v is None else f"{v * 100:.1f}%")
 
 
 def _lm_eval():
@@ -401,7 +405,7 @@ class TaskReport:
     def failure_line(self) -> str:
         from quantkit.evaluate import gate_failure_line
 
-        return gate_failure_line(self.failed)
+        return gate_failure_line(self.failed, {RECOVERY_GATE.key: RECOVERY_GATE})
 
     def table(self) -> str:
         bad = {(f["variant"], f["task"]) for f in self.failed}
@@ -428,7 +432,7 @@ class TaskReport:
         lines = [f"tasks: {', '.join(c['tasks'])}; limit {c['limit']}; base {self.base['name']} "
                  f"({self.base['engine']}); lm-eval {c['lm_eval']}", "", format_table(rows, headers)]
         if self.gates:
-            lines += ["", f"gates: --min-recovery {self.gates['recovery']['shown']}: "
+            lines += ["", f"gates: {RECOVERY_GATE.flag} {self.gates[RECOVERY_GATE.key]['shown']}: "
                       + ("all passed" if not self.failed else f"{len(self.failed)} failed (cells marked !)")]
         return "\n".join(lines)
 
@@ -468,10 +472,9 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
         raise QuantkitError(f"--limit {limit} must be positive")
     if num_fewshot is not None and num_fewshot < 0:
         raise QuantkitError(f"--num-fewshot {num_fewshot} must not be negative")
-    gates = {}
-    mr = parse_fraction(min_recovery, "--min-recovery")
-    if mr is not None:
-        gates["recovery"] = {"limit": mr, "shown": f"{mr * 100:g}%"}
+    g = RECOVERY_GATE
+    mr = parse_fraction(min_recovery, g.flag)
+    gates = {} if mr is None else {g.key: {"limit": mr, "shown": g.show_limit(mr)}}
     taskset = resolve_tasks(tasks)
     resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
     src = resolve_model(base)
@@ -513,14 +516,12 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
                    "requests_sha256": s["requests_sha256"], "engine": engine,
                    "engine_short": "llama.cpp" if v.kind == "gguf" else "transformers",
                    "seconds": round(secs, 2), "gates": {}}
-            if "recovery" in gates:
-                ok = rec is not None and rec >= gates["recovery"]["limit"]
-                row["gates"]["recovery"] = ok
+            if g.key in gates:
+                limit = gates[g.key]["limit"]
+                row["gates"][g.key] = ok = rec is not None and g.passes(rec, limit)
                 if not ok:
-                    failed.append({"variant": v.name, "task": task, "gate": "recovery", "value": rec,
-                                   "limit": gates["recovery"]["limit"],
-                                   "shown": "n/a" if rec is None else f"{rec * 100:.1f}% ({task})",
-                                   "limit_shown": gates["recovery"]["shown"]})
+                    failed.append({"variant": v.name, "task": task, "gate": g.key, "value": rec, "limit": limit,
+                                   "shown": f"{g.shown(rec)} ({task})", "limit_shown": gates[g.key]["shown"]})
             rows.append(row)
     context = {"tasks": taskset.names, "task_names": list(base_scores), "limit": limit, "num_fewshot": num_fewshot,
                "max_length": max_length, "lm_eval": dist_version("lm_eval"), "time": now_iso()}

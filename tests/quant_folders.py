@@ -99,7 +99,7 @@ def make_gguf_set(out: Path, *, model_name: str = "TinyLlama-Chat", base_id: str
             rec["eval"] = {"ppl": ppl, "base_ppl": 12.0, "ppl_ratio": ppl / 12.0, "delta_ppl": ppl - 12.0,
                            "kld_mean": 0.001 * (i + 1), "kld_p99": 0.01 * (i + 1), "top1": 0.99 - 0.01 * i,
                            "tokens": 2048, "ctx": 512, "text": "builtin:eval", "text_sha256": "cd" * 32}
-            rec["bench"] = {"pp_tps": 900.0 - 50 * i, "tg_tps": 80.0 + 10 * i, "peak_mem": 200_000_000 + i}
+            rec["bench"] = {"pp_tps": 900.0 - 50 * i, "tg_tps": 80.0 + 10 * i, "peak_memory": 200_000_000 + i}
         m.set_artifact(name, rec)
     if evaluated:
         m.data["evaluation"] = {"text": "builtin:eval", "text_sha256": "cd" * 32, "ctx": 512, "tokens": 2048,

@@ -1,0 +1,231 @@
+"""Typed records of what each stage produces, and the quality gates.
+
+A stage's result is a dataclass here, built in one place from what the stage measured and read back with
+``from_json`` wherever it is used: ``quantkit.json``'s ``artifacts[name].eval`` / ``.bench`` / ``.verify``, the
+run log ``quantkit-run.json``, the report and the card. ``to_json()`` / ``from_json()`` sit next to the fields;
+keys a record does not know (written by a newer quantkit, or added by another stage) are kept in ``extra`` and
+written back unchanged, so a read-modify-write never loses them.
+
+This module imports nothing from the pipeline, the report or the card (they all import it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class Record:
+    """Base of every record: the dataclass fields, then ``extra`` (unknown keys, round-tripped as they were)."""
+
+    extra: dict
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**d, **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict | None):
+        """The record from its JSON form; None (or an empty/non-dict value) gives None."""
+        if not isinstance(d, dict) or not d:
+            return None
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names})
+
+
+@dataclass
+class QuantResult(Record):
+    """One artifact as its quantiser recorded it in ``quantkit.json`` (``artifacts[name]``): the quantise stage's
+    result, whatever the method. GGUF rows carry ``type``, HF rows ``bits``/``group_size``/``format``."""
+
+    method: str | None = None
+    path: str | None = None
+    size: int | None = None
+    bits_per_weight: float | None = None
+    files: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalScore(Record):
+    """``quantkit eval``'s score of one variant against its base (``artifacts[name].eval``)."""
+
+    ppl: float | None = None
+    base_ppl: float | None = None
+    ppl_ratio: float | None = None
+    delta_ppl: float | None = None
+    ppl_ratio_se: float | None = None
+    kld_mean: float | None = None
+    kld_se: float | None = None
+    kld_p99: float | None = None
+    top1: float | None = None
+    tokens: int | None = None
+    windows: int | None = None
+    ctx: int | None = None
+    text: str | None = None
+    text_sha256: str | None = None
+    engine: str | None = None
+    tokenizer_match: bool | None = None
+    tokens_per_second: float | None = None
+    size: int | None = None
+    gates: dict | None = None  # gate key -> passed, as evaluate() checked them
+    time: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ppl_increase(self) -> float | None:
+        return None if self.ppl_ratio is None else self.ppl_ratio - 1
+
+    @classmethod
+    def from_row(cls, row: dict, context: dict) -> "EvalScore":
+        """From one of ``evaluate()``'s variant rows and its context (the one place the keys are mapped)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "text", "text_sha256", "gates", "time"}
+        return cls(**{k: row.get(k) for k in names}, text=context.get("text"),
+                   text_sha256=context.get("text_sha256"), gates=row.get("gates") or None, time=context.get("time"))
+
+
+@dataclass
+class BenchScore(Record):
+    """``quantkit bench``'s measurement of one variant (``artifacts[name].bench``); ``base`` is the base's row
+    measured in the same run (None when no base was measured)."""
+
+    engine: str | None = None
+    device: str | None = None
+    prompt_tokens: int | None = None
+    gen_tokens: int | None = None
+    repeats: int | None = None
+    threads: int | None = None
+    pp_tps: float | None = None
+    pp_tps_std: float | None = None
+    tg_tps: float | None = None
+    tg_tps_std: float | None = None
+    size: int | None = None
+    bits_per_weight: float | None = None
+    peak_memory: int | None = None  # bytes: peak RSS of the process that ran the model
+    peak_gpu_memory: int | None = None
+    pp_gain: float | None = None
+    tg_gain: float | None = None
+    size_gain: float | None = None
+    base: dict | None = None
+    hardware: dict | None = None
+    time: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: dict, context: dict, base: dict | None) -> "BenchScore":
+        """From one of ``bench()``'s variant rows, its context and the base row (the one place keys are mapped)."""
+        c = context
+        return cls(engine=row["engine"], device=row["device"], prompt_tokens=c["prompt_tokens"],
+                   gen_tokens=c["gen_tokens"], repeats=c["repeats"], threads=c["threads"], pp_tps=row["pp_tps"],
+                   pp_tps_std=row["pp_tps_std"], tg_tps=row["tg_tps"], tg_tps_std=row["tg_tps_std"],
+                   size=row["size"], bits_per_weight=row["bits_per_weight"], peak_memory=row["peak_memory"],
+                   peak_gpu_memory=row["peak_gpu_memory"], pp_gain=row.get("pp_gain"), tg_gain=row.get("tg_gain"),
+                   size_gain=row.get("size_gain"),
+                   base={"name": base["name"], "engine": base["engine"], "pp_tps": base["pp_tps"],
+                         "tg_tps": base["tg_tps"], "size": base["size"], "peak_memory": base["peak_memory"]}
+                   if base else None, hardware=c["hardware"], time=c["time"])
+
+
+@dataclass
+class VerifyResult(Record):
+    """A built artifact checked against its base right after it was made (``artifacts[name].verify``)."""
+
+    engine: str | None = None
+    tokens: int | None = None
+    kld: float | None = None
+    top1: float | None = None
+    passed: bool | None = None
+    bound: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class PushResult(Record):
+    """What the pipeline keeps of a finished push (the run log's ``push:<folder>`` record)."""
+
+    repo: str | None = None
+    url: str | None = None
+    commit: str | None = None
+    revision: str | None = None
+    pr_url: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -- one variant of a recipe run ---------------------------------------------------------------------
+
+@dataclass
+class VariantResult:
+    """One recipe variant through the stages of ``quantkit run``."""
+
+    name: str
+    method: str
+    folder: str
+    repo: str | None
+    status: str = "pending"  # done | cached | failed | gate failed | skipped
+    stages: dict = field(default_factory=dict)  # stage -> done | cached | failed | skipped
+    error: str | None = None
+    artifact: str | None = None
+    path: str | None = None
+    size: int | None = None
+    bits_per_weight: float | None = None
+    eval: EvalScore | None = None
+    bench: BenchScore | None = None
+    gates: dict = field(default_factory=dict)  # gate -> passed?
+    pushed: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Generation speed from the benchmark, else the scoring throughput of the evaluation."""
+        if self.bench and self.bench.tg_tps is not None:
+            return float(self.bench.tg_tps)
+        return self.eval.tokens_per_second if self.eval else None
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["eval"] = self.eval.to_json() if self.eval else None
+        d["bench"] = self.bench.to_json() if self.bench else None
+        return d
+
+
+# -- quality gates -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Gate:
+    """One quality gate: a limit on one measured value of an :class:`EvalScore`."""
+
+    name: str    # recipe ``eval`` field and evaluate() argument: max_kld
+    key: str     # the EvalScore value it limits (and its key in EvalReport.gates/failed): kld_mean
+    flag: str    # CLI option: --max-kld
+    label: str   # short label in the eval table: KLD
+    title: str   # in the report's gate line: "KLD <= 0.05"
+    upper: bool  # True: the value must stay <= the limit; False: >= the limit
+    percent: bool  # the limit is a fraction shown as a percentage
+    shown: Callable[[float], str]  # a measured value as the eval table shows it
+
+    def value(self, score: EvalScore | None) -> float | None:
+        return getattr(score, self.key) if score is not None else None
+
+    def passes(self, value: float, limit: float) -> bool:
+        return value <= limit if self.upper else value >= limit
+
+    @property
+    def op(self) -> str:
+        """The comparison a failed value makes with its limit."""
+        return ">" if self.upper else "<"
+
+    def show_limit(self, limit: float) -> str:
+        return f"{limit * 100:g}%" if self.percent else f"{limit:g}"
+
+    def rule(self, limit: float) -> str:
+        return f"{self.title} {'<=' if self.upper else '>='} {self.show_limit(limit)}"
+
+
+GATES: tuple[Gate, ...] = (
+    Gate("max_kld", "kld_mean", "--max-kld", "KLD", "KLD", True, False, lambda v: f"{v:.5f}"),
+    Gate("max_ppl_increase", "ppl_increase", "--max-ppl-increase", "dPPL", "PPL increase", True, True,
+         lambda v: f"{v * 100:+.2f}%"),
+    Gate("min_top1", "top1", "--min-top1", "top-1", "top-1", False, True, lambda v: f"{v * 100:.2f}%"),
+)
+GATE_BY_KEY = {g.key: g for g in GATES}
