@@ -183,8 +183,8 @@ def _make_gguf_lm():
             super().__init__()
             self.path = Path(path)
             self._max_length = int(max_length)
-            # one extra position: lm-eval feeds up to max_length tokens, the KV cache holds them all
-            self.scorer = GGUFScorer(self.path, self._max_length + 1, threads)
+            # lm-eval feeds at most max_length tokens (the last of max_length + 1 is only a target)
+            self.scorer = GGUFScorer(self.path, self._max_length, threads)
             self.engine = self.scorer.engine
             self.hf_tokenizer = tokenizer
             self.llm_tokens = None  # the token ids whose logits sit in llama.cpp's buffer (prefix reuse)
