@@ -79,7 +79,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in out.values():
         for s in r["scores"].values():
-            s.pop("per_doc", None)
+            s.pop("per_doc", None), s.pop("requests", None)
     (RESULTS / "tasks_speed.json").write_text(json.dumps({"type": a.type, "limit": a.limit, "threads": a.threads,
                                                           "results": out}, indent=2))
 

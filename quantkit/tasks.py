@@ -337,14 +337,18 @@ def _num(x) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def requests_sha256(samples: list[dict]) -> str:
-    """sha256 over every document's id and lm-eval request arguments: equal means the same requests."""
-    items = sorted((s["doc_id"], json.dumps(s["arguments"], default=str)) for s in samples)
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+def doc_requests(samples: list[dict]) -> dict:
+    """doc id -> its lm-eval request arguments (JSON), from the logged samples."""
+    return {s["doc_id"]: json.dumps(s["arguments"], default=str) for s in samples}
+
+
+def requests_sha256(requests: dict) -> str:
+    """sha256 over every document's id and request arguments: equal means the same requests."""
+    return hashlib.sha256(json.dumps(sorted(requests.items())).encode()).hexdigest()
 
 
 def task_scores(results: dict) -> dict[str, dict]:
-    """lm-eval's results -> ``{task: {metric, score, stderr, shots, n, higher_is_better, per_doc,
+    """lm-eval's results -> ``{task: {metric, score, stderr, shots, n, higher_is_better, per_doc, requests,
     requests_sha256}}`` (``per_doc``: the metric per doc id when the score is their mean, else None)."""
     out = {}
     for task, res in results["results"].items():
@@ -364,7 +368,7 @@ def task_scores(results: dict) -> dict[str, dict]:
                      "stderr": _num(res.get(f"{metric}_stderr,{flt}")),
                      "shots": (results.get("n-shot") or {}).get(task), "n": len(samples),
                      "higher_is_better": True if hib is None else bool(hib), "per_doc": per_doc,
-                     "requests_sha256": requests_sha256(samples)}
+                     "requests": (reqs := doc_requests(samples)), "requests_sha256": requests_sha256(reqs)}
     return out
 
 
@@ -438,7 +442,7 @@ class TaskReport:
 
 
 def _public(score: dict) -> dict:
-    return {k: v for k, v in score.items() if k != "per_doc"}
+    return {k: v for k, v in score.items() if k not in ("per_doc", "requests")}
 
 
 def _run_tasks(lm, taskset: TaskSet, limit, num_fewshot) -> tuple[dict, float]:
@@ -507,7 +511,10 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
             if s is None:
                 continue
             if s["requests_sha256"] != b["requests_sha256"]:
-                raise QuantkitError(f"{v.name}: lm-eval built different requests for {task} than for the base")
+                doc = next((d for d in sorted(b["requests"]) if b["requests"][d] != s["requests"].get(d)), None)
+                raise QuantkitError(f"{v.name}: lm-eval built different requests for {task} than for the base "
+                                    f"(document {doc}: {str(s['requests'].get(doc))[:300]!r} vs "
+                                    f"{str(b['requests'].get(doc))[:300]!r})")
             rec, rec_se = recovery(b, s)
             row = {"variant": v.name, "artifact": v.artifact, "format": v.format, "type": v.type, "task": task,
                    "metric": s["metric"], "shots": s["shots"], "n": s["n"], "score": s["score"],
