@@ -43,7 +43,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    from quantkit.tasks import DEFAULT_MAX_LENGTH, _run_tasks, gguf_lm, resolve_tasks
+    from quantkit.tasks import DEFAULT_MAX_LENGTH, _public, _run_tasks, gguf_lm, resolve_tasks
 
     torch.set_num_threads(a.threads)
     hf = fm.build_smollm2_hf()
@@ -78,8 +78,7 @@ def main() -> None:
     print(f"speed-up of the llama.cpp adapter: {b_['eval_s'] / a_['eval_s']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in out.values():
-        for s in r["scores"].values():
-            s.pop("per_doc", None), s.pop("requests", None)
+        r["scores"] = {t: _public(s) for t, s in r["scores"].items()}
     (RESULTS / "tasks_speed.json").write_text(json.dumps({"type": a.type, "limit": a.limit, "threads": a.threads,
                                                           "results": out}, indent=2))
 
