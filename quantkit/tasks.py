@@ -513,8 +513,9 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
             if s["requests_sha256"] != b["requests_sha256"]:
                 doc = next((d for d in sorted(b["requests"]) if b["requests"][d] != s["requests"].get(d)), None)
                 raise QuantkitError(f"{v.name}: lm-eval built different requests for {task} than for the base "
-                                    f"(document {doc}: {str(s['requests'].get(doc))[:300]!r} vs "
-                                    f"{str(b['requests'].get(doc))[:300]!r})")
+                                    f"({len(s['requests'])} vs {len(b['requests'])} documents; first difference "
+                                    f"at {doc}: {str(s['requests'].get(doc))[:200]!r} vs "
+                                    f"{str(b['requests'].get(doc))[:200]!r})")
             rec, rec_se = recovery(b, s)
             row = {"variant": v.name, "artifact": v.artifact, "format": v.format, "type": v.type, "task": task,
                    "metric": s["metric"], "shots": s["shots"], "n": s["n"], "score": s["score"],
