@@ -261,21 +261,35 @@ def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, se
 @click.option("--min-top1", help="Gate: fail when the same-top-token rate is below this, e.g. 0.90 or 90%.")
 @click.option("--top-k", default=64, show_default=True, type=click.IntRange(1),
               help="Base log-probs kept per position in the on-disk cache.")
+@click.option("--tasks", help="Instead of PPL/KLD: lm-eval tasks (registry names or task YAML paths), "
+                              "comma-separated; prints score and recovery vs the base per task.")
+@click.option("--limit", type=click.IntRange(1), help="With --tasks: at most this many documents per task.")
+@click.option("--num-fewshot", type=click.IntRange(0), help="With --tasks: few-shot examples (default: the task's).")
+@click.option("--min-recovery", help="Gate (--tasks): fail when a task score / base score is below this, e.g. 0.97.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
 @click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, threads, no_write,
-             as_json):
+def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, tasks, limit,
+             num_fewshot, min_recovery, threads, no_write, as_json):
     """Score VARIANTs (GGUF files/folders, AWQ/GPTQ folders, Hub ids) against BASE on the same tokens.
 
     Prints PPL, PPL change, KL divergence to the base (mean, p99) and same-top-token rate per variant; exits 1
-    when a --max-*/--min-* gate fails (failing cells marked with !)."""
+    when a --max-*/--min-* gate fails (failing cells marked with !). With --tasks: lm-eval task scores and
+    recovery (variant / base) instead, each GGUF scored by llama.cpp."""
     from quantkit.errors import GateFailed
     from quantkit.evaluate import evaluate
 
-    rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
-                   max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,
-                   top_k=top_k, threads=threads)
+    if tasks is None and (limit is not None or num_fewshot is not None or min_recovery is not None):
+        raise QuantkitError("--limit, --num-fewshot and --min-recovery need --tasks")
+    if tasks is not None:
+        from quantkit.tasks import eval_tasks
+
+        rep = eval_tasks(base, list(variants), tasks, limit=limit, num_fewshot=num_fewshot,
+                         min_recovery=min_recovery, threads=threads, write_manifest=not no_write)
+    else:
+        rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
+                       max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,
+                       top_k=top_k, threads=threads)
     if as_json:
         emit_json(rep.to_json())
     else:

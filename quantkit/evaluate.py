@@ -195,6 +195,17 @@ def resolve_variants(spec: str) -> list[Variant]:
     return _hub_variants(spec)
 
 
+def unique_names(resolved: list[Variant]) -> list[Variant]:
+    """Unique display names (two folders may both hold "Q4_K_M")."""
+    seen: dict[str, int] = {}
+    for v in resolved:
+        seen[v.name] = seen.get(v.name, 0) + 1
+    for v in resolved:
+        if seen[v.name] > 1:
+            v.name = f"{v.name} [{v.manifest_dir.name if v.manifest_dir else v.path.parent.name}]"
+    return resolved
+
+
 def _hub_variants(repo_id: str) -> list[Variant]:
     from huggingface_hub import HfApi, snapshot_download
 
@@ -576,6 +587,17 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
 
 
 # ------------------------------------------------------------------------------------------ report
+def gate_failure_line(failed: list[dict], gates=None) -> str:
+    """The one-line summary of failed gates; ``gates``: key -> :class:`quantkit.records.Gate` (default the
+    eval gates)."""
+    gates = gates or GATE_BY_KEY
+    parts = []
+    for f in failed:
+        g = gates[f["gate"]]
+        parts.append(f"{f['variant']} {g.label} {f['shown']} {g.op} {g.flag} {f['limit_shown']}")
+    return f"{len(failed)} quality gate(s) failed: " + "; ".join(parts)
+
+
 @dataclass
 class EvalReport:
     base: dict
@@ -590,11 +612,7 @@ class EvalReport:
                 "failed": self.failed, "passed": not self.failed, "notes": self.notes}
 
     def failure_line(self) -> str:
-        parts = []
-        for f in self.failed:
-            g = GATE_BY_KEY[f["gate"]]
-            parts.append(f"{f['variant']} {g.label} {f['shown']} {g.op} {g.flag} {f['limit_shown']}")
-        return f"{len(self.failed)} quality gate(s) failed: " + "; ".join(parts)
+        return gate_failure_line(self.failed)
 
     def table(self) -> str:
         bad = {(f["variant"], f["gate"]) for f in self.failed}
@@ -723,12 +741,20 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     return row
 
 
+def base_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise QuantkitError(f"cannot load the base tokenizer from {path} ({type(e).__name__}); the base must "
+                            "be an HF folder with its tokenizer files") from None
+
+
 def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ctx: int = 512,
              max_tokens: int = 32768, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
              write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None) -> EvalReport:
     """Score every variant against ``base`` on one token stream; see the module docstring."""
-    from transformers import AutoTokenizer
-
     from quantkit.hub import resolve_model
     from quantkit.texts import text_sha256
 
@@ -743,23 +769,12 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     gates = {g.key: {"limit": limits[g.name], "shown": g.show_limit(limits[g.name])}
              for g in GATES if limits[g.name] is not None}
 
-    resolved = [v for spec in variants for v in resolve_variants(spec)]
-    # Unique display names (two folders may both hold "Q4_K_M").
-    seen: dict[str, int] = {}
-    for v in resolved:
-        seen[v.name] = seen.get(v.name, 0) + 1
-    for v in resolved:
-        if seen[v.name] > 1:
-            v.name = f"{v.name} [{v.manifest_dir.name if v.manifest_dir else v.path.parent.name}]"
+    resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
 
     src = resolve_model(base)
     content, text_name = load_text(text)
     tsha = text_sha256(content)
-    try:
-        tok = AutoTokenizer.from_pretrained(src.path)
-    except Exception as e:
-        raise QuantkitError(f"cannot load the base tokenizer from {src.path} ({type(e).__name__}); the base must "
-                            "be an HF folder with its tokenizer files") from None
+    tok = base_tokenizer(src.path)
     stream = make_stream(tok, content, ctx, max_tokens)
     cache, cache_path, cached = base_cache(src.path, src.sha, tsha, stream, max_tokens, top_k, threads)
     meta = cache["meta"]
