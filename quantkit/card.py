@@ -172,6 +172,21 @@ def check_license(info: LicenseInfo, repo_id: str | None, *, public: bool, accep
     return warnings
 
 
+# How strict a licence family is, for a model made of two licensed parts (base + adapter): the stricter governs.
+STRICTNESS = {"open": 0, "llama": 1, "gemma": 1, "custom": 2, "unknown": 3, "noncommercial": 4}
+
+
+def stricter_license(base: dict, adapter: dict) -> dict:
+    """``{license, license_name, license_link}`` of whichever of two licences is stricter (base wins ties):
+    a non-commercial adapter on a permissive base is non-commercial; an unlicensed adapter makes it unknown."""
+    def rank(d):
+        info = license_info(d)
+        return STRICTNESS[info.family] + (1 if info.no_derivatives else 0)
+
+    pick = adapter if rank(adapter) > rank(base) else base
+    return {k: pick.get(k) for k in ("license", "license_name", "license_link")}
+
+
 def scrub_paths(obj):
     """Replace absolute local paths (a user's home, temp folders) by their last component, recursively.
 

@@ -44,6 +44,14 @@ def pull(model, revision, allow_pickle, as_json):
         click.echo(f"{src.id or src.path} @ {src.sha}\n  path: {src.path}\n  licence: {src.license or 'unknown'}")
 
 
+def _adapter_options(f):
+    """``--adapter`` / ``--adapter-revision``: merge a PEFT LoRA into the base, then quantise the merged model."""
+    f = click.option("--adapter-revision", help="Branch, tag or commit SHA of a Hub --adapter.")(f)
+    return click.option("--adapter", metavar="ADAPTER",
+                        help="PEFT LoRA adapter (folder or Hub id) merged into MODEL at full precision first; "
+                             "the merged fine-tune is what is quantised and measured.")(f)
+
+
 # ---------------------------------------------------------------------------------------------- gguf
 @cli.command()
 @click.argument("model")
@@ -57,13 +65,16 @@ def pull(model, revision, allow_pickle, as_json):
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "auto"]), default="auto", show_default=True,
               help="Type of the intermediate GGUF converted once from the HF weights.")
 @click.option("--threads", type=int, help="Threads for quantising (default: all cores).")
+@_adapter_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, as_json):
+def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, adapter, adapter_revision,
+         as_json):
     """Convert MODEL (Hub id or local folder) once to GGUF, then quantise it to every --types."""
     from quantkit.gguf import quantize_gguf
 
     res = quantize_gguf(model, types.split(","), out, revision=revision, calibration=calibration,
-                        allow_pickle=allow_pickle, outtype=outtype, threads=threads)
+                        allow_pickle=allow_pickle, outtype=outtype, threads=threads, adapter=adapter,
+                        adapter_revision=adapter_revision)
     if as_json:
         emit_json(res.to_json())
     else:
@@ -71,6 +82,31 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
         extra = f"; imatrix: {res.imatrix.name}" if res.imatrix else ""
         click.echo(f"\n{res.folder} (manifest {res.manifest.path.name}{extra}; "
                    f"{'converted' if res.converted else 'no conversion needed'})")
+
+
+# ---------------------------------------------------------------------------------------------- lora
+@cli.command()
+@click.argument("adapter")
+@click.option("--base", required=True, help="The base model the adapter was trained on (folder or Hub id).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default ./<Adapter>-LoRA-GGUF).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the GGUF adapter's tensors.")
+@click.option("--revision", help="Revision of a Hub --base.")
+@click.option("--adapter-revision", help="Revision of a Hub ADAPTER.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def lora(adapter, base, out, outtype, revision, adapter_revision, as_json):
+    """Convert a PEFT LoRA ADAPTER to a GGUF LoRA adapter (llama.cpp's convert_lora_to_gguf.py), to apply on a
+    quantised GGUF of --base (llama-cli --lora, Llama(lora_path=...)). AWQ/GPTQ bases take the PEFT adapter as
+    it is. Measure it with `quantkit eval BASE+ADAPTER VARIANT.gguf+ADAPTER`."""
+    from quantkit.lora import convert_adapter
+
+    res = convert_adapter(adapter, base, out, outtype=outtype, revision=revision, adapter_revision=adapter_revision)
+    if as_json:
+        emit_json(res.to_json())
+    else:
+        a = res.adapter
+        click.echo(f"{res.path} ({'converted' if res.converted else 'already there'}; rank {a['rank']}, "
+                   f"alpha {a['alpha']}, targets {', '.join(a['target_modules'] or [])})")
 
 
 # [gguf commands] (insert above this line)
@@ -123,14 +159,15 @@ def _print_quant_result(result, as_json: bool) -> None:
 @click.argument("model")
 @click.option("--bits", type=click.Choice(["4"]), default="4", show_default=True, help="Weight bits (AWQ: 4).")
 @_hfquant_options("4")
+@_adapter_options
 def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revision, allow_pickle, device,
-        offload, as_json):
+        offload, as_json, adapter, adapter_revision):
     """AWQ-quantise MODEL (Hub id or local folder) to 4-bit weights, calibrated on SPEC."""
     from quantkit.awq import quantize_awq
 
     result = quantize_awq(model, bits=int(bits), group_size=group_size, calibration=calibration, samples=samples,
                           seq_len=seq_len, fmt=fmt, out=out, revision=revision, allow_pickle=allow_pickle,
-                          device=device, offload=offload)
+                          device=device, offload=offload, adapter=adapter, adapter_revision=adapter_revision)
     _print_quant_result(result, as_json)
 
 
@@ -144,14 +181,16 @@ def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revisi
               help="Hessian dampening, as a fraction of its mean diagonal.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
 @_hfquant_options("4|8")
+@_adapter_options
 def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, seq_len, fmt, out, revision,
-         allow_pickle, device, offload, as_json):
+         allow_pickle, device, offload, as_json, adapter, adapter_revision):
     """GPTQ-quantise MODEL (Hub id or local folder) to 4- or 8-bit weights, calibrated on SPEC."""
     from quantkit.gptq import quantize_gptq
 
     result = quantize_gptq(model, bits=int(bits), group_size=group_size, act_order=act_order, damp=damp, sym=sym,
                            calibration=calibration, samples=samples, seq_len=seq_len, fmt=fmt, out=out,
-                           revision=revision, allow_pickle=allow_pickle, device=device, offload=offload)
+                           revision=revision, allow_pickle=allow_pickle, device=device, offload=offload,
+                           adapter=adapter, adapter_revision=adapter_revision)
     _print_quant_result(result, as_json)
 
 

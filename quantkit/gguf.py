@@ -702,9 +702,10 @@ def _preload() -> None:
 
 def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *, revision=None,
                   calibration: str | None = None, allow_pickle=False, outtype="auto",
-                  threads=None) -> GGUFResult:
-    """Convert MODEL once and quantise it to every type in ``types``; see the module docstring."""
-    from quantkit.hub import resolve_model
+                  threads=None, adapter: str | None = None, adapter_revision: str | None = None) -> GGUFResult:
+    """Convert MODEL once and quantise it to every type in ``types``; see the module docstring. With
+    ``adapter`` (a PEFT LoRA), the merged fine-tune is what is converted (:func:`quantkit.lora.resolve_source`)."""
+    from quantkit.lora import resolve_source
 
     types = normalize_types(types)
     need_imatrix = [t for t in types if t in IMATRIX_REQUIRED]
@@ -721,7 +722,8 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
 
         parse_spec(calibration)  # bad SPEC -> one-line error before any download
 
-    src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    src = resolve_source(model, revision, allow_pickle=allow_pickle, adapter=adapter,
+                         adapter_revision=adapter_revision)
     check_architecture(src.config)
     outtype = resolve_outtype(outtype, src.path)
     folder = Path(out) if out else Path.cwd() / f"{src.name}-GGUF"

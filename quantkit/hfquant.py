@@ -454,10 +454,11 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         sym: bool = True, act_order: bool = True, damp: float = 0.01, calibration: str | None = None,
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
-        offload: bool = False) -> QuantResult:
-    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq."""
+        offload: bool = False, adapter: str | None = None, adapter_revision: str | None = None) -> QuantResult:
+    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq.
+    With ``adapter`` (a PEFT LoRA) the merged fine-tune is quantised (:func:`quantkit.lora.resolve_source`)."""
     from quantkit.calibration import load_calibration, parse_spec
-    from quantkit.hub import resolve_model
+    from quantkit.lora import resolve_source
     from quantkit.manifest import Manifest, file_record
     from quantkit.util import sha256_file
 
@@ -470,7 +471,8 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     spec = parse_spec(calibration)  # fail on a malformed SPEC before any download
     n = 6
     _stage(1, n, f"resolving {model}")
-    src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    src = resolve_source(model, revision, allow_pickle=allow_pickle, adapter=adapter,
+                         adapter_revision=adapter_revision)
     name = variant_name(src.name, method, fmt, bits, group_size, sym)
     folder = Path(out).expanduser() if out else Path.cwd() / name
     folder = folder.absolute()
