@@ -137,7 +137,8 @@ class Variant:
 
 def _with_adapter(vs: list[Variant], adapter: str, base) -> list[Variant]:
     """``VARIANT+ADAPTER``: the adapter applied at run time (a PEFT folder is converted once to a GGUF LoRA
-    for GGUF variants). Results are not the variant's own, so they are not written into its quantkit.json."""
+    for GGUF variants). Results are not the variant's own, so they are not written into its quantkit.json; a
+    GGUF adapter from ``quantkit lora`` gets them in its folder's quantkit.json (``measured_on``)."""
     from quantkit import lora
 
     ad = None if adapter.endswith(".gguf") and os.path.isfile(adapter) else lora.load_adapter(adapter)
@@ -151,6 +152,13 @@ def _with_adapter(vs: list[Variant], adapter: str, base) -> list[Variant]:
             v.adapter = ad.path
         v.name = f"{v.name}+{ad.name if ad else Path(adapter).stem}"
         v.manifest_dir = v.artifact = None
+        if ad is None and (v.adapter.parent / "quantkit.json").is_file():
+            from quantkit.manifest import Manifest
+
+            arts = Manifest.load(v.adapter.parent, create=False).artifacts
+            v.artifact = next((n for n, rec in arts.items() if rec.get("format") == "gguf-lora"
+                               and any(f.get("path") == v.adapter.name for f in rec.get("files") or [])), None)
+            v.manifest_dir = v.adapter.parent if v.artifact else None
     return vs
 
 
@@ -843,6 +851,11 @@ def _write_manifests(report: EvalReport, resolved: list[Variant], src) -> None:
         m = Manifest.load(folder, create=False)  # fresh read: another stage may have written meanwhile
         for v, r in items:
             if v.artifact not in m.artifacts:
+                continue
+            if m.artifacts[v.artifact].get("format") == "gguf-lora":  # an adapter: the bases it was measured on
+                on = {"variant": r["name"].rsplit("+", 1)[0], "format": v.format, "type": v.type, "size": v.size,
+                      "eval": EvalScore.from_row(r, c).to_json()}
+                m.artifacts[v.artifact].setdefault("measured_on", {})[on["variant"]] = on
                 continue
             m.update_artifact(v.artifact, eval=EvalScore.from_row(r, c).to_json())
         m.data["evaluation"] = {

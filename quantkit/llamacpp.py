@@ -30,7 +30,8 @@ DIST = "llama-cpp-python"
 # GGUFs (real tokenizers, used by tests) and llama.cpp's licence. LAYOUT names what was kept: bump it when
 # _KEEP changes, so an older unpacked folder (shared by other checkouts) is left alone and a new one made.
 LAYOUT = "2"
-_KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-", "LICENSE", "requirements/")
+_KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-",
+         "LICENSE", "requirements/")
 
 
 def version() -> str:

@@ -225,6 +225,10 @@ def stricter_license(base: ModelSource, adapter: AdapterSource) -> dict:
     return _stricter({k: getattr(base, k) for k in keys}, {k: getattr(adapter, k) for k in keys})
 
 
+def merged_sha(base: ModelSource, adapter: AdapterSource) -> str:
+    return "merged-" + hashlib.sha256(f"{base.sha}\0{adapter.sha}".encode()).hexdigest()[:40]
+
+
 def merged_dir(base: ModelSource, adapter: AdapterSource) -> Path:
     key = hashlib.sha256(f"{base.sha}\0{adapter.sha}".encode()).hexdigest()[:16]
     return cache_home() / "merged" / f"{base.name}+{adapter.name}-{key}"
@@ -257,6 +261,8 @@ def merge(base: ModelSource, adapter: AdapterSource) -> Path:
                   "dtype": str(save_dtype).replace("torch.", ""), "merge": "peft merge_and_unload (fp32)",
                   "peft": dist_version("peft"), "transformers": dist_version("transformers")}
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2))
+        # resolve_model(<this folder>) keeps the merged identity (eval, plan and bench get the folder)
+        (tmp / ".quantkit-source.json").write_text(json.dumps({"sha": merged_sha(base, adapter)}))
         if (folder / MERGE_RECORD).is_file():  # another process won the race
             shutil.rmtree(tmp)
         else:
@@ -284,8 +290,8 @@ def resolve_source(model: str, revision: str | None = None, *, adapter: str | No
     folder = merge(base, ad)
     from quantkit.hub import _read_config
 
-    sha = "merged-" + hashlib.sha256(f"{base.sha}\0{ad.sha}".encode()).hexdigest()[:40]
-    return MergedSource(path=folder, id=ad.id, revision=ad.revision, sha=sha, pipeline_tag=base.pipeline_tag,
+    return MergedSource(path=folder, id=ad.id, revision=ad.revision, sha=merged_sha(base, ad),
+                        pipeline_tag=base.pipeline_tag,
                         config=_read_config(folder, str(folder)), base=base, adapter=ad,
                         **stricter_license(base, ad))
 

@@ -187,24 +187,50 @@ def test_merged_then_quantised_q8_close_to_merged(merged_set, merged, tiny_lora)
     base = Manifest.load(merged_set.folder).base
     assert base["adapter"]["local_path"] == str(tiny_lora) and base["merged_from"]["model_name"].startswith("tiny")
     assert base["model_name"] == tiny_lora.name
+    # the card names base and adapter; base_model is the fine-tune's repo, else the base's (a fine-tune of it)
+    from quantkit.card import render_card
+
+    card = render_card(merged_set.folder)
+    assert "Fine-tune: base model + LoRA adapter" in card.text and f"local `{tiny_lora.name}`" in card.text
+    assert "rank 8, alpha 16" in card.text and "base_model" not in card.metadata
+    m = Manifest.load(merged_set.folder)
+    m.base["merged_from"]["id"] = "org/base"
+    assert render_card(merged_set.folder, manifest=m).metadata["base_model_relation"] == "finetune"
+    m.base["id"] = "org/fine-tune"
+    meta = render_card(merged_set.folder, manifest=m).metadata
+    assert (meta["base_model"], meta["base_model_relation"]) == ("org/fine-tune", "quantized")
 
 
-def test_gguf_adapter_on_f32_base_matches_peft(tiny_llama, tiny_lora, base_set, tmp_path, run_cli):
+@pytest.fixture(scope="module")
+def lora_folder(tiny_llama, tiny_lora, tmp_path_factory):
+    """`quantkit lora` output: the adapter as an F32 GGUF LoRA, with its quantkit.json."""
+    from quantkit.cli import main
+
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    with pytest.raises(SystemExit) as e:
+        main(["lora", str(tiny_lora), "--base", str(tiny_llama), "--out", str(out), "--outtype", "f32"])
+    assert e.value.code in (0, None)
+    return out
+
+
+def _artifact(folder: Path, part: str) -> Path:
     from quantkit.manifest import Manifest
 
-    code, out, err = run_cli("lora", tiny_lora, "--base", tiny_llama, "--out", tmp_path / "ad", "--outtype", "f32",
-                             "--json")
-    assert code == 0, err
-    res = json.loads(out)
-    m = Manifest.load(tmp_path / "ad")
+    return folder / next(n for n in Manifest.load(folder).artifacts if part in n)
+
+
+def test_gguf_adapter_on_f32_base_matches_peft(tiny_llama, tiny_lora, base_set, lora_folder):
+    from quantkit.manifest import Manifest
+
+    m = Manifest.load(lora_folder)
     (name, rec), = m.artifacts.items()
     assert rec["format"] == "gguf-lora" and m.artifact_is_intact(name) and m.base["adapter"]["rank"] == 8
-    f32 = base_set.folder / next(n for n in Manifest.load(base_set.folder).artifacts if "F32" in n)
+    f32 = _artifact(base_set.folder, "F32")
     ids = _ids(tiny_llama)
     import llama_cpp
 
     llm = llama_cpp.Llama(str(f32), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=2,
-                          lora_path=res["path"])
+                          lora_path=str(lora_folder / name))
     try:
         llm.eval(ids)
         got = np.array(llm.scores[:len(ids)], dtype=np.float32)
@@ -216,25 +242,40 @@ def test_gguf_adapter_on_f32_base_matches_peft(tiny_llama, tiny_lora, base_set, 
     assert rel_err(plain, ref) > 50 * rel_err(got, ref)  # the adapter is really applied
 
 
-def test_eval_table_adapter_on_q4_base_vs_merged_q4(tiny_llama, tiny_lora, base_set, merged_set, run_cli):
-    from quantkit.manifest import Manifest
+def test_eval_table_adapter_on_q4_base_vs_merged_q4_then_card_and_push(tiny_llama, tiny_lora, base_set, merged_set,
+                                                                      lora_folder, run_cli, hub_server):
+    from quantkit.card import render_card
 
-    q4_base = base_set.folder / next(n for n in Manifest.load(base_set.folder).artifacts if "Q4_K_M" in n)
-    q4_merged = merged_set.folder / next(n for n in Manifest.load(merged_set.folder).artifacts if "Q4_K_M" in n)
-    args = ["eval", f"{tiny_llama}+{tiny_lora}", f"{q4_base}+{tiny_lora}", q4_merged, "--ctx", "128",
-            "--max-tokens", "384", "--threads", "2"]
+    q4_base, f32_base = _artifact(base_set.folder, "Q4_K_M"), _artifact(base_set.folder, "F32")
+    q4_merged = _artifact(merged_set.folder, "Q4_K_M")
+    gguf_lora = _artifact(lora_folder, "LoRA")
+    args = ["eval", f"{tiny_llama}+{tiny_lora}", f"{q4_base}+{gguf_lora}", q4_merged, f"{f32_base}+{tiny_lora}",
+            "--ctx", "128", "--max-tokens", "384", "--threads", "2"]
     code, out, err = run_cli(*args, "--json")
     assert code == 0, err
     rep = json.loads(out)
-    on_q4, merged_q4 = rep["variants"]
-    assert on_q4["name"].endswith("+" + tiny_lora.name) and on_q4["adapter"].endswith(".gguf")
-    assert merged_q4["adapter"] is None
+    on_q4, merged_q4, on_f32 = rep["variants"]
+    assert on_q4["name"].endswith("+" + gguf_lora.stem) and on_q4["adapter"] == str(gguf_lora)
+    assert merged_q4["adapter"] is None and on_f32["adapter"].endswith(".gguf")  # PEFT folder converted once
+    assert on_f32["kld_mean"] < 1e-4  # the GGUF adapter on the full-precision base is the reference itself
     for row in (on_q4, merged_q4):
-        assert 0 < row["kld_mean"] < 0.5 and row["tokenizer_match"]
+        assert 1e-4 < row["kld_mean"] < 0.5 and row["tokenizer_match"]
     # both paths measured on the same tokens against the same reference: the difference is the table's point
     assert on_q4["tokens"] == merged_q4["tokens"] and on_q4["kld_mean"] != merged_q4["kld_mean"]
-    code, out, err = run_cli(*args)
-    assert code == 0 and tiny_lora.name in out and "Q4_K_M" in out
+    code, out, err = run_cli(*args, "--no-write")
+    assert code == 0 and gguf_lora.stem in out and "Q4_K_M" in out
+    # the adapter folder's card: which quantised bases it was measured on, with what loss
+    card = render_card(lora_folder)
+    assert "## Measured on quantised bases" in card.text and "Not measured" not in card.text
+    q4_line = next(ln for ln in card.text.splitlines() if ln.startswith(f"| {q4_base.stem} |"))
+    assert f"{on_q4['kld_mean']:.4f}" in q4_line
+    assert card.metadata["library_name"] == "gguf" and "lora" in card.metadata["tags"]
+    # push: the adapter folder's files, its card and quantkit.json
+    code, out, err = run_cli("push", lora_folder, "--repo", "alice-org/tiny-lora-GGUF", "--license", "apache-2.0")
+    assert code == 0, err
+    files = hub_server.files("alice-org/tiny-lora-GGUF")
+    assert {gguf_lora.name, "README.md", "quantkit.json"} <= set(files)
+    assert files[gguf_lora.name] == gguf_lora.read_bytes()
 
 
 @pytest.mark.slow
@@ -253,3 +294,28 @@ def test_smollm2_lora_both_paths(smollm2_hf, tmp_path):
                    max_tokens=1024, write_manifest=False)
     q8, mq4, bq4 = rep.rows
     assert q8["kld_mean"] < 0.02 and mq4["kld_mean"] < 0.3 and bq4["kld_mean"] < 0.5
+
+
+# -- recipes ------------------------------------------------------------------------------------------
+
+def test_recipe_adapter_merges_and_keys_on_the_adapter(tmp_path, tiny_llama, tiny_lora, run_cli):
+    from test_pipeline import tiny_recipe
+
+    r = tiny_recipe(tmp_path, tiny_llama, types=("Q8_0",), extra=f"adapter: {tiny_lora}\n")
+    code, out, err = run_cli("run", r, "--json")
+    assert code == 0, (out + err)[-3000:]
+    res = json.loads(out)
+    (v,) = res["variants"]
+    assert v["status"] == "done" and v["eval"]["kld_mean"] < 2e-3  # Q8_0 of the merged model vs the merged model
+    folder = Path(v["path"]).parent
+    assert folder.name == f"{tiny_lora.name}-GGUF"
+    base = json.loads((folder / "quantkit.json").read_text())["base"]
+    assert base["adapter"]["sha"].startswith("local-") and base["sha"].startswith("merged-")
+    code, out, err = run_cli("run", r, "--dry-run")
+    assert code == 0 and "to do" not in out, out
+    # another adapter: a new identity, so the stages are to do again
+    other = build_lora(tiny_llama, "tiny-llama", seed=1)
+    r = tiny_recipe(tmp_path, tiny_llama, types=("Q8_0",), extra=f"adapter: {other}\n")
+    code, out, err = run_cli("run", r, "--dry-run")
+    assert code == 0, err
+    assert "quantize:Q8_0" in out and "to do" in out
