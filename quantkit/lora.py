@@ -29,7 +29,8 @@ from pathlib import Path
 
 from quantkit.errors import QuantkitError
 from quantkit.hub import ModelSource
-from quantkit.util import cache_home
+from quantkit.demo import _publish_dir
+from quantkit.util import cache_home, safetensors_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -149,21 +150,10 @@ def _pull_adapter(repo_id: str, revision: str | None, *, token=None) -> AdapterS
                          **_license(path))
 
 
-def _shapes(files: list[Path]) -> dict[str, tuple]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                out[k] = tuple(st.get_slice(k).get_shape())
-    return out
-
-
 def check_fits(adapter: AdapterSource, base: ModelSource) -> None:
     """Every adapted module must exist in the base with the shapes the LoRA matrices imply."""
-    ad = _shapes([adapter.path / ADAPTER_WEIGHTS])
-    bs = _shapes(sorted(Path(base.path).glob("*.safetensors")))
+    ad = {name: tuple(shape) for name, _, shape, _ in safetensors_tensors(adapter.path)}
+    bs = {name: tuple(shape) for name, _, shape, _ in safetensors_tensors(base.path)}
     what = f"adapter {adapter.name} does not fit base {base.name}"
     pairs: dict[str, dict] = {}
     for k, shape in ad.items():
@@ -263,16 +253,12 @@ def merge(base: ModelSource, adapter: AdapterSource) -> Path:
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2))
         # resolve_model(<this folder>) keeps the merged identity (eval, plan and bench get the folder)
         (tmp / ".quantkit-source.json").write_text(json.dumps({"sha": merged_sha(base, adapter)}))
-        if (folder / MERGE_RECORD).is_file():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+        if folder.exists() and not (folder / MERGE_RECORD).is_file():  # a merge interrupted before its record
+            shutil.rmtree(folder)
+        return _publish_dir(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def resolve_source(model: str, revision: str | None = None, *, adapter: str | None = None,
