@@ -219,7 +219,9 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
     """Score VARIANTs (GGUF files/folders, AWQ/GPTQ folders, Hub ids) against BASE on the same tokens.
 
     Prints PPL, PPL change, KL divergence to the base (mean, p99) and same-top-token rate per variant; exits 1
-    when a --max-*/--min-* gate fails (failing cells marked with !)."""
+    when a --max-*/--min-* gate fails (failing cells marked with !). MODEL+ADAPTER applies a LoRA adapter: as
+    BASE, the merged full-precision fine-tune is the reference; as a VARIANT, the adapter (PEFT folder or GGUF
+    LoRA) is applied at run time, e.g. `eval BASE+my-lora Q4_K_M.gguf+my-lora merged-Q4_K_M.gguf`."""
     from quantkit.errors import GateFailed
     from quantkit.evaluate import evaluate
 
