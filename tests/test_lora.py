@@ -286,10 +286,8 @@ def test_smollm2_lora_both_paths(smollm2_hf, tmp_path):
     lora = build_lora(smollm2_hf, "smollm2", r=16)
     merged_res = quantize_gguf(str(smollm2_hf), ["Q8_0", "Q4_K_M"], tmp_path / "m", adapter=str(lora))
     base_res = quantize_gguf(str(smollm2_hf), ["Q4_K_M"], tmp_path / "b")
-    q = {p.name: p for p in list(merged_res.folder.glob("*.gguf")) + list(base_res.folder.glob("*.gguf"))}
-    merged_q8 = next(p for n, p in q.items() if "Q8_0" in n)
-    merged_q4 = next(p for p in merged_res.folder.glob("*Q4_K_M*.gguf"))
-    base_q4 = next(p for p in base_res.folder.glob("*Q4_K_M*.gguf"))
+    merged_q8, merged_q4 = _artifact(merged_res.folder, "Q8_0"), _artifact(merged_res.folder, "Q4_K_M")
+    base_q4 = _artifact(base_res.folder, "Q4_K_M")
     rep = evaluate(f"{smollm2_hf}+{lora}", [str(merged_q8), str(merged_q4), f"{base_q4}+{lora}"], ctx=256,
                    max_tokens=1024, write_manifest=False)
     q8, mq4, bq4 = rep.rows
