@@ -184,7 +184,9 @@ def stricter_license(base: dict, adapter: dict) -> dict:
         return STRICTNESS[info.family] + (1 if info.no_derivatives else 0)
 
     pick = adapter if rank(adapter) > rank(base) else base
-    return {k: pick.get(k) for k in ("license", "license_name", "license_link")}
+    out = {k: pick.get(k) for k in ("license", "license_name", "license_link")}
+    out["license"] = out["license"] or "unknown"  # stated, so a base card's licence cannot fill it in later
+    return out
 
 
 def scrub_paths(obj):
@@ -483,6 +485,7 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
         # a GGUF LoRA adapter folder (quantkit lora) has its own card: which bases it was measured on
         "template": "lora_card.md.j2" if formats == ["gguf-lora"] else "card.md.j2",
         "measured_on": [o for r in m.artifacts.values() for o in (r.get("measured_on") or {}).values()],
+        "base_license": m.base.get("base_license"),
         "evaluation": m.data.get("evaluation") or {},
         "report": _report(folder, m),
         "json": lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str),

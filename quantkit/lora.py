@@ -356,7 +356,7 @@ def convert_adapter(adapter: str, base: str, out: str | os.PathLike | None = Non
     dest = folder / name
     m = Manifest.load(folder)
     base_rec = src.manifest_base()
-    base_rec.update(adapter=ad.record(), **stricter_license(src, ad))
+    base_rec.update(adapter=ad.record(), base_license=src.license, **stricter_license(src, ad))
     m.set_base(**base_rec)
     rec = m.artifact(name)
     if rec and dest.is_file() and m.artifact_is_intact(name) and rec.get("adapter_sha") == ad.sha:
