@@ -174,6 +174,23 @@ def check_license(info: LicenseInfo, repo_id: str | None, *, public: bool, accep
     return warnings
 
 
+# How strict a licence family is, for a model made of two licensed parts (base + adapter): the stricter governs.
+STRICTNESS = {"open": 0, "llama": 1, "gemma": 1, "custom": 2, "unknown": 3, "noncommercial": 4}
+
+
+def stricter_license(base: dict, adapter: dict) -> dict:
+    """``{license, license_name, license_link}`` of whichever of two licences is stricter (base wins ties):
+    a non-commercial adapter on a permissive base is non-commercial; an unlicensed adapter makes it unknown."""
+    def rank(d):
+        info = license_info(d)
+        return STRICTNESS[info.family] + (1 if info.no_derivatives else 0)
+
+    pick = adapter if rank(adapter) > rank(base) else base
+    out = {k: pick.get(k) for k in ("license", "license_name", "license_link")}
+    out["license"] = out["license"] or "unknown"  # stated, so a base card's licence cannot fill it in later
+    return out
+
+
 def scrub_paths(obj):
     """Replace absolute local paths (a user's home, temp folders) by their last component, recursively.
 
@@ -412,10 +429,17 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
     tags += [t for t in types if t not in tags]
     if any(r["format"] != "gguf" and r["bits"] for r in rows):
         tags += sorted({f"{r['bits']}-bit" for r in rows if r["format"] != "gguf" and r["bits"]})
-    library = "gguf" if formats == ["gguf"] else "transformers"
+    library = "gguf" if all(f.startswith("gguf") for f in formats) else "transformers"
+    adapter, merged_from = m.base.get("adapter"), m.base.get("merged_from") or {}
+    # a merged fine-tune quantises the fine-tune's repo; with a local adapter it is a fine-tune of the base
+    relation_to = base.get("id") or (merged_from.get("id") if adapter else None)
+    relation = ("quantized" if base.get("id") else "finetune") if relation_to else None
+    if formats == ["gguf-lora"]:  # a GGUF LoRA adapter folder: an adapter for its base
+        relation_to, relation = base.get("id"), "adapter" if base.get("id") else None
+        tags.append("lora")
     meta = {
-        "base_model": base.get("id") or None,
-        "base_model_relation": "quantized" if base.get("id") else None,
+        "base_model": relation_to,
+        "base_model_relation": relation,
         "license": lic.id or None,
         "license_name": lic.name if (lic.id or "").lower() == "other" else None,
         "license_link": lic.link if (lic.id or "").lower() == "other" else None,
@@ -449,6 +473,12 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
         "quality": _quality(rows, m.data.get("evaluation") or {}), "tools": tools, "calibrations": calibrations,
         "imatrix": imatrix, "gguf_rows": gguf_rows, "hf_rows": [r for r in rows if r["format"] != "gguf"],
         "recommended": recommended, "kv_context": KV_CONTEXT, "quantkit_version": __version__,
+        "adapter": adapter, "merged_from": merged_from,
+        # a GGUF LoRA adapter folder (quantkit lora) has its own card: which bases it was measured on
+        "template": "lora_card.md.j2" if formats == ["gguf-lora"] else "card.md.j2",
+        "measured_on": [o for r in m.artifacts.values() for o in (r.get("measured_on") or {}).values()],
+        "base_license": m.base.get("base_license"),
+        "evaluation": m.data.get("evaluation") or {},
         "report": _report(folder, m),
         "unverified": scrub_paths(unverified(m)),
         "json": lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str),
@@ -484,7 +514,7 @@ def render_card(folder: str | os.PathLike, *, repo_id: str | None = None, revisi
                        manifest=manifest)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    body = env.get_template("card.md.j2").render(**ctx)
+    body = env.get_template(ctx["template"]).render(**ctx)
     text = "---\n" + _metadata_yaml(ctx["meta"]) + "\n---\n" + body.lstrip("\n")
     text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
     while "\n\n\n" in text:

@@ -119,6 +119,14 @@ no_verify_option = click.option(
          "push then refuses it without --allow-unverified).")
 
 
+def _adapter_options(f):
+    """``--adapter`` / ``--adapter-revision``: merge a PEFT LoRA into the base, then quantise the merged model."""
+    f = click.option("--adapter-revision", help="Branch, tag or commit SHA of a Hub --adapter.")(f)
+    return click.option("--adapter", metavar="ADAPTER",
+                        help="PEFT LoRA adapter (folder or Hub id) merged into MODEL at full precision first; "
+                             "the merged fine-tune is what is quantised and measured.")(f)
+
+
 # ---------------------------------------------------------------------------------------------- gguf
 @cli.command()
 @click.argument("model")
@@ -137,14 +145,17 @@ no_verify_option = click.option(
               help="Split a GGUF bigger than SIZE into llama.cpp shards (e.g. 500M, 48G; default 48G, under the "
                    "Hub's 50 GB per-file limit).")
 @no_verify_option
+@_adapter_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, split_max_size, no_verify, as_json):
+def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, split_max_size, no_verify,
+         adapter, adapter_revision, as_json):
     """Convert MODEL (Hub id or local folder) once to GGUF, then quantise it to every --types."""
     from quantkit.gguf import quantize_gguf
 
     res = quantize_gguf(model, types.split(","), out, revision=revision, calibration=calibration,
                         allow_pickle=allow_pickle, outtype=outtype, threads=threads, verify=not no_verify,
-                        split_max_size=split_max_size)
+                        split_max_size=split_max_size, adapter=adapter,
+                        adapter_revision=adapter_revision)
     if as_json:
         emit_json(res.to_json())
     else:
@@ -152,6 +163,31 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
         extra = f"; imatrix: {res.imatrix.name}" if res.imatrix else ""
         click.echo(f"\n{res.folder} (manifest {res.manifest.path.name}{extra}; "
                    f"{'converted' if res.converted else 'no conversion needed'})")
+
+
+# ---------------------------------------------------------------------------------------------- lora
+@cli.command()
+@click.argument("adapter")
+@click.option("--base", required=True, help="The base model the adapter was trained on (folder or Hub id).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default ./<Adapter>-LoRA-GGUF).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the GGUF adapter's tensors.")
+@click.option("--revision", help="Revision of a Hub --base.")
+@click.option("--adapter-revision", help="Revision of a Hub ADAPTER.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def lora(adapter, base, out, outtype, revision, adapter_revision, as_json):
+    """Convert a PEFT LoRA ADAPTER to a GGUF LoRA adapter (llama.cpp's convert_lora_to_gguf.py), to apply on a
+    quantised GGUF of --base (llama-cli --lora, Llama(lora_path=...)). AWQ/GPTQ bases take the PEFT adapter as
+    it is. Measure it with `quantkit eval BASE+ADAPTER VARIANT.gguf+ADAPTER`."""
+    from quantkit.lora import convert_adapter
+
+    res = convert_adapter(adapter, base, out, outtype=outtype, revision=revision, adapter_revision=adapter_revision)
+    if as_json:
+        emit_json(res.to_json())
+    else:
+        a = res.adapter
+        click.echo(f"{res.path} ({'converted' if res.converted else 'already there'}; rank {a['rank']}, "
+                   f"alpha {a['alpha']}, targets {', '.join(a['target_modules'] or [])})")
 
 
 # [gguf commands] (insert above this line)
@@ -210,14 +246,16 @@ def _print_quant_result(result, as_json: bool) -> None:
 @click.argument("model")
 @_bits_option("awq")
 @_hfquant_options("4")
+@_adapter_options
 def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revision, allow_pickle, device,
-        offload, no_verify, as_json):
+        offload, no_verify, as_json, adapter, adapter_revision):
     """AWQ-quantise MODEL (Hub id or local folder) to 4-bit weights, calibrated on SPEC."""
     from quantkit.awq import quantize_awq
 
     result = quantize_awq(model, bits=int(bits), group_size=group_size, calibration=calibration, samples=samples,
                           seq_len=seq_len, fmt=fmt, out=out, revision=revision, allow_pickle=allow_pickle,
-                          device=device, offload=offload, verify=not no_verify)
+                          device=device, offload=offload, verify=not no_verify, adapter=adapter,
+                          adapter_revision=adapter_revision)
     _print_quant_result(result, as_json)
 
 
@@ -232,15 +270,16 @@ def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revisi
 @click.option("--sym/--asym", default=HF_METHODS["gptq"].sym, show_default=True,
               help="Symmetric (no zero point) or asymmetric.")
 @_hfquant_options("4|8")
+@_adapter_options
 def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, seq_len, fmt, out, revision,
-         allow_pickle, device, offload, no_verify, as_json):
+         allow_pickle, device, offload, no_verify, as_json, adapter, adapter_revision):
     """GPTQ-quantise MODEL (Hub id or local folder) to 4- or 8-bit weights, calibrated on SPEC."""
     from quantkit.gptq import quantize_gptq
 
     result = quantize_gptq(model, bits=int(bits), group_size=group_size, act_order=act_order, damp=damp, sym=sym,
                            calibration=calibration, samples=samples, seq_len=seq_len, fmt=fmt, out=out,
                            revision=revision, allow_pickle=allow_pickle, device=device, offload=offload,
-                           verify=not no_verify)
+                           verify=not no_verify, adapter=adapter, adapter_revision=adapter_revision)
     _print_quant_result(result, as_json)
 
 
@@ -275,7 +314,9 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
 
     Prints PPL, PPL change, KL divergence to the base (mean, p99) and same-top-token rate per variant; exits 1
     when a --max-*/--min-* gate fails (failing cells marked with !). With --tasks: lm-eval task scores and
-    recovery (variant / base) instead, each GGUF scored by llama.cpp."""
+    recovery (variant / base) instead, each GGUF scored by llama.cpp. MODEL+ADAPTER applies a LoRA adapter: as
+    BASE, the merged full-precision fine-tune is the reference; as a VARIANT, the adapter (PEFT folder or GGUF
+    LoRA) is applied at run time, e.g. `eval BASE+my-lora Q4_K_M.gguf+my-lora merged-Q4_K_M.gguf`."""
     from quantkit.errors import GateFailed
     from quantkit.evaluate import evaluate
 

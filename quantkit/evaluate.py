@@ -116,11 +116,40 @@ class Variant:
     artifact: str | None = None
     size: int = 0
     bits_per_weight: float | None = None
+    adapter: Path | None = None  # LoRA applied at run time: a GGUF LoRA (llama.cpp) or a PEFT folder (HF)
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "path": str(self.path), "format": self.format,
                 "type": self.type, "artifact": self.artifact,
-                "manifest": str(self.manifest_dir) if self.manifest_dir else None, "size": self.size}
+                "manifest": str(self.manifest_dir) if self.manifest_dir else None, "size": self.size,
+                "adapter": str(self.adapter) if self.adapter else None}
+
+
+def _with_adapter(vs: list[Variant], adapter: str, base) -> list[Variant]:
+    """``VARIANT+ADAPTER``: the adapter applied at run time (a PEFT folder is converted once to a GGUF LoRA
+    for GGUF variants). Results are not the variant's own, so they are not written into its quantkit.json; a
+    GGUF adapter from ``quantkit lora`` gets them in its folder's quantkit.json (``measured_on``)."""
+    from quantkit import lora
+
+    ad = None if adapter.endswith(".gguf") and os.path.isfile(adapter) else lora.load_adapter(adapter)
+    plain = getattr(base, "base", None) or base  # the unmerged base of BASE+ADAPTER
+    for v in vs:
+        if v.kind == "gguf":
+            v.adapter = Path(adapter).resolve() if ad is None else lora.cached_gguf_adapter(ad, plain)
+        elif ad is None:
+            raise QuantkitError(f"{v.spec}+{adapter}: an HF-format variant takes a PEFT adapter folder, not a GGUF")
+        else:
+            v.adapter = ad.path
+        v.name = f"{v.name}+{ad.name if ad else Path(adapter).stem}"
+        v.manifest_dir = v.artifact = None
+        if ad is None and (v.adapter.parent / "quantkit.json").is_file():
+            from quantkit.manifest import Manifest
+
+            arts = Manifest.load(v.adapter.parent, create=False).artifacts
+            v.artifact = next((n for n, rec in arts.items() if rec.get("format") == "gguf-lora"
+                               and any(f.get("path") == v.adapter.name for f in rec.get("files") or [])), None)
+            v.manifest_dir = v.adapter.parent if v.artifact else None
+    return vs
 
 
 def _hf_format(folder: Path) -> str:
@@ -451,13 +480,17 @@ def load_hf_model(path: Path, device: str | None = None):
 class HFScorer:
     engine = "transformers"
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, adapter: Path | None = None):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.device = _hf_device()
         self.model = load_hf_model(path, self.device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter).eval()
         self.engine = f"transformers {dist_version('transformers')} ({self.device}, {self._dtype()})"
 
     def _dtype(self) -> str:
@@ -503,7 +536,7 @@ def gguf_tokenize(path: Path, text: str) -> tuple[list[int] | None, str | None]:
 
 
 class GGUFScorer:
-    def __init__(self, path: Path, ctx: int, threads: int | None):
+    def __init__(self, path: Path, ctx: int, threads: int | None, lora: Path | None = None):
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -513,7 +546,8 @@ class GGUFScorer:
         try:
             self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512),
                              logits_all=True, n_threads=th, n_threads_batch=th, verbose=False,
-                             n_gpu_layers=-1 if cuda_available() else 0)
+                             n_gpu_layers=-1 if cuda_available() else 0,
+                             lora_path=str(lora) if lora else None)
         except Exception as e:
             raise QuantkitError(f"llama.cpp could not load {path} ({e}): is it a complete GGUF file?") from None
         self.engine = f"llama.cpp (llama-cpp-python {dist_version('llama-cpp-python')})"
@@ -683,10 +717,10 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
             if not tokenizer_match:
                 mismatch_at = next((i for i, (a, b) in enumerate(zip(own, stream.ids)) if a != b),
                                    min(len(own), n))
-        scorer = GGUFScorer(v.path, stream.ctx, threads)
+        scorer = GGUFScorer(v.path, stream.ctx, threads, v.adapter)
     else:
         tokenizer_match, mismatch_at = _hf_tokenizer_match(v.path, text, stream.ids)
-        scorer = HFScorer(v.path, threads)
+        scorer = HFScorer(v.path, threads, v.adapter)
     load_s = time.perf_counter() - t_load
     n_per = stream.scored_per_window
     nll_all, kld_all, top1_all = [], [], []
@@ -727,7 +761,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     ratio = ppl / base_ppl
     row = {
         "name": v.name, "spec": v.spec, "path": str(v.path), "format": v.format, "type": v.type, "kind": v.kind,
-        "artifact": v.artifact, "size": v.size,
+        "artifact": v.artifact, "size": v.size, "adapter": str(v.adapter) if v.adapter else None,
         "ppl": ppl, "base_ppl": base_ppl, "ppl_ratio": ratio, "delta_ppl": ppl - base_ppl,
         "ppl_ratio_se": float(ratio * d.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         "kld_mean": float(kld.mean()), "kld_se": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
@@ -755,7 +789,7 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
              max_tokens: int = 32768, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
              write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None) -> EvalReport:
     """Score every variant against ``base`` on one token stream; see the module docstring."""
-    from quantkit.hub import resolve_model
+    from quantkit.lora import resolve_source, split_spec
     from quantkit.texts import text_sha256
 
     if not variants:
@@ -769,9 +803,11 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     gates = {g.key: {"limit": limits[g.name], "shown": g.show_limit(limits[g.name])}
              for g in GATES if limits[g.name] is not None}
 
-    resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
+    per_spec = [(resolve_variants(vspec), adapter) for vspec, adapter in map(split_spec, variants)]
+    src = resolve_source(base)  # BASE+ADAPTER: the merged fine-tune (full precision) is the reference
+    resolved = unique_names([v for vs, adapter in per_spec
+                             for v in (_with_adapter(vs, adapter, src) if adapter else vs)])
 
-    src = resolve_model(base)
     content, text_name = load_text(text)
     tsha = text_sha256(content)
     tok = base_tokenizer(src.path)
@@ -829,6 +865,11 @@ def _write_manifests(report: EvalReport, resolved: list[Variant], src) -> None:
         m = Manifest.load(folder, create=False)  # fresh read: another stage may have written meanwhile
         for v, r in items:
             if v.artifact not in m.artifacts:
+                continue
+            if m.artifacts[v.artifact].get("format") == "gguf-lora":  # an adapter: the bases it was measured on
+                on = {"variant": r["name"].rsplit("+", 1)[0], "format": v.format, "type": v.type, "size": v.size,
+                      "eval": EvalScore.from_row(r, c).to_json()}
+                m.artifacts[v.artifact].setdefault("measured_on", {})[on["variant"]] = on
                 continue
             m.update_artifact(v.artifact, eval=EvalScore.from_row(r, c).to_json())
         m.data["evaluation"] = {

@@ -816,10 +816,12 @@ def _place(tmp: Path, dest: Path, split_bytes: int, split_arg: str) -> list[Path
 
 def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *, revision=None,
                   calibration: str | None = None, allow_pickle=False, outtype="auto",
-                  threads=None, verify: bool = True, split_max_size: str | None = None) -> GGUFResult:
+                  threads=None, verify: bool = True, split_max_size: str | None = None,
+                  adapter: str | None = None, adapter_revision: str | None = None) -> GGUFResult:
     """Convert MODEL once and quantise it to every type in ``types``; see the module docstring. Each type is
-    verified against the base once written (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
-    from quantkit.hub import resolve_model
+    verified against the base once written (:mod:`quantkit.verify`; ``verify=False`` records it as skipped). With
+    ``adapter`` (a PEFT LoRA), the merged fine-tune is what is converted (:func:`quantkit.lora.resolve_source`)."""
+    from quantkit.lora import resolve_source
 
     types = normalize_types(types)
     split_bytes = split_size_bytes(split_max_size)
@@ -838,7 +840,8 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
 
         parse_spec(calibration)  # bad SPEC -> one-line error before any download
 
-    src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    src = resolve_source(model, revision, allow_pickle=allow_pickle, adapter=adapter,
+                         adapter_revision=adapter_revision)
     check_architecture(src.config)
     outtype = resolve_outtype(outtype, src.path)
     folder = Path(out) if out else Path.cwd() / f"{src.name}-GGUF"

@@ -574,12 +574,14 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         sym: bool = True, act_order: bool = True, damp: float = 0.01, calibration: str | None = None,
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
-        offload: bool = False, verify: bool = True, max_shard_size: str = MAX_SHARD_SIZE) -> QuantResult:
+        offload: bool = False, verify: bool = True, max_shard_size: str = MAX_SHARD_SIZE,
+        adapter: str | None = None, adapter_revision: str | None = None) -> QuantResult:
     """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq. The
     weights are saved in safetensors shards of at most ``max_shard_size`` (transformers' spelling); the folder is
-    then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
+    then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped). With
+    ``adapter`` (a PEFT LoRA) the merged fine-tune is quantised (:func:`quantkit.lora.resolve_source`)."""
     from quantkit.calibration import parse_spec
-    from quantkit.hub import resolve_model
+    from quantkit.lora import resolve_source
     from quantkit.util import sha256_file
 
     m = HF_METHODS[method]  # what the method does not let a user choose comes from its row
@@ -592,7 +594,8 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     _check_group_size_from_headers(model, revision, group_size)
     n = 7
     _stage(1, n, f"resolving {model}")
-    src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    src = resolve_source(model, revision, allow_pickle=allow_pickle, adapter=adapter,
+                         adapter_revision=adapter_revision)
     check_architecture(src.config, method, fmt)
     moe = moe_settings(src.config)
     name = variant_name(src.name, method, fmt, bits, group_size, sym)

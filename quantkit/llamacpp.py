@@ -27,8 +27,11 @@ from quantkit.util import cache_home, dist_version
 
 DIST = "llama-cpp-python"
 # What we unpack from the sdist's vendor/llama.cpp: the converter and what it imports, the vocab-only
-# GGUFs (real tokenizers, used by tests) and llama.cpp's licence.
-_KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-", "LICENSE", "requirements/")
+# GGUFs (real tokenizers, used by tests) and llama.cpp's licence. LAYOUT names what was kept: bump it when
+# _KEEP changes, so an older unpacked folder (shared by other checkouts) is left alone and a new one made.
+LAYOUT = "2"
+_KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-",
+         "LICENSE", "requirements/")
 
 
 def version() -> str:
@@ -44,7 +47,7 @@ def sources_dir() -> Path:
     override = os.environ.get("QUANTKIT_LLAMA_CPP_DIR")
     if override:
         return Path(override)
-    return cache_home() / f"llama.cpp-{version()}"
+    return cache_home() / f"llama.cpp-{version()}-l{LAYOUT}"
 
 
 def ensure_sources(quiet: bool = False) -> Path:

@@ -192,23 +192,23 @@ class Done:
     note: dict = field(default_factory=dict)  # more fields for the run log
 
 
-def _quantize_gguf(model: str, v: Variant, cal, out: Path, revision: str | None) -> bool:
+def _quantize_gguf(model: str, v: Variant, cal, out: Path, revision: str | None, **adapter) -> bool:
     from quantkit.gguf import quantize_gguf
 
     r = quantize_gguf(model, [v.params["type"]], out, revision=revision,
                       calibration=cal.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"],
-                      split_max_size=v.params.get("split_max_size"))
+                      split_max_size=v.params.get("split_max_size"), **adapter)
     return bool(r.reused)
 
 
 def _quantize_hf(quantizer: Callable[[], Callable]) -> Callable[..., bool]:
-    def run(model: str, v: Variant, cal, out: Path, revision: str | None) -> bool:
+    def run(model: str, v: Variant, cal, out: Path, revision: str | None, **adapter) -> bool:
         p = v.params
         extra = {k: p[k] for k in ("sym", "act_order", "damp") if k in p}
         if p.get("format"):
             extra["fmt"] = p["format"]
         r = quantizer()(model, bits=p["bits"], group_size=p["group_size"], calibration=cal.spec,
-                        samples=cal.samples, seq_len=cal.seq_len, out=out, revision=revision, **extra)
+                        samples=cal.samples, seq_len=cal.seq_len, out=out, revision=revision, **extra, **adapter)
         return bool(r.cached)
 
     return run
@@ -226,7 +226,8 @@ def _gptq():
     return quantize_gptq
 
 
-#: method -> quantise(model, variant, calibration, out folder, revision) -> whether the output was reused
+#: method -> quantise(model, variant, calibration, out folder, revision, [adapter=, adapter_revision=])
+#: -> whether the output was reused
 QUANTIZERS: dict[str, Callable[..., bool]] = {"gguf": _quantize_gguf, "awq": _quantize_hf(_awq),
                                              "gptq": _quantize_hf(_gptq)}
 
@@ -336,20 +337,31 @@ class Pipeline:
 
     # -- pull ------------------------------------------------------------------------------------------
     def _model_arg(self) -> tuple[str, str | None]:
-        """What to hand the engines: a local folder, or the Hub id pinned to the resolved SHA."""
-        if self.src.id and not self.r.model.startswith("builtin:") and not os.path.exists(self.r.model):
-            return self.src.id, self.base_sha
-        return str(self.src.path), None
+        """What to hand the engines: a local folder, or the Hub id pinned to the resolved SHA (a merged
+        fine-tune: its base; the adapter goes separately, see _adapter_arg)."""
+        src = getattr(self.src, "base", None) or self.src
+        if src.id and not self.r.model.startswith("builtin:") and not os.path.exists(self.r.model):
+            return src.id, src.sha
+        return str(src.path), None
+
+    def _adapter_arg(self) -> dict:
+        """``adapter:`` of the recipe for the quantisers, a Hub adapter pinned to its resolved SHA."""
+        ad = getattr(self.src, "adapter", None)
+        if ad is None:
+            return {}
+        return {"adapter": ad.id or str(ad.path), "adapter_revision": ad.sha if ad.id else None}
 
     def pull(self) -> None:
-        from quantkit.hub import resolve_model
+        from quantkit.lora import resolve_source
 
         stage = "pull"
+        adapter = {"adapter": self.r.adapter} if self.r.adapter else {}  # part of the key only when there is one
         if self.r.model.startswith("builtin:"):
             from quantkit.demo import resolve_builtin
 
             folder = resolve_builtin(self.r.model)  # built once, then only looked up
-            self.src = resolve_model(str(folder))
+            self.src = resolve_source(str(folder), adapter=self.r.adapter,
+                                      adapter_revision=self.r.adapter_revision)
         elif self.dry_run and not os.path.exists(os.path.expanduser(self.r.model)):
             rec = self.runlog.record(stage)
             self.base_sha = rec.get("sha") if rec else None
@@ -361,16 +373,17 @@ class Pipeline:
                 pass
             if self.base_sha:
                 self.keys[stage] = _key(stage=stage, model=self.r.model, revision=self.r.revision,
-                                        sha=self.base_sha)
+                                        sha=self.base_sha, **adapter)
             self.plan_rows.append({"stage": stage, "status": "cached" if rec and rec.get("sha") == self.base_sha
                                    and self.base_sha else "to do", "key": self.base_sha or "",
                                    "detail": f"{self.r.model}@{self.r.revision or 'main'}"
                                              + ("" if self.base_sha else " (not resolved: offline?)")})
             return
         else:
-            self.src = resolve_model(self.r.model, self.r.revision)
-        self.base_sha = self.src.sha
-        key = _key(stage=stage, model=self.r.model, revision=self.r.revision, sha=self.base_sha)
+            self.src = resolve_source(self.r.model, self.r.revision, adapter=self.r.adapter,
+                                      adapter_revision=self.r.adapter_revision)
+        self.base_sha = self.src.sha  # a merged fine-tune's SHA covers base + adapter, so every key does too
+        key = _key(stage=stage, model=self.r.model, revision=self.r.revision, sha=self.base_sha, **adapter)
         cached = self._look(stage, key, f"{self.r.model} @ {self.base_sha[:12]}")
         if self.dry_run:
             return
@@ -432,7 +445,7 @@ class Pipeline:
     def _quantize(self, v: Variant) -> Done:
         folder = self.out / v.folder
         model, revision = self._model_arg()
-        reused = QUANTIZERS[v.method](model, v, self.r.calibration, folder, revision)
+        reused = QUANTIZERS[v.method](model, v, self.r.calibration, folder, revision, **self._adapter_arg())
         if not self._artifact_ok(v):
             raise QuantkitError(f"{v.method} finished but {folder}/quantkit.json records no artifact for {v.name}")
         return Done(reused=reused, note={"artifact": self.results[v.name].artifact})

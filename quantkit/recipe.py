@@ -182,9 +182,13 @@ class Recipe:
     eval: Eval
     publish: Publish
     raw: dict = field(default_factory=dict)
+    adapter: str | None = None  # a PEFT LoRA merged into the model before quantising (quantkit.lora)
+    adapter_revision: str | None = None
 
     @property
     def model_name(self) -> str:
+        if self.adapter:  # the fine-tune is what is published
+            return self.adapter.rstrip("/").split("/")[-1]
         if self.model.startswith("builtin:"):
             return {"builtin:smollm2-135m": "SmolLM2-135M-Instruct"}.get(self.model, self.model.split(":", 1)[1])
         return self.model.rstrip("/").split("/")[-1]
@@ -215,7 +219,8 @@ _STR = ((str,), "a string")
 _OPT_NUM = ((int, float, type(None)), "a number or null")
 _OPT_STR = ((str, type(None)), "a string or null")
 
-TOP = {"quantkit": _INT, "model": _STR, "revision": _OPT_STR, "out": _STR, "variants": ((list,), "a list"),
+TOP = {"quantkit": _INT, "model": _STR, "revision": _OPT_STR, "adapter": _OPT_STR, "adapter_revision": _OPT_STR,
+       "out": _STR, "variants": ((list,), "a list"),
        "calibration": ((dict,), "a mapping"), "eval": ((dict,), "a mapping"), "publish": ((dict,), "a mapping")}
 CALIBRATION = {"spec": _STR, "samples": _POS, "seq_len": _POS}
 _FRAC = ((int, float, str, type(None)), "a fraction like 0.05, a percentage like '5%', or null")
@@ -399,7 +404,7 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
                                       "(or set publish.enabled: false)")
     recipe = Recipe(path=where, model=model, revision=top.get("revision"),
                     out=top.get("out") or "", variants=[], calibration=calibration, eval=ev, publish=pub,
-                    raw=top)
+                    raw=top, adapter=top.get("adapter"), adapter_revision=top.get("adapter_revision"))
     if not recipe.out:
         recipe.out = f"quantkit-out/{_safe(recipe.model_name)}"
     recipe.variants = _variants(top["variants"], chk, recipe)
