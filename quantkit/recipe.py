@@ -25,6 +25,9 @@ Format (``quantkit: 1``)::
       max_kld: 0.05                        # gates (null = no gate)
       max_ppl_increase: 5%                 # or a fraction: 0.05
       min_top1: null
+      tasks: [arc_easy, my_task.yaml]      # optional: lm-eval task accuracy and recovery (the tasks stage)
+      limit: 200                           # documents per task; num_fewshot: null (each task's default)
+      min_recovery: 97%                    # task gate: variant score / base score
       bench: {enabled: true}
     publish:
       repo: ${HF_ORG}/{model_name}-{method}
@@ -581,6 +584,9 @@ eval:
   max_kld: 0.05                   # gates: a variant above/below fails the run (null = no gate)
   max_ppl_increase: 5%            # perplexity increase over the base model (or a fraction: 0.05)
   min_top1: null
+  # tasks: [arc_easy]             # lm-eval task names or task YAML paths: accuracy and recovery vs the base
+  # limit: 200                    # documents per task
+  # min_recovery: 97%             # gate: variant score / base score
   bench:
     enabled: true
 
