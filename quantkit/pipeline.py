@@ -37,8 +37,7 @@ from typing import Callable
 from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
 from quantkit.recipe import Recipe, Variant, load_recipe
-from quantkit.records import (GATES, BenchScore, EvalScore, PushResult, QuantResult, Record, TaskScore,
-                              TaskScores, VariantResult)
+from quantkit.records import GATES, BenchScore, EvalScore, PushResult, QuantResult, Record, TaskScores, VariantResult
 from quantkit.util import dist_version, format_table, human_size, now_iso, save_json_merged
 
 log = logging.getLogger(__name__)
@@ -488,8 +487,7 @@ class Pipeline:
         e = self.r.eval
         rep = eval_tasks(str(self.src.path), [self.results[v.name].path], e.tasks, limit=e.limit,
                          num_fewshot=e.num_fewshot, cache_base=True)  # the base is scored once for all variants
-        return Done(result=TaskScores(tasks={r["task"]: TaskScore.from_row(r, rep.context, rep.base)
-                                             for r in rep.rows}, base_cached=rep.base["cached"]))
+        return Done(result=TaskScores.from_report(rep))
 
     def tasks(self, v: Variant) -> None:
         from quantkit.tasks import task_identity
@@ -511,7 +509,8 @@ class Pipeline:
         res, limit = self.results[v.name], getattr(self.r.eval, g.name)
         if limit is None or res.tasks is None:
             return
-        bad = [(t, s.recovery) for t, s in res.tasks.tasks.items() if s.recovery is None or not g.passes(s.recovery, limit)]
+        bad = [(t, s.recovery) for t, s in res.tasks.tasks.items()
+               if s.recovery is None or not g.passes(s.recovery, limit)]
         res.gates[g.name] = not bad
         if bad:
             res.status = "gate failed"

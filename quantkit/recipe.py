@@ -386,7 +386,7 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
     if ev_raw.get("limit") is not None and ev_raw["limit"] <= 0:
         chk.fail(("eval", "limit"), f"must be positive (or null for every document), got {ev_raw['limit']}")
     if ev_raw.get("num_fewshot") is not None and ev_raw["num_fewshot"] < 0:
-        chk.fail(("eval", "num_fewshot"), f"must be >= 0 (or null for each task's default), got {ev_raw['num_fewshot']}")
+        chk.fail(("eval", "num_fewshot"), f"must be >= 0 (or null: each task's default), got {ev_raw['num_fewshot']}")
     if ev_raw.get("min_recovery") is not None and not ev_raw["tasks"]:
         chk.fail(("eval", "min_recovery"), "is a gate on task scores: list `tasks` too")
     ev = Eval(**ev_raw, bench=bench)

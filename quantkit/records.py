@@ -219,6 +219,12 @@ class TaskScores(Record):
     base_cached: bool | None = None
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_report(cls, report) -> "TaskScores":
+        """From an ``eval_tasks()`` report of one variant."""
+        return cls(tasks={r["task"]: TaskScore.from_row(r, report.context, report.base) for r in report.rows},
+                   base_cached=report.base.get("cached"))
+
     def to_json(self) -> dict:
         return {**super().to_json(), "tasks": {t: s.to_json() for t, s in self.tasks.items()}}
 

@@ -189,7 +189,7 @@ def test_bad_task_name_and_bad_yaml_one_line(run_cli, tiny_llama, tmp_path):
     assert code != 0 and "need --tasks" in err
 
 
-# ------------------------------------------------------------------------------------------ quantkit run: the tasks stage
+# ----------------------------------------------------------------------------------- quantkit run: the tasks stage
 def _tasks_recipe(tmp_path, model, tasks=(TASK_YAML,), extra="") -> Path:
     p = tmp_path / "recipe.yaml"
     p.write_text(f"""\
