@@ -26,7 +26,7 @@ from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES
 from quantkit.manifest import Manifest
-from quantkit.records import BenchScore, EvalScore
+from quantkit.records import BenchScore, EvalScore, TaskScore
 from quantkit.util import atomic_path, human_size
 from quantkit.verify import unverified
 
@@ -316,6 +316,7 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "params": scrub_paths(params), "calibration": scrub_paths(rec.get("calibration")),
             "tools": rec.get("tools") or {},
             "eval": EvalScore.from_json(rec.get("eval")), "bench": BenchScore.from_json(rec.get("bench")),
+            "tasks": [TaskScore.from_json({"task": t, **d}) for t, d in sorted((rec.get("tasks") or {}).items())],
             "files": [{"path": f.get("path", "?"), "size": f.get("size", ""), "sha256": f.get("sha256", "")}
                       for f in rec.get("files") or [] if isinstance(f, dict)],
             "quant_method": rec.get("method") or fmt,
@@ -368,7 +369,10 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
         text = text.get("name") or text.get("source") or json.dumps(text, sort_keys=True)
     bench_ctx = {k.replace("_", " "): getattr(first_bench, k) for k in
                  ("engine", "device", "prompt_tokens", "gen_tokens", "repeats", "threads") if getattr(first_bench, k)}
-    return {"any": bool(measured), "rows": table, "any_eval": any(r["eval"] for r in rows),
+    tasks = [{"name": r["path"] if not r["folder"] else f"{r['type'] or r['format']} (folder)", "s": s}
+             for r in rows for s in r["tasks"]]
+    return {"any": bool(measured or tasks), "rows": table, "any_eval": any(r["eval"] for r in rows),
+            "tasks": sorted(tasks, key=lambda t: t["s"].task), "lm_eval": tasks[0]["s"].lm_eval if tasks else None,
             "any_bench": any(r["bench"] for r in rows), "text": text,
             "text_sha256": (ev.get("text_sha256") or "")[:16] or None, "ctx": ev.get("ctx"),
             "tokens": ev.get("tokens"), "base_ppl": _fmt_num(ev.get("base_ppl"), ".4f", None),

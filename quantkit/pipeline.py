@@ -37,7 +37,7 @@ from typing import Callable
 from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
 from quantkit.recipe import Recipe, Variant, load_recipe
-from quantkit.records import GATES, BenchScore, EvalScore, PushResult, QuantResult, Record, VariantResult
+from quantkit.records import GATES, BenchScore, EvalScore, PushResult, QuantResult, Record, TaskScores, VariantResult
 from quantkit.util import dist_version, format_table, human_size, now_iso, save_json_merged
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ ENGINES = {
     "gptq": ("gptqmodel", "llmcompressor", "compressed-tensors", "transformers", "torch"),
     "eval": ("transformers", "torch", "llama-cpp-python"),
     "bench": ("transformers", "torch", "llama-cpp-python"),
+    "tasks": ("lm_eval", "transformers", "torch", "llama-cpp-python"),
     "card": ("huggingface_hub",),
     "push": ("huggingface_hub",),
 }
@@ -177,6 +178,7 @@ class Stage:
 STAGES = {s.name: s for s in (
     Stage("quantize", "quantize", stamp=True),
     Stage("eval", "evaluate", record=EvalScore, field="eval", stamp=True),
+    Stage("tasks", "tasks", record=TaskScores, field="tasks", stamp=True),
     Stage("bench", "bench", record=BenchScore, field="bench", fails_variant=False),
     Stage("card", tracked=False),
     Stage("push", record=PushResult),
@@ -491,6 +493,43 @@ class Pipeline:
                 res.status = "gate failed"
                 res.error = res.error or f"{gate.name} {limit:g}: measured {value:.5g}"
 
+    # -- tasks (lm-eval accuracy and recovery) -----------------------------------------------------------
+    def _tasks(self, v: Variant) -> Done:
+        from quantkit.tasks import eval_tasks
+
+        e = self.r.eval
+        rep = eval_tasks(str(self.src.path), [self.results[v.name].path], e.tasks, limit=e.limit,
+                         num_fewshot=e.num_fewshot, cache_base=True)  # the base is scored once for all variants
+        return Done(result=TaskScores.from_report(rep))
+
+    def tasks(self, v: Variant) -> None:
+        from quantkit.tasks import task_identity
+
+        e = self.r.eval
+        if not (e.enabled and e.tasks):
+            return
+        key = _key(stage="tasks", quantize=self.keys.get(f"quantize:{v.name}"), base=self.base_sha,
+                   tasks=task_identity(e.tasks), limit=e.limit, num_fewshot=e.num_fewshot, engines=_engines("tasks"))
+        state, _ = self.run_stage("tasks", v.name, key, f"{', '.join(e.tasks)} (limit {e.limit}, shots "
+                                  f"{e.num_fewshot})", lambda: self._tasks(v), members=[self.results[v.name]])
+        if state in ("cached", "done"):
+            self._task_gate(v)
+
+    def _task_gate(self, v: Variant) -> None:
+        """``eval.min_recovery`` on every task (a gate of its own: GATES limit EvalScore values)."""
+        from quantkit.tasks import RECOVERY_GATE as g
+
+        res, limit = self.results[v.name], getattr(self.r.eval, g.name)
+        if limit is None or res.tasks is None:
+            return
+        bad = [(t, s.recovery) for t, s in res.tasks.tasks.items()
+               if s.recovery is None or not g.passes(s.recovery, limit)]
+        res.gates[g.name] = not bad
+        if bad:
+            res.status = "gate failed"
+            res.error = res.error or f"{g.name} {g.show_limit(limit)}: " + ", ".join(
+                f"{t} {g.shown(r)}" for t, r in bad)
+
     # -- bench ------------------------------------------------------------------------------------------
     def _bench(self, v: Variant) -> Done:
         from quantkit.bench import bench
@@ -547,7 +586,8 @@ class Pipeline:
         f = self.out / folder
         m = Manifest.load(f) if Manifest.exists(f) else None
         return _key(stage="card", deps=[self.keys.get(s) for v in self._members(folder) for s in
-                                        (f"quantize:{v.name}", f"eval:{v.name}", f"bench:{v.name}")],
+                                        (f"quantize:{v.name}", f"eval:{v.name}", f"tasks:{v.name}",
+                                         f"bench:{v.name}")],
                     report=((m.data.get("report") or {}).get("sha256") if m else None), repo=self._repo(folder),
                     license=self.r.publish.license, engines=_engines("card"))
 

@@ -25,6 +25,9 @@ Format (``quantkit: 1``)::
       max_kld: 0.05                        # gates (null = no gate)
       max_ppl_increase: 5%                 # or a fraction: 0.05
       min_top1: null
+      tasks: [arc_easy, my_task.yaml]      # optional: lm-eval task accuracy and recovery (the tasks stage)
+      limit: 200                           # documents per task; num_fewshot: null (each task's default)
+      min_recovery: 97%                    # task gate: variant score / base score
       bench: {enabled: true}
     publish:
       repo: ${HF_ORG}/{model_name}-{method}
@@ -141,6 +144,10 @@ class Eval:
     max_kld: float | None = None
     max_ppl_increase: float | None = None
     min_top1: float | None = None
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names / task YAML paths (the tasks stage)
+    limit: float | None = None  # documents per task (a fraction: of each task)
+    num_fewshot: int | None = None
+    min_recovery: float | None = None  # task gate: variant score / base score
     bench: Bench = field(default_factory=Bench)
 
     def gates(self) -> dict:
@@ -225,7 +232,10 @@ TOP = {"quantkit": _INT, "model": _STR, "revision": _OPT_STR, "adapter": _OPT_ST
 CALIBRATION = {"spec": _STR, "samples": _POS, "seq_len": _POS}
 _FRAC = ((int, float, str, type(None)), "a fraction like 0.05, a percentage like '5%', or null")
 EVAL = {"enabled": _BOOL, "text": _STR, "ctx": _POS, "max_tokens": _POS, "max_kld": _OPT_NUM,
-        "max_ppl_increase": _FRAC, "min_top1": _FRAC, "bench": ((dict, bool), "a mapping or true/false")}
+        "max_ppl_increase": _FRAC, "min_top1": _FRAC, "bench": ((dict, bool), "a mapping or true/false"),
+        "tasks": ((list, str), "a list of lm-eval task names or task YAML paths"),
+        "limit": ((int, float, type(None)), "a positive number of documents per task (or a fraction), or null"),
+        "num_fewshot": ((int, type(None)), "an integer >= 0 or null"), "min_recovery": _FRAC}
 BENCH = {"enabled": _BOOL, "prompt_tokens": _POS, "gen_tokens": _POS, "repeats": _POS,
          "threads": ((int, type(None)), "a positive integer or null")}
 PUBLISH = {"enabled": _BOOL, "repo": _STR, "private": _BOOL, "per": _STR, "only_passing": _BOOL,
@@ -372,11 +382,18 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
     bench = Bench(**chk.mapping(bench_raw or {}, ("eval", "bench"), BENCH))
     from quantkit.evaluate import parse_fraction
 
-    for g, maximum in (("max_ppl_increase", None), ("min_top1", 1)):
+    for g, maximum in (("max_ppl_increase", None), ("min_top1", 1), ("min_recovery", None)):
         try:
             ev_raw[g] = parse_fraction(ev_raw.get(g), g, maximum=maximum)
         except QuantkitError as e:
             chk.fail(("eval", g), str(e).replace(f"{g} ", "", 1))
+    ev_raw["tasks"] = _tasks(ev_raw.get("tasks"), chk)
+    if ev_raw.get("limit") is not None and ev_raw["limit"] <= 0:
+        chk.fail(("eval", "limit"), f"must be positive (or null for every document), got {ev_raw['limit']}")
+    if ev_raw.get("num_fewshot") is not None and ev_raw["num_fewshot"] < 0:
+        chk.fail(("eval", "num_fewshot"), f"must be >= 0 (or null: each task's default), got {ev_raw['num_fewshot']}")
+    if ev_raw.get("min_recovery") is not None and not ev_raw["tasks"]:
+        chk.fail(("eval", "min_recovery"), "is a gate on task scores: list `tasks` too")
     ev = Eval(**ev_raw, bench=bench)
     if ev.max_kld is not None and ev.max_kld < 0:
         chk.fail(("eval", "max_kld"), f"must be >= 0 (or null for no gate), got {ev.max_kld}")
@@ -409,6 +426,35 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
         recipe.out = f"quantkit-out/{_safe(recipe.model_name)}"
     recipe.variants = _variants(top["variants"], chk, recipe)
     return recipe
+
+
+def _tasks(raw, chk: _Checker) -> list[str]:
+    """``eval.tasks``: lm-eval names or task YAML paths (relative paths as given, like ``eval.text``); a YAML
+    that is missing or names missing data files is an error here, before any model is loaded."""
+    if raw is None:
+        return []
+    items = raw.split(",") if isinstance(raw, str) else raw
+    out = []
+    for i, t in enumerate(items):
+        path = ("eval", "tasks") if isinstance(raw, str) else ("eval", "tasks", i)
+        if not isinstance(t, str) or not t.strip():
+            chk.fail(path, f"must be an lm-eval task name or a task YAML path, got {t!r}")
+        t = t.strip()
+        p = Path(os.path.expanduser(t))
+        if t.endswith((".yaml", ".yml")) or p.is_file():
+            if not p.is_file():
+                chk.fail(path, f"no such task YAML {t!r} (give an lm-eval task name or a task YAML file)")
+            from quantkit.tasks import load_task_yaml
+
+            try:
+                load_task_yaml(p.resolve())
+            except ImportError:  # lm-eval is optional: the run says how to install it
+                pass
+            except QuantkitError as e:
+                chk.fail(path, str(e))
+        if t not in out:
+            out.append(t)
+    return out
 
 
 def _safe(s: str) -> str:
@@ -543,6 +589,9 @@ eval:
   max_kld: 0.05                   # gates: a variant above/below fails the run (null = no gate)
   max_ppl_increase: 5%            # perplexity increase over the base model (or a fraction: 0.05)
   min_top1: null
+  # tasks: [arc_easy]             # lm-eval task names or task YAML paths: accuracy and recovery vs the base
+  # limit: 200                    # documents per task
+  # min_recovery: 97%             # gate: variant score / base score
   bench:
     enabled: true
 

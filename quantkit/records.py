@@ -151,6 +151,92 @@ class BenchScore(Record):
 
 
 @dataclass
+class TaskScore(Record):
+    """One lm-eval task's score of one variant and its recovery against the base (``artifacts[name].tasks[task]``;
+    :func:`quantkit.tasks.eval_tasks` measures it)."""
+
+    task: str | None = None
+    metric: str | None = None
+    shots: int | None = None
+    n: int | None = None
+    score: float | None = None
+    stderr: float | None = None
+    base_score: float | None = None
+    base_stderr: float | None = None
+    recovery: float | None = None
+    recovery_se: float | None = None
+    higher_is_better: bool = True
+    requests_sha256: str | None = None
+    engine: str | None = None
+    gates: dict = field(default_factory=dict)
+    limit: float | None = None
+    max_length: int | None = None
+    lm_eval: str | None = None
+    base: dict | None = None  # the base's id and commit SHA
+    time: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    ROW_FIELDS = ("task", "metric", "shots", "n", "score", "stderr", "base_score", "base_stderr", "recovery",
+                  "recovery_se", "higher_is_better", "requests_sha256", "engine", "gates")
+
+    @classmethod
+    def from_row(cls, row: dict, context: dict, base: dict) -> "TaskScore":
+        """From one of ``eval_tasks()``'s rows, its context and base (the one place those keys are mapped)."""
+        return cls(**{k: row[k] for k in cls.ROW_FIELDS}, limit=context["limit"], max_length=context["max_length"],
+                   lm_eval=context["lm_eval"], base={"id": base.get("id"), "sha": base.get("sha")},
+                   time=context["time"])
+
+    def _shown(self, score: float | None, se: float | None) -> str:
+        if score is None:
+            return "n/a"
+        if self.higher_is_better and abs(score) <= 1:
+            return f"{score * 100:.1f}%" + (f" ± {se * 100:.1f}" if se is not None else "")
+        return f"{score:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+
+    @property
+    def score_shown(self) -> str:
+        """``61.0% ± 2.1`` (a fraction metric) or ``12.3 ± 0.4`` (e.g. a perplexity)."""
+        return self._shown(self.score, self.stderr)
+
+    @property
+    def base_shown(self) -> str:
+        return self._shown(self.base_score, self.base_stderr)
+
+    @property
+    def recovery_shown(self) -> str:
+        if self.recovery is None:
+            return "n/a"
+        return f"{self.recovery * 100:.1f}%" + (f" ± {self.recovery_se * 100:.1f}" if self.recovery_se is not None
+                                                 else "")
+
+
+@dataclass
+class TaskScores(Record):
+    """The tasks stage's result for one variant: task -> :class:`TaskScore` (and whether the base's scores
+    came from the cache)."""
+
+    tasks: dict = field(default_factory=dict)
+    base_cached: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_report(cls, report) -> "TaskScores":
+        """From an ``eval_tasks()`` report of one variant."""
+        return cls(tasks={r["task"]: TaskScore.from_row(r, report.context, report.base) for r in report.rows},
+                   base_cached=report.base.get("cached"))
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "tasks": {t: s.to_json() for t, s in self.tasks.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict | None):
+        out = super().from_json(d)
+        if out is not None:
+            out.tasks = {t: TaskScore.from_json(s) for t, s in (out.tasks or {}).items()}
+        return out
+
+
+@dataclass
 class VerifyResult(Record):
     """A built artifact checked against its base right after it was made (``artifacts[name].verify``;
     :mod:`quantkit.verify` makes it)."""
@@ -220,6 +306,7 @@ class VariantResult:
     bits_per_weight: float | None = None
     eval: EvalScore | None = None
     bench: BenchScore | None = None
+    tasks: TaskScores | None = None  # task accuracy: .tasks[task] -> TaskScore
     gates: dict = field(default_factory=dict)  # gate -> passed?
     pushed: str | None = None
 
@@ -234,6 +321,7 @@ class VariantResult:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["eval"] = self.eval.to_json() if self.eval else None
         d["bench"] = self.bench.to_json() if self.bench else None
+        d["tasks"] = self.tasks.to_json() if self.tasks else None
         return d
 
 

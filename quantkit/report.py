@@ -51,11 +51,35 @@ def markdown(recipe, results, *, base_sha: str | None = None, image: str = REPOR
         bpw = f"{r.bits_per_weight:.2f}" if r.bits_per_weight else "-"
         lines.append(f"| {r.name} | {r.method} | {human_size(r.size) if r.size else '-'} | {bpw} | {kld} | {dppl} "
                      f"| {top1} | {f'{tps:.1f}' if tps else '-'} | {status} |")
+    lines += _task_lines(recipe, results)
     speed = _speed_note(results)
     if speed:
         lines += ["", speed]
     lines += ["", "Made with `quantkit run` (quantkit-llm)."]
     return "\n".join(lines) + "\n"
+
+
+def _task_lines(recipe, results) -> list[str]:
+    """The task accuracy table (only when the tasks stage ran): task, shots, base, variant, recovery ± error."""
+    from quantkit.tasks import RECOVERY_GATE as g
+
+    scored = [(r, s) for r in results if r.tasks for s in r.tasks.tasks.values()]
+    if not scored:
+        return []
+    limit = recipe.eval.min_recovery
+    first = scored[0][1]
+    lines = ["", "## Task accuracy", "",
+             f"lm-evaluation-harness {first.lm_eval or '?'}"
+             + (f", {first.limit:g} documents per task" if first.limit is not None else ", every document")
+             + "; each variant scored by its own engine on the same requests as the base. Recovery is variant score "
+               "/ base score (± standard error of the paired difference)"
+             + (f"; gate: {g.rule(limit)}." if limit is not None else "."),
+             "", "| task | metric | shots | base | variant | score | recovery |", "|---|---|---:|---:|---|---:|---:|"]
+    for r, s in sorted(scored, key=lambda rs: (rs[1].task or "", rs[0].name)):
+        miss = limit is not None and (s.recovery is None or not g.passes(s.recovery, limit))
+        lines.append(f"| {s.task} | {s.metric} | {s.shots if s.shots is not None else '-'} | {s.base_shown} "
+                     f"| {r.name} | {s.score_shown} | {s.recovery_shown}{' **below gate**' if miss else ''} |")
+    return lines
 
 
 def _speed_note(results) -> str | None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.records import Gate
+from quantkit.records import Gate, TaskScore
 from quantkit.util import format_table, now_iso
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,28 @@ def parse_tasks(tasks) -> list[str]:
             out.append(t)
     if not out:
         raise QuantkitError("--tasks is empty: give lm-eval task names or task YAML paths, comma-separated")
+    return out
+
+
+def task_identity(tasks) -> list[dict]:
+    """What a task list's scores depend on, for cache keys: each registry name as given, each task YAML with the
+    sha256 of the YAML and of its data files (an edited question changes the key)."""
+    from quantkit.util import sha256_file
+
+    out = []
+    for name in parse_tasks(tasks):
+        p = Path(os.path.expanduser(name))
+        if not (name.endswith((".yaml", ".yml")) or p.is_file()):
+            out.append({"task": name})
+            continue
+        if not p.is_file():
+            raise QuantkitError(f"task YAML {name} does not exist")
+        files = (load_task_yaml(p.resolve()).get("dataset_kwargs") or {}).get("data_files") or []
+        files = [f for v in (files.values() if isinstance(files, dict) else [files])
+                 for f in (v if isinstance(v, list) else [v])]
+        data = sorted(g for f in files if "://" not in f for g in glob.glob(f))
+        out.append({"task": name, "yaml_sha256": sha256_file(p),
+                    "data_sha256": {os.path.basename(f): sha256_file(f) for f in data}})
     return out
 
 
@@ -413,24 +435,11 @@ class TaskReport:
 
     def table(self) -> str:
         bad = {(f["variant"], f["task"]) for f in self.failed}
-
-        def pm(score, se, hib):
-            if score is None:
-                return "n/a"
-            if hib and abs(score) <= 1:
-                return f"{score * 100:.1f}%" + (f" ± {se * 100:.1f}" if se is not None else "")
-            return f"{score:.4g}" + (f" ± {se:.2g}" if se is not None else "")
-
         rows = []
         for r in self.rows:
-            rec = "n/a" if r["recovery"] is None else (
-                f"{r['recovery'] * 100:.1f}%" + (f" ± {r['recovery_se'] * 100:.1f}" if r["recovery_se"] is not None
-                                                else ""))
-            if (r["variant"], r["task"]) in bad:
-                rec += " !"
-            rows.append([r["task"], r["metric"], r["shots"], r["n"], r["variant"], r["engine_short"],
-                         pm(r["base_score"], r["base_stderr"], r["higher_is_better"]),
-                         pm(r["score"], r["stderr"], r["higher_is_better"]), rec])
+            ts = TaskScore.from_row(r, self.context, self.base)
+            rows.append([r["task"], r["metric"], r["shots"], r["n"], r["variant"], r["engine_short"], ts.base_shown,
+                         ts.score_shown, ts.recovery_shown + (" !" if (r["variant"], r["task"]) in bad else "")])
         headers = ["task", "metric", "shots", "docs", "variant", "engine", "base", "variant score", "recovery"]
         c = self.context
         lines = [f"tasks: {', '.join(c['tasks'])}; limit {c['limit']}; base {self.base['name']} "
@@ -460,10 +469,44 @@ def _run_tasks(lm, taskset: TaskSet, limit, num_fewshot) -> tuple[dict, float]:
     return task_scores(res), time.perf_counter() - t0
 
 
+def _base_cache_file(base_sha: str, tasks, limit, num_fewshot, max_length: int, batch_size: int) -> Path:
+    """Where the base's scores for these settings are kept: keyed by the base's SHA, the tasks (YAML and data
+    sha256), limit, shots, max_length, batch size and the engine versions."""
+    from quantkit.util import cache_home, dist_version
+
+    key = hashlib.sha256(json.dumps({
+        "base": base_sha, "tasks": task_identity(tasks), "limit": limit, "num_fewshot": num_fewshot,
+        "max_length": max_length, "batch_size": batch_size,
+        "engines": {d: dist_version(d) for d in ("lm_eval", "transformers", "torch")}},
+        sort_keys=True).encode()).hexdigest()[:24]
+    folder = cache_home() / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.json"
+
+
+def _read_base_cache(path: Path | None):
+    """(scores, seconds, engine, max_length) from a base cache file, or None (missing or torn)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        scores = d["scores"]
+        for s in scores.values():  # JSON made the doc ids strings
+            for k in ("per_doc", "requests"):
+                if s.get(k) is not None:
+                    s[k] = {int(i) if str(i).lstrip("-").isdigit() else i: v for i, v in s[k].items()}
+        return scores, d["seconds"], d["engine"], d["max_length"]
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        return None
+
+
 def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | None = None,
                num_fewshot: int | None = None, min_recovery=None, max_length: int = DEFAULT_MAX_LENGTH,
-               batch_size: int = 1, threads: int | None = None, write_manifest: bool = True) -> TaskReport:
-    """Score ``base`` and every variant on ``tasks`` with lm-eval; see the module docstring."""
+               batch_size: int = 1, threads: int | None = None, write_manifest: bool = True,
+               cache_base: bool = False) -> TaskReport:
+    """Score ``base`` and every variant on ``tasks`` with lm-eval; see the module docstring. ``cache_base``: keep
+    the base's scores under quantkit's cache (:func:`_base_cache_file`), so scoring N variants one at a time
+    scores the base once."""
     from transformers import AutoTokenizer
 
     from quantkit.evaluate import base_tokenizer, parse_fraction, resolve_variants, unique_names
@@ -484,13 +527,25 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     src = resolve_model(base)
     tok = base_tokenizer(src.path)
 
-    base_lm = hf_lm(src.path, tok, max_length, batch_size, threads)
-    # never beyond the base's trained context, and the same for every engine
-    max_length = min(max_length, getattr(base_lm.model.config, "max_position_embeddings", None) or max_length)
-    base_lm._max_length = max_length
-    base_scores, base_s = _run_tasks(base_lm, taskset, limit, num_fewshot)
-    base_engine = base_lm.engine
-    del base_lm
+    cache = _base_cache_file(src.sha, tasks, limit, num_fewshot, max_length, batch_size) if cache_base else None
+    hit = _read_base_cache(cache)
+    if hit:
+        base_scores, base_s, base_engine, max_length = hit
+        log.info("[tasks] base scores of %s from the cache (%s)", src.name, cache)
+    else:
+        base_lm = hf_lm(src.path, tok, max_length, batch_size, threads)
+        # never beyond the base's trained context, and the same for every engine
+        max_length = min(max_length, getattr(base_lm.model.config, "max_position_embeddings", None) or max_length)
+        base_lm._max_length = max_length
+        base_scores, base_s = _run_tasks(base_lm, taskset, limit, num_fewshot)
+        base_engine = base_lm.engine
+        del base_lm
+        if cache:
+            from quantkit.util import atomic_path
+
+            with atomic_path(cache) as tmp:
+                tmp.write_text(json.dumps({"scores": base_scores, "seconds": base_s, "engine": base_engine,
+                                           "max_length": max_length}))
     rows: list[dict] = []
     failed: list[dict] = []
     for v in resolved:
@@ -534,7 +589,8 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     context = {"tasks": taskset.names, "task_names": list(base_scores), "limit": limit, "num_fewshot": num_fewshot,
                "max_length": max_length, "lm_eval": dist_version("lm_eval"), "time": now_iso()}
     report = TaskReport(base={"name": src.name, "id": src.id, "sha": src.sha, "path": str(src.path),
-                              "engine": base_engine, "seconds": round(base_s, 2), "tasks": base_scores},
+                              "engine": base_engine, "seconds": round(base_s, 2), "tasks": base_scores,
+                              "cached": bool(hit)},
                         context=context, rows=rows, gates=gates, failed=failed)
     if write_manifest:
         _write_manifests(report, resolved)
@@ -558,11 +614,7 @@ def _write_manifests(report: TaskReport, resolved) -> None:
             tasks = dict(m.artifacts[v.artifact].get("tasks") or {})
             for r in report.rows:
                 if r["variant"] == v.name:
-                    tasks[r["task"]] = {k: r[k] for k in (
-                        "metric", "shots", "n", "score", "stderr", "base_score", "base_stderr", "recovery",
-                        "recovery_se", "higher_is_better", "requests_sha256", "engine", "gates")} | {
-                        "limit": c["limit"], "max_length": c["max_length"], "lm_eval": c["lm_eval"],
-                        "base": {"id": report.base["id"], "sha": report.base["sha"]}, "time": c["time"]}
+                    tasks[r["task"]] = TaskScore.from_row(r, c, report.base).to_json()
             m.update_artifact(v.artifact, tasks=tasks)
         m.log("tasks", variants=[v.artifact for v in vs], tasks=c["task_names"], passed=not report.failed)
         m.save()

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from eval_fixtures import build_gguf_set, gguf_path, smollm2_gguf_set  # noqa: F401 (fixture)
+from test_pipeline import converted_tiny  # noqa: F401 (fixture)
 
 pytest.importorskip("lm_eval")
 
@@ -186,6 +187,93 @@ def test_bad_task_name_and_bad_yaml_one_line(run_cli, tiny_llama, tmp_path):
     assert code != 0 and "own_eval.jsonl does not exist" in line and "Traceback" not in err
     code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--min-recovery", "0.9", "--no-write")
     assert code != 0 and "need --tasks" in err
+
+
+# ----------------------------------------------------------------------------------- quantkit run: the tasks stage
+def _tasks_recipe(tmp_path, model, tasks=(TASK_YAML,), extra="") -> Path:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(f"""\
+quantkit: 1
+model: {model}
+out: {tmp_path / 'out'}
+variants:
+  - method: gguf
+    types: [Q8_0, Q4_K_M]
+eval:
+  ctx: 128
+  max_tokens: 256
+  bench: false
+  tasks:
+{''.join(f"    - {t}" + chr(10) for t in tasks)}  limit: {LIMIT}
+{extra}""")
+    return p
+
+
+def test_recipe_tasks_stage_report_card_cache_and_gate(tmp_path, tiny_llama, converted_tiny, run_cli, monkeypatch):
+    from test_pipeline import done_counts, seed
+
+    from quantkit.pipeline import RUN_LOG
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "qk-cache"))  # a fresh base-score cache
+    r, out = _tasks_recipe(tmp_path, tiny_llama), tmp_path / "out"
+    seed(converted_tiny, out)
+    code, stdout, err = run_cli("run", r, "--json")
+    assert code == 0, err
+    folder = out / converted_tiny.name
+    m = json.loads((folder / "quantkit.json").read_text())
+    runlog = json.loads((out / RUN_LOG).read_text())["stages"]
+    base_scores = set()
+    for t in ("Q8_0", "Q4_K_M"):
+        (art,) = [a for a in m["artifacts"].values() if a.get("type") == t]
+        s = art["tasks"][TASK]
+        assert s["n"] == LIMIT and s["limit"] == LIMIT and s["shots"] == 0 and s["metric"] == "acc_norm"
+        assert s["engine"].startswith("llama.cpp") and s["recovery"] == pytest.approx(s["score"] / s["base_score"])
+        assert "tasks" in art["recipe_stages"]
+        rec = runlog[f"tasks:{t}"]["result"]
+        assert rec["tasks"][TASK]["score"] == s["score"] and rec["tasks"][TASK]["recovery"] == s["recovery"]
+        base_scores.add(s["base_score"])
+    assert len(base_scores) == 1  # one base, scored once: the second variant read it from the cache
+    assert [runlog[f"tasks:{t}"]["result"]["base_cached"] for t in ("Q8_0", "Q4_K_M")] == [False, True]
+    from quantkit.records import TaskScore
+
+    report = (out / "quantkit-report.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "## Task accuracy" in report and "Task accuracy" in card
+    for a in m["artifacts"].values():
+        s = TaskScore.from_json({"task": TASK, **a["tasks"][TASK]})
+        assert f"| {s.base_shown} | {a['type']} | {s.score_shown} | {s.recovery_shown} |" in report
+        assert f"| {s.base_shown} | {a['path']} | {s.score_shown} | {s.recovery_shown} |" in card
+    # a re-run is cached: no stage runs again
+    before = done_counts(out)
+    code, stdout, err = run_cli("run", r, "--json")
+    assert code == 0, err
+    assert done_counts(out) == before and before["tasks:Q8_0"] == 1
+    assert all(v["stages"]["tasks"] == "cached" for v in json.loads(stdout)["variants"])
+    # a recovery gate nothing can pass: exit 1, both variants marked, still nothing re-scored
+    code, stdout, err = run_cli("run", r, "--json", "--set", "eval.min_recovery=100000%")
+    assert code == 1
+    res = json.loads(stdout)
+    assert done_counts(out)["tasks:Q8_0"] == 1
+    for v in res["variants"]:
+        assert v["status"] == "gate failed" and v["gates"]["min_recovery"] is False
+        assert v["error"].startswith("min_recovery 100000%: own_eval_mc")
+
+
+def test_recipe_bad_task_path_is_one_line(tmp_path, run_cli):
+    r = _tasks_recipe(tmp_path, "builtin:smollm2-135m", tasks=(TASK_YAML, "no/such/task.yaml"))
+    code, out, err = run_cli("recipe", "check", r)
+    line = err.strip().splitlines()[-1]
+    assert code != 0 and "Traceback" not in err
+    assert line.startswith(f"error: {r}:13: eval.tasks[1]: ") and "no/such/task.yaml" in line
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(TASK_YAML.read_text())  # its data file is not next to this copy
+    r = _tasks_recipe(tmp_path, "builtin:smollm2-135m", tasks=(copy,))
+    code, out, err = run_cli("recipe", "check", r)
+    line = err.strip().splitlines()[-1]
+    assert code != 0 and line.startswith(f"error: {r}:12: eval.tasks[0]: ") and "own_eval.jsonl does not exist" in line
+    r = _tasks_recipe(tmp_path, "builtin:smollm2-135m", extra="  min_recovery: 95%\n")
+    code, out, err = run_cli("recipe", "check", r)
+    assert code == 0, err
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2 (slow)
