@@ -135,12 +135,14 @@ TINY_ARCHS = {
                                   num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
                                   decoder_sparse_step=1, use_sliding_window=False, tie_word_embeddings=False)),
     # DeepSeek-V2-Lite: MLA attention (no q LoRA), first layer dense, 2 shared experts, greedy top-k routing
-    "deepseek_v2": dict(model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", tokenizer="llama",
+    # DeepSeek-V2 (not -Lite): q_lora_rank set, as llama.cpp reads it for every deepseek2 model except one of
+    # exactly 27 layers (how it recognises V2-Lite, whose q_lora_rank is null); rev 2: rev 1 had it null
+    "deepseek_v2": dict(rev=2, model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", tokenizer="llama",
                         config=dict(_MOE_DIMS, num_key_value_heads=4, intermediate_size=512,
                                     moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=2,
                                     num_experts_per_tok=2, first_k_dense_replace=1, moe_layer_freq=1,
                                     topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
-                                    routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=256,
+                                    routed_scaling_factor=1.0, q_lora_rank=128, kv_lora_rank=256,
                                     qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, head_dim=64,
                                     tie_word_embeddings=False)),
     # Phi-3-mini: fused qkv_proj / gate_up_proj, Llama SentencePiece vocab + <|endoftext|> (vocab 32064), untied
@@ -168,6 +170,7 @@ def _build_tiny_arch(arch: str, seed: int, overrides: dict) -> Path:
 
     row = TINY_ARCHS[arch]
     tag = "".join(f"-{k}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(overrides.items()))
+    tag += f"-r{row['rev']}" if row.get("rev") else ""
     final = TEST_CACHE / f"tiny-{arch}{tag}-s{seed}-v{FIXTURE_VERSION}"
     if (final / "config.json").is_file():
         return final
