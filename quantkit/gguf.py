@@ -30,8 +30,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantkit import gguf_mix
 from quantkit.errors import QuantkitError
-from quantkit.formats import GGUF_TYPES, file_type_name, gguf_type, quant_size
+from quantkit.formats import GGUF_TYPES, file_type_name, gguf_spec, quant_size
 from quantkit.manifest import Manifest, file_record
 from quantkit.util import (Timer, atomic_path, default_threads, format_table, human_size, now_iso, progress,
                            sha256_file, versions)
@@ -93,7 +94,7 @@ def normalize_types(types) -> list[str]:
     for t in types:
         if not str(t).strip():
             continue
-        t = gguf_type(t).name
+        t = gguf_spec(t)[0]
         if t not in out:
             out.append(t)
     if not out:
@@ -102,7 +103,7 @@ def normalize_types(types) -> list[str]:
 
 
 def artifact_name(model_name: str, gtype: str) -> str:
-    return f"{model_name}-{gtype}.gguf"
+    return f"{model_name}-{gtype.replace(gguf_mix.PREFIX, 'auto-')}.gguf"
 
 
 
@@ -569,8 +570,9 @@ _QLINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *, threads: int | None = None,
                   imatrix: str | os.PathLike | None = None, imatrix_label: str | None = None,
-                  dataset_label: str | None = None) -> dict:
+                  dataset_label: str | None = None, overrides: dict[str, str] | None = None) -> dict:
     """Quantise GGUF ``src`` to ``gtype`` into ``dest`` with ``llama_model_quantize`` (as llama-quantize does).
+    ``overrides`` maps tensor-name regexes to ggml types (llama-quantize's ``--tensor-type``).
 
     Returns ``{"seconds", "imatrix_entries"}``. Raises QuantkitError with llama.cpp's own message on failure.
     """
@@ -586,6 +588,17 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
     params.ftype = ftype
     params.nthread = int(threads or default_threads())
     keep = []  # keep ctypes buffers alive during the call
+    if overrides:
+        import gguf
+
+        tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, typ) in enumerate(overrides.items()):
+            keep.append(pattern.encode())
+            tt[i].pattern = keep[-1]
+            tt[i].type = int(gguf.GGMLQuantizationType[typ])
+        tt[len(overrides)].pattern = None
+        keep.append(tt)
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     n_entries = 0
     if imatrix is not None:
         data, meta = load_imatrix(imatrix)
@@ -704,7 +717,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     from quantkit.hub import resolve_model
 
     types = normalize_types(types)
-    need_imatrix = [t for t in types if GGUF_TYPES[t].imatrix]
+    need_imatrix = [t for t in types if gguf_spec(t)[1]]
     if need_imatrix and not calibration:
         raise QuantkitError(f"{', '.join(need_imatrix)} need an importance matrix: pass --calibration FILE "
                             "(a text file, or 'builtin')")
@@ -770,11 +783,17 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
         name = names[t]
         dest = folder / name
         with Timer() as tm:
+            qargs = {"imatrix": imatrix_path if calib else None,
+                     "imatrix_label": imatrix_path.name if calib else None,
+                     "dataset_label": calib.source if calib else None}
+            mix = None
             with atomic_path(dest) as tmp:
-                q = quantize_file(inter_path, tmp, t, threads=threads,
-                                  imatrix=imatrix_path if calib else None,
-                                  imatrix_label=imatrix_path.name if calib else None,
-                                  dataset_label=calib.source if calib else None)
+                if gguf_mix.is_auto(t):
+                    q, mix = gguf_mix.build(gguf_mix.parse_auto(t), tmp, src=src, inter_path=inter_path,
+                                            imatrix_path=imatrix_path, imatrix_sha=imx_rec["sha256"], calib=calib,
+                                            work=work, threads=threads, quantize_kwargs=qargs)
+                else:
+                    q = quantize_file(inter_path, tmp, t, threads=threads, **qargs)
         _public(dest)
         info = read_gguf_info(dest)
         rec = {
@@ -786,7 +805,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
             "files": [file_record(folder, dest)],
             "params": {
                 "type": t,
-                "ftype": GGUF_TYPES[t].ftype,
+                "ftype": GGUF_TYPES[mix["file_type"] if mix else t].ftype,
                 "outtype": outtype,
                 "intermediate": {k: inter["convert"].get(k) for k in ("path", "size", "file_type", "created")},
                 "imatrix": ({"name": imatrix_path.name, "sha256": imx_rec["sha256"], "method": imx_rec["method"],
@@ -795,6 +814,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
             },
             "calibration": calib.as_dict() if calib else None,
             "gguf": {k: info[k] for k in ("architecture", "file_type", "tensor_types", "params", "n_tensors")},
+            **({"mix": mix} if mix else {}),
             "tools": tools,
             "seconds": round(tm.seconds, 3),
             "created": now_iso(),
