@@ -168,8 +168,9 @@ def _weighted_error(ref, qt, imx) -> float:
     q_raw = np.asarray(qt.data)
     q_raw = q_raw.reshape(rows, -1)
     idx = np.unique(np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).round().astype(np.int64))
-    w = np.asarray(ref2[idx], dtype=np.float64)
-    if ref.tensor_type.name not in ("F32", "F16", "BF16"):
+    if ref.tensor_type.name in ("F32", "F16"):
+        w = np.asarray(ref2[idx], dtype=np.float64)
+    else:  # BF16 (or a quantised intermediate) is stored as bytes
         w = dequantize(np.asarray(ref2[idx]), ref.tensor_type).astype(np.float64)
     q = dequantize(np.ascontiguousarray(q_raw[idx]), qt.tensor_type).reshape(len(idx), cols).astype(np.float64)
     d2 = (w.reshape(len(idx), cols) - q) ** 2
@@ -177,12 +178,13 @@ def _weighted_error(ref, qt, imx) -> float:
         n_exp = imx.size // cols
         per_row = rows // n_exp if n_exp else rows
         weights = np.asarray(imx, dtype=np.float64).reshape(n_exp, cols)[np.minimum(idx // max(per_row, 1), n_exp - 1)]
-    else:
-        weights = np.full((len(idx), cols), 1.0 / cols)
+    else:  # an embedding lookup: every row (token) equally likely
+        weights = np.full((len(idx), cols), 1.0 / rows)
     return float((d2 * weights).sum() * rows / len(idx))
 
 
-def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict, threads: int) -> tuple[dict, str, bool]:
+def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict,
+                  threads: int) -> tuple[dict, str, bool]:
     """``(table, sha256 of the table, reused)``: per tensor, per candidate: actual type, bytes, error."""
     import gguf
 
@@ -279,7 +281,7 @@ def _kld(base_path: Path, files: list[Path], text: str, threads) -> list[float]:
 
     rep = evaluate(str(base_path), [str(f) for f in files], text=text, ctx=CHECK_CTX, max_tokens=CHECK_TOKENS,
                    write_manifest=False, threads=threads)
-    return [float(r["kld"]) for r in rep.rows]
+    return [float(r["kld_mean"]) for r in rep.rows]
 
 
 def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Path | None, imatrix_sha: str | None,
