@@ -9,8 +9,11 @@ standard ggml type to every weight tensor from measurements on *this* model and 
    (= the expected squared error of that matrix's output on the calibration activations), computed on up to
    :data:`SAMPLE_ROWS` evenly spaced rows (rows quantise independently) and scaled to the whole tensor, plus the
    tensor's exact byte count. A tensor without an imatrix entry (an untied embedding lookup) gets uniform
-   weights. The table is cached by base SHA + intermediate + imatrix sha256 + candidates + llama.cpp version, so
-   every budget re-uses it.
+   weights. That proxy is in output-error units that do not compare across tensor kinds, so it is put into KLD
+   units by measurement (:func:`_calibrate`): per category (``attn_q``, ``ffn_down``, ``output``, ...) one file
+   with only that category at :data:`PROBE` and the rest at Q8_0 is scored against the base on the calibration
+   text, and ``scale = measured KLD increase / proxy increase``. The table is cached by base SHA + intermediate +
+   imatrix sha256 + calibration sha256 + candidates + llama.cpp version, so every budget re-uses it.
 2. **Allocation** (:func:`allocate`): start every tensor at its cheapest option and take upgrades in order of
    error removed per byte (the lower convex hull of each tensor's (bytes, error) points), while the predicted
    file size stays within the budget. The predicted size is exact: header bytes + every tensor's bytes aligned
@@ -19,8 +22,9 @@ standard ggml type to every weight tensor from measurements on *this* model and 
    calibration text (never the eval text); when the mix's mean KLD is not lower, or its file is larger, the
    preset's own assignment is used instead (``fallback`` in the record says so).
 
-Search cost: one quantisation per candidate (6), one read-back of a row sample, two quantisations (preset +
-mix) and one evaluation of two GGUFs on :data:`CHECK_TOKENS` calibration tokens (the base's distribution is
+Search cost (once per model + calibration): one quantisation per candidate (6), a read-back of a row sample, one
+Q8_0-speed pass + one short eval per tensor category (~8); per budget: two quantisations (preset + mix) and
+one eval of both on :data:`CHECK_TOKENS` calibration tokens (the base's distribution is computed once and
 cached). The files are made with ``llama_model_quantize`` and its ``tt_overrides`` (the same code as
 ``llama-quantize --tensor-type``), so every tensor has a standard type and the result loads everywhere.
 """
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 PREFIX = "auto:"
 #: ggml types a tensor may get (llama.cpp itself falls back on shapes a type cannot hold, e.g. Q4_K -> Q5_0)
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+PROBE = "Q3_K"          # the type a category is lowered to when its KLD is measured
 SAMPLE_ROWS = 256       # rows per tensor whose error is measured (evenly spaced)
 CHECK_TOKENS = 2048     # calibration tokens for the mix-vs-preset check
 CHECK_CTX = 512
@@ -183,9 +188,15 @@ def _weighted_error(ref, qt, imx) -> float:
     return float((d2 * weights).sum() * rows / len(idx))
 
 
-def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict,
-                  threads: int) -> tuple[dict, str, bool]:
-    """``(table, sha256 of the table, reused)``: per tensor, per candidate: actual type, bytes, error."""
+def category(name: str) -> str:
+    """``blk.7.attn_v.weight`` -> ``attn_v``; ``output.weight`` -> ``output``."""
+    return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+
+
+def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict, threads: int,
+                  score=None) -> tuple[dict, str, bool]:
+    """``(table, sha256 of the table, reused)``: per tensor, per candidate: actual type, bytes, error; with
+    ``score`` (files -> mean KLDs on calibration text), per-category scales from measured KLD."""
     import gguf
 
     from quantkit.gguf import load_imatrix, quantize_file
@@ -215,14 +226,52 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
                 opts[cand] = {"type": typ, "bytes": nbytes, "err": 0.0}
                 continue
             opts[cand] = {"type": typ, "bytes": nbytes, "err": _weighted_error(ref[t.name], t, imx.get(t.name))}
-        path.unlink()
+        if cand != CANDIDATES[-1]:
+            path.unlink()
         log.info("mix: measured %s (%.0f s so far)", cand, time.perf_counter() - t0)
-    out = {"key": full_key, "seconds": round(time.perf_counter() - t0, 1), "tensors": table}
+    out = {"key": full_key, "tensors": table}
+    if score is not None:
+        out["categories"] = _calibrate(table, inter_path, imatrix_path, scratch, score, threads)
+    (scratch / f"pure-{CANDIDATES[-1]}.gguf").unlink()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     blob = json.dumps(out, sort_keys=True).encode()
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         tmp.write_bytes(blob)
     return out, sha256_bytes(blob), False
+
+
+def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path, score, threads: int) -> dict:
+    """Measured KLD per tensor category: only that category at :data:`PROBE`, the rest at the top candidate.
+
+    The proxy is in output-error units that do not compare across categories (an error in ``attn_q`` passes
+    a softmax, one in ``ffn_down`` lands in the residual stream); ``scale`` = measured KLD increase / proxy
+    increase puts every category in KLD units. Costs one Q8_0-speed pass + one eval per category."""
+    from quantkit.gguf import quantize_file
+    from quantkit.util import atomic_path
+
+    top = CANDIDATES[-1]
+    cats: dict[str, list[str]] = {}
+    for n, opts in sorted(table.items()):
+        if len({o["type"] for o in opts.values()}) > 1:
+            cats.setdefault(category(n), []).append(n)
+    files = [scratch / f"pure-{top}.gguf"]
+    for c, names in cats.items():
+        path = scratch / f"probe-{c}.gguf"
+        with atomic_path(path) as tmp:
+            quantize_file(inter_path, tmp, "Q4_K_M", threads=threads, imatrix=imatrix_path,
+                          overrides={**overrides({n: table[n][PROBE]["type"] for n in names}), ".*": top})
+        files.append(path)
+    klds = score(files)
+    out = {}
+    for (c, names), kld in zip(cats.items(), klds[1:]):
+        proxy = sum(table[n][PROBE]["err"] - table[n][top]["err"] for n in names)
+        gain = max(kld - klds[0], 1e-9)
+        out[c] = {"tensors": len(names), "kld": kld, "kld_increase": kld - klds[0], "proxy_increase": proxy,
+                  "scale": gain / proxy if proxy > 0 else 1.0}
+    for f in files[1:]:
+        f.unlink()
+    return out
 
 
 # -------------------------------------------------------------------------------------- allocation
@@ -231,10 +280,12 @@ def allocate(table: dict, budget: int, header: int, align: int = ALIGN) -> tuple
     """Greedy by error removed per byte under ``budget`` file bytes: ``({tensor: ggml type}, predicted size)``,
     ``(None, smallest size)`` when even the cheapest options do not fit."""
     hulls = {}
+    cats = table.get("categories") or {}
     for name, opts in sorted(table["tensors"].items()):
+        scale = (cats.get(category(name)) or {}).get("scale", 1.0)
         pts = {}
         for o in opts.values():  # one point per actual type (fallbacks repeat)
-            pts[o["type"]] = (_align(o["bytes"], align), o["err"], o["type"])
+            pts[o["type"]] = (_align(o["bytes"], align), o["err"] * scale, o["type"])
         pts = sorted(pts.values(), key=lambda p: (p[0], p[1]))
         hull = []
         for p in pts:  # Pareto front, then lower convex hull
@@ -296,7 +347,15 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
     t0 = time.perf_counter()
     key = {"base_sha": src.sha, "intermediate": inter_path.name, "imatrix_sha256": imatrix_sha,
            "llama_cpp": converter_version()}
-    table, table_sha, reused = sensitivities(inter_path, imatrix_path, work, key=key, threads=threads)
+    calib_text = "\n\n".join(calib.texts)
+    key["calibration_sha256"] = calib.sha256
+
+    def score(files):
+        return _kld(src.path, files, calib_text, threads)
+
+    key["measured"] = check
+    table, table_sha, reused = sensitivities(inter_path, imatrix_path, work, key=key, threads=threads,
+                                             score=score if check else None)
     sens_seconds = 0.0 if reused else time.perf_counter() - t0
     scratch = work / "mix"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -332,7 +391,7 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
     if size > budget:
         fallback = f"mix file {size:,} bytes > budget {budget:,}"
     elif preset_path is not None and check:
-        kld_mix, kld_preset = _kld(src.path, [mix_tmp, preset_path], "\n\n".join(calib.texts), threads)
+        kld_mix, kld_preset = score([mix_tmp, preset_path])
         measured = {"text": "calibration", "tokens": CHECK_TOKENS, "ctx": CHECK_CTX,
                     "kld_mix": kld_mix, "kld_preset": kld_preset}
         if not kld_mix < kld_preset:
@@ -355,8 +414,10 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
         "predicted_bytes": predicted,
         "fallback": fallback,
         "tensor_types": {n: actual[n][0] for n in sorted(assign)},
-        "sensitivity": {"sha256": table_sha, "reused": reused, "proxy": "imatrix-weighted squared error",
-                        "seconds": table.get("seconds"), "key": table["key"]},
+        "sensitivity": {"sha256": table_sha, "reused": reused, "seconds": table.get("seconds"),
+                        "key": table["key"],
+                        "proxy": "imatrix-weighted squared error x measured KLD per category",
+                        "categories": table.get("categories")},
         "search": {"candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "allocation": "greedy error/byte",
                    "check": measured, "seconds": round(time.perf_counter() - t0, 1),
                    "sensitivity_seconds": round(sens_seconds, 1)},
