@@ -70,6 +70,33 @@ def test_recipes_accept_auto_types_with_an_imatrix():
 
 
 @pytest.mark.unit
+def test_weighted_error_matches_the_direct_sum(tmp_path):
+    """The proxy read back from GGUF files (row sample, scaled) equals sum_j imatrix_j * sum_i dW_ij^2."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    from quantkit.gguf_mix import _weighted_error
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 64)).astype(np.float32)  # 300 rows > SAMPLE_ROWS: the sample is scaled up
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    readers = {}
+    for name, data, raw in (("ref", w, None), ("q", quantize(w, q8), q8)):
+        wr = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
+        wr.add_tensor("t", data, raw_dtype=raw)
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+        readers[name] = gguf.GGUFReader(str(tmp_path / f"{name}.gguf")).tensors[0]
+    d2 = (w.astype(np.float64) - dequantize(quantize(w, q8), q8)) ** 2
+    imx = rng.random(64).astype(np.float32)
+    assert _weighted_error(readers["ref"], readers["q"], imx) == pytest.approx(float((d2 * imx).sum()), rel=0.03)
+    assert _weighted_error(readers["ref"], readers["q"], None) == pytest.approx(d2.sum() / 300, rel=0.03)
+
+
+@pytest.mark.unit
 def test_summary_line():
     assert summary({"spec": "auto:Q4_K_M", "tensor_types": {"a": "Q4_K", "b": "Q6_K", "c": "Q4_K"}}) == \
         "quantkit mix at Q4_K_M size: 2 Q4_K, 1 Q6_K"
