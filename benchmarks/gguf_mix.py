@@ -86,14 +86,14 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "quantkit-bench" / "gguf_mix"))
     a = ap.parse_args(argv)
     rows = []
-    for m in a.models.split(","):
-        rows += run(m.strip(), a.budgets.split(","), Path(a.work), a.tokens)
-    text = table(rows)
-    print(text)
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / "gguf_mix.json").write_text(json.dumps(rows, indent=1, default=str))
-    (res / "gguf_mix.md").write_text(text + "\n")
+    for m in a.models.split(","):  # results written after each model
+        rows += run(m.strip(), a.budgets.split(","), Path(a.work), a.tokens)
+        text = table(rows)
+        (res / "gguf_mix.json").write_text(json.dumps(rows, indent=1, default=str))
+        (res / "gguf_mix.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -790,7 +790,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
             with atomic_path(dest) as tmp:
                 if gguf_mix.is_auto(t):
                     q, mix = gguf_mix.build(gguf_mix.parse_auto(t), tmp, src=src, inter_path=inter_path,
-                                            imatrix_path=imatrix_path, imatrix_sha=imx_rec["sha256"], calib=calib,
+                                            imatrix_path=imatrix_path, imatrix_key=imx_key, calib=calib,
                                             work=work, threads=threads, quantize_kwargs=qargs)
                 else:
                     q = quantize_file(inter_path, tmp, t, threads=threads, **qargs)

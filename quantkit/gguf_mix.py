@@ -13,7 +13,7 @@ standard ggml type to every weight tensor from measurements on *this* model and 
    units by measurement (:func:`_calibrate`): per category (``attn_q``, ``ffn_down``, ``output``, ...) one file
    with only that category at :data:`PROBE` and the rest at Q8_0 is scored against the base on the calibration
    text, and ``scale = measured KLD increase / proxy increase``. The table is cached by base SHA + intermediate +
-   imatrix sha256 + calibration sha256 + candidates + llama.cpp version, so every budget re-uses it.
+   imatrix key (calibration sha256, method) + candidates + llama.cpp version, so every budget re-uses it.
 2. **Allocation** (:func:`allocate`): start every tensor at its cheapest option and take upgrades in order of
    error removed per byte (the lower convex hull of each tensor's (bytes, error) points), while the predicted
    file size stays within the budget. The predicted size is exact: header bytes + every tensor's bytes aligned
@@ -202,7 +202,8 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
     from quantkit.gguf import load_imatrix, quantize_file
     from quantkit.util import atomic_path, sha256_bytes
 
-    full_key = {**key, "candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "search": SEARCH_VERSION}
+    full_key = {**key, "candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "search": SEARCH_VERSION,
+                "probe": PROBE, "check_tokens": CHECK_TOKENS, "check_ctx": CHECK_CTX}
     kid = sha256_bytes(json.dumps(full_key, sort_keys=True).encode())[:24]
     cache = _cache_dir() / f"{kid}.json"
     if cache.is_file():
@@ -335,7 +336,7 @@ def _kld(base_path: Path, files: list[Path], text: str, threads) -> list[float]:
     return [float(r["kld_mean"]) for r in rep.rows]
 
 
-def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Path | None, imatrix_sha: str | None,
+def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Path | None, imatrix_key: dict | None,
           calib, work: Path, threads: int, quantize_kwargs: dict, check: bool = True) -> tuple[dict, dict]:
     """Search the mix for ``spec`` and write it to ``dest``: ``(quantize_file's result, the mix record)``."""
     from quantkit.gguf import converter_version, quantize_file
@@ -345,7 +346,7 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
         raise QuantkitError(f"{spec.name} measures sensitivities on calibration text: pass --calibration FILE "
                             "(a text file, or 'builtin')")
     t0 = time.perf_counter()
-    key = {"base_sha": src.sha, "intermediate": inter_path.name, "imatrix_sha256": imatrix_sha,
+    key = {"base_sha": src.sha, "intermediate": inter_path.name, "imatrix": imatrix_key,
            "llama_cpp": converter_version()}
     calib_text = "\n\n".join(calib.texts)
     key["calibration_sha256"] = calib.sha256
