@@ -118,11 +118,14 @@ def calib_file(tmp_path_factory, calibration_text):
     return p
 
 
-def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text):
+def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, monkeypatch):
     import llama_cpp
 
+    from quantkit import gguf_mix
     from quantkit.gguf import read_gguf_info
     from quantkit.gguf_mix import tensor_bytes
+
+    monkeypatch.setattr(gguf_mix, "CHECK_TOKENS", 512)  # one window per measurement keeps the default set quick
 
     res = _run(tiny_llama, tmp_path / "a", calib_file)
     preset, auto = (res.manifest.artifacts[a] for a in res.artifacts)
