@@ -9,7 +9,7 @@ change, top-1 agreement. ``search s`` is the wall time of the auto variant (sens
 the calibration-text check); the table is built once per model and re-used by the other budgets, so the first
 budget's time includes it. Models: SmolLM2-135M (quantkit.demo) and a tiny random 2-layer Qwen2 fixture
 (tests/fixtures_models.py; random weights, so its numbers say only that the machinery works there).
-Prints a table and writes ``benchmarks/results/gguf_mix.json`` and ``.md``.
+Prints a table and writes ``benchmarks/gguf_mix.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -86,8 +86,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "quantkit-bench" / "gguf_mix"))
     a = ap.parse_args(argv)
     rows = []
-    res = ROOT / "benchmarks" / "results"
-    res.mkdir(parents=True, exist_ok=True)
+    res = ROOT / "benchmarks"
     for m in a.models.split(","):  # results written after each model
         rows += run(m.strip(), a.budgets.split(","), Path(a.work), a.tokens)
         text = table(rows)
