@@ -300,6 +300,10 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
         if fmt == "gguf":
             method = "llama.cpp" + (" + imatrix" if imatrix else "")
             advice = GGUF_TYPES[typ.upper()].advice if typ.upper() in GGUF_TYPES else ""
+            if rec.get("mix"):
+                from quantkit.gguf_mix import summary
+
+                advice = summary(rec["mix"])
         else:
             method = FORMAT_TITLES.get(fmt, fmt.upper()) + (f" ({rec['method']})" if rec.get("method") and
                                                             rec["method"].lower() != fmt else "")

@@ -131,7 +131,8 @@ def _adapter_options(f):
 @cli.command()
 @click.argument("model")
 @click.option("--types", "types", required=True,
-              help="Comma-separated llama.cpp types, e.g. Q4_K_M,Q5_K_M,Q8_0 (IQ types need --calibration).")
+              help="Comma-separated llama.cpp types, e.g. Q4_K_M,Q5_K_M,Q8_0 (IQ types need --calibration); "
+                   "auto:Q4_K_M, auto:4.5bpw or auto:3.2GB for a measured per-tensor mix within that size.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default ./<ModelName>-GGUF).")
 @click.option("--revision", help="Branch, tag or commit SHA (Hub ids only). Resolved to a commit SHA.")
 @click.option("--calibration", help="Text for an importance matrix used by every type: a .txt/.jsonl file, "

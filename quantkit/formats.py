@@ -115,6 +115,17 @@ def gguf_type(name) -> GGUFType:
     return row
 
 
+def gguf_spec(name) -> tuple[str, bool]:
+    """A ``--types`` entry -> (its canonical name, whether it needs an importance matrix): a row of
+    :data:`GGUF_TYPES`, or a measured ``auto:`` mix (:mod:`quantkit.gguf_mix`; measured on calibration text)."""
+    from quantkit import gguf_mix
+
+    if gguf_mix.is_auto(name):
+        return gguf_mix.parse_auto(name).name, True
+    row = gguf_type(name)
+    return row.name, row.imatrix
+
+
 def file_type_name(ftype_id: int) -> str:
     """``15`` -> ``Q4_K_M`` (a GGUF's ``general.file_type``)."""
     row = GGUF_BY_FTYPE.get(int(ftype_id))

@@ -36,8 +36,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantkit import gguf_mix
 from quantkit.errors import QuantkitError
-from quantkit.formats import GGUF_TYPES, file_type_name, gguf_type, quant_size
+from quantkit.formats import GGUF_TYPES, file_type_name, gguf_spec, quant_size
 from quantkit.manifest import Manifest, file_record
 from quantkit.util import (PARTIAL_SUFFIX, Timer, atomic_path, default_threads, file_lock, format_table,
                            human_size, now_iso, progress, sha256_file, versions)
@@ -109,7 +110,7 @@ def normalize_types(types) -> list[str]:
     for t in types:
         if not str(t).strip():
             continue
-        t = gguf_type(t).name
+        t = gguf_spec(t)[0]
         if t not in out:
             out.append(t)
     if not out:
@@ -118,7 +119,7 @@ def normalize_types(types) -> list[str]:
 
 
 def artifact_name(model_name: str, gtype: str) -> str:
-    return f"{model_name}-{gtype}.gguf"
+    return f"{model_name}-{gtype.replace(gguf_mix.PREFIX, 'auto-')}.gguf"
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -665,8 +666,9 @@ _QLINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *, threads: int | None = None,
                   imatrix: str | os.PathLike | None = None, imatrix_label: str | None = None,
-                  dataset_label: str | None = None) -> dict:
+                  dataset_label: str | None = None, overrides: dict[str, str] | None = None) -> dict:
     """Quantise GGUF ``src`` to ``gtype`` into ``dest`` with ``llama_model_quantize`` (as llama-quantize does).
+    ``overrides`` maps tensor-name regexes to ggml types (llama-quantize's ``--tensor-type``).
 
     Returns ``{"seconds", "imatrix_entries"}``. Raises QuantkitError with llama.cpp's own message on failure.
     """
@@ -682,6 +684,17 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
     params.ftype = ftype
     params.nthread = int(threads or default_threads())
     keep = []  # keep ctypes buffers alive during the call
+    if overrides:
+        import gguf
+
+        tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, typ) in enumerate(overrides.items()):
+            keep.append(pattern.encode())
+            tt[i].pattern = keep[-1]
+            tt[i].type = int(gguf.GGMLQuantizationType[typ])
+        tt[len(overrides)].pattern = None
+        keep.append(tt)
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     n_entries = 0
     if imatrix is not None:
         data, meta = load_imatrix(imatrix)
@@ -826,7 +839,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     types = normalize_types(types)
     split_bytes = split_size_bytes(split_max_size)
     split_arg = str(split_max_size or DEFAULT_SPLIT_MAX_SIZE).strip().upper()
-    need_imatrix = [t for t in types if GGUF_TYPES[t].imatrix]
+    need_imatrix = [t for t in types if gguf_spec(t)[1]]
     if need_imatrix and not calibration:
         raise QuantkitError(f"{', '.join(need_imatrix)} need an importance matrix: pass --calibration FILE "
                             "(a text file, or 'builtin')")
@@ -904,13 +917,15 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
             if usable(t):  # another process built it while this one waited
                 reused.append(t)
                 continue
-            paths, q, info, seconds = _quantize_one(inter_path, folder / name, t, threads, split_bytes, split_arg,
-                                                    imatrix_path if calib else None, calib)
+            mix_args = dict(src=src, inter_path=inter_path, imatrix_path=imatrix_path, imatrix_key=imx_key,
+                            calib=calib, work=work) if gguf_mix.is_auto(t) else None
+            paths, q, info, seconds, mix = _quantize_one(inter_path, folder / name, t, threads, split_bytes,
+                                                         split_arg, imatrix_path if calib else None, calib, mix_args)
             for f in (manifest.artifact(name) or {}).get("files") or []:  # an old layout's leftover files
                 if folder / f["path"] not in paths:
                     (folder / f["path"]).unlink(missing_ok=True)
             _record_variant(manifest, name, t, paths, q, info, seconds, outtype, threads, split_arg, calib,
-                            imatrix_path, imx_rec, imx_key, tools)
+                            imatrix_path, imx_rec, imx_key, tools, mix)
         built.append(name)
         checks[name] = verify_recorded(manifest, name, src.path, bits=gguf_bits(t), enabled=verify,
                                        base_sha=src.sha, threads=threads)
@@ -952,28 +967,36 @@ def unquantised_gguf(folder: str | os.PathLike) -> Path:
     path, _ = _ensure_intermediate(src, folder, folder / WORK_DIR, manifest, _conv_key(src, outtype), outtype)
     return path
 def _quantize_one(inter_path: Path, dest: Path, t: str, threads: int, split_bytes: int, split_arg: str,
-                  imatrix_path: Path | None, calib) -> tuple[list[Path], dict, dict, float]:
-    """Quantise the intermediate to type ``t`` under a temporary name, then place it (split when too big)."""
+                  imatrix_path: Path | None, calib, mix_args: dict | None = None
+                  ) -> tuple[list[Path], dict, dict, float, dict | None]:
+    """Quantise the intermediate to type ``t`` (an ``auto:`` type: the measured per-tensor mix of
+    :mod:`quantkit.gguf_mix`, built with ``mix_args``) under a temporary name, then place it (split when too
+    big)."""
     import tempfile
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        qargs = {"imatrix": imatrix_path, "imatrix_label": imatrix_path.name if imatrix_path else None,
+                 "dataset_label": calib.source if calib else None}
+        mix = None
         with Timer() as tm:
-            q = quantize_file(inter_path, tmp, t, threads=threads, imatrix=imatrix_path,
-                              imatrix_label=imatrix_path.name if imatrix_path else None,
-                              dataset_label=calib.source if calib else None)
+            if mix_args is not None:
+                q, mix = gguf_mix.build(gguf_mix.parse_auto(t), tmp, threads=threads, quantize_kwargs=qargs,
+                                        **mix_args)
+            else:
+                q = quantize_file(inter_path, tmp, t, threads=threads, **qargs)
             info = read_gguf_info(tmp)
             paths = _place(tmp, dest, split_bytes, split_arg)
     finally:
         tmp.unlink(missing_ok=True)
-    return paths, q, info, tm.seconds
+    return paths, q, info, tm.seconds, mix
 
 
 def _record_variant(manifest: Manifest, name: str, t: str, paths: list[Path], q: dict, info: dict, seconds: float,
                     outtype: str, threads: int, split_arg: str, calib, imatrix_path, imx_rec, imx_key,
-                    tools: dict) -> None:
+                    tools: dict, mix: dict | None = None) -> None:
     folder = manifest.folder
     inter = manifest.data["intermediates"]
     rec = {
@@ -985,7 +1008,7 @@ def _record_variant(manifest: Manifest, name: str, t: str, paths: list[Path], q:
         "files": [file_record(folder, p) for p in paths],
         "params": {
             "type": t,
-            "ftype": GGUF_TYPES[t].ftype,
+            "ftype": GGUF_TYPES[mix["file_type"] if mix else t].ftype,
             "outtype": outtype,
             "intermediate": {k: inter["convert"].get(k) for k in ("path", "size", "file_type", "created")},
             "imatrix": ({"name": imatrix_path.name, "sha256": imx_rec["sha256"], "method": imx_rec["method"],
@@ -995,6 +1018,7 @@ def _record_variant(manifest: Manifest, name: str, t: str, paths: list[Path], q:
         },
         "calibration": calib.as_dict() if calib else None,
         "gguf": {k: info[k] for k in ("architecture", "file_type", "tensor_types", "params", "n_tensors")},
+        **({"mix": mix} if mix else {}),
         "tools": tools,
         "seconds": round(seconds, 3),
         "created": now_iso(),

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import DEFAULT_GROUP_SIZE, GGUF_TYPES, HF_METHODS, gguf_type, hf_param_problems
+from quantkit.formats import DEFAULT_GROUP_SIZE, HF_METHODS, gguf_spec, hf_param_problems
 
 VERSION = 1
 METHODS = ("gguf", *HF_METHODS)
@@ -497,10 +497,10 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
                     chk.fail(path + ("split_max_size",), str(err))
             for j, t in enumerate(types):
                 try:
-                    norm = gguf_type(t).name
+                    norm, needs = gguf_spec(t)
                 except QuantkitError as err:
                     chk.fail(path + ("types", j), str(err))
-                if GGUF_TYPES[norm].imatrix and not imatrix:
+                if needs and not imatrix:
                     chk.fail(path + ("types", j), f"{norm} needs an importance matrix: add `imatrix: true`")
                 v = Variant(name=norm, method="gguf", entry=i, line=line,
                             params={"type": norm, "imatrix": imatrix, "outtype": outtype, **split})

@@ -1,0 +1,438 @@
+"""Measured per-tensor GGUF mixes: ``--types auto:Q4_K_M`` (or ``auto:4.5bpw``, ``auto:3.2GB``).
+
+A llama.cpp preset (Q4_K_M, ...) is a fixed, hand-made rule for which tensors get more bits. ``auto:`` assigns a
+standard ggml type to every weight tensor from measurements on *this* model and the *calibration* text:
+
+1. **Sensitivity** (:func:`sensitivities`): the intermediate GGUF is quantised once per candidate type
+   (:data:`CANDIDATES`, every tensor forced to it, with the importance matrix) by llama.cpp itself; for each
+   tensor and type the error proxy is the imatrix-weighted squared error ``sum_j imatrix_j * sum_i dW_ij^2``
+   (= the expected squared error of that matrix's output on the calibration activations), computed on up to
+   :data:`SAMPLE_ROWS` evenly spaced rows (rows quantise independently) and scaled to the whole tensor, plus the
+   tensor's exact byte count. A tensor without an imatrix entry (an untied embedding lookup) gets uniform
+   weights. That proxy is in output-error units that do not compare across tensor kinds, so it is put into KLD
+   units by measurement (:func:`_calibrate`): per category (``attn_q``, ``ffn_down``, ``output``, ...) one file
+   with only that category at :data:`PROBE` and the rest at Q8_0 is scored against the base on the calibration
+   text, and ``scale = measured KLD increase / proxy increase``. The table is cached by base SHA + intermediate +
+   imatrix key (calibration sha256, method) + candidates + llama.cpp version, so every budget re-uses it.
+2. **Allocation** (:func:`allocate`): start every tensor at its cheapest option and take upgrades in order of
+   error removed per byte (the lower convex hull of each tensor's (bytes, error) points), while the predicted
+   file size stays within the budget. The predicted size is exact: header bytes + every tensor's bytes aligned
+   to ``general.alignment``.
+3. **Check** (:func:`build`): the mix and the preset (same imatrix) are both scored against the HF base on the
+   calibration text (never the eval text); when the mix's mean KLD is not lower, or its file is larger, the
+   preset's own assignment is used instead (``fallback`` in the record says so).
+
+Search cost (once per model + calibration): one quantisation per candidate (6), a read-back of a row sample, one
+Q8_0-speed pass + one short eval per tensor category (~8); per budget: two quantisations (preset + mix) and
+one eval of both on :data:`CHECK_TOKENS` calibration tokens (the base's distribution is computed once and
+cached). The files are made with ``llama_model_quantize`` and its ``tt_overrides`` (the same code as
+``llama-quantize --tensor-type``), so every tensor has a standard type and the result loads everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "auto:"
+#: ggml types a tensor may get (llama.cpp itself falls back on shapes a type cannot hold, e.g. Q4_K -> Q5_0)
+CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+PROBE = "Q3_K"          # the type a category is lowered to when its KLD is measured
+SAMPLE_ROWS = 256       # rows per tensor whose error is measured (evenly spaced)
+CHECK_TOKENS = 2048     # calibration tokens for the mix-vs-preset check
+CHECK_CTX = 512
+ALIGN = 32              # GGUF default general.alignment
+_UNITS = {"bpw": None, "gb": 1e9, "gib": 1 << 30, "mb": 1e6, "mib": 1 << 20}
+_SPEC = re.compile(r"^([0-9]*\.?[0-9]+)\s*(bpw|gb|gib|mb|mib)$", re.I)
+# the K mixes an auto: spec may name, and the file type a size budget borrows (largest whose size fits)
+_MIX_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+SEARCH_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AutoSpec:
+    """A parsed ``auto:`` type."""
+
+    preset: str | None = None    # auto:Q4_K_M -> "Q4_K_M"
+    bpw: float | None = None     # auto:4.5bpw
+    size: int | None = None      # auto:3.2GB -> bytes
+
+    @property
+    def label(self) -> str:
+        if self.preset:
+            return self.preset
+        if self.bpw is not None:
+            return f"{self.bpw:g}bpw"
+        return _size_label(self.size)
+
+    @property
+    def name(self) -> str:
+        return PREFIX + self.label
+
+    def file_type(self, n_params: int) -> str:
+        """The llama file type written into the header (the preset, or the largest K mix whose size fits)."""
+        from quantkit.formats import GGUF_TYPES
+
+        if self.preset:
+            return self.preset
+        bpw = self.bpw if self.bpw is not None else self.size * 8 / max(n_params, 1)
+        fits = [p for p in _MIX_PRESETS if (GGUF_TYPES[p].bits_per_weight()[0] or 99) <= bpw]
+        return fits[-1] if fits else _MIX_PRESETS[0]
+
+
+def _size_label(n: int) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6)):
+        if n >= f:
+            return f"{n / f:g}{unit}"
+    return f"{n}B"
+
+
+def is_auto(spec) -> bool:
+    return str(spec).strip().lower().startswith(PREFIX)
+
+
+def parse_auto(spec: str) -> AutoSpec:
+    """``auto:Q4_K_M`` / ``auto:4.5bpw`` / ``auto:3.2GB`` (also MB, GiB, MiB) -> :class:`AutoSpec`."""
+    from quantkit.formats import gguf_type
+
+    raw = str(spec).strip()
+    body = raw[len(PREFIX):].strip()
+    how = ("use auto:PRESET (one of " + ", ".join(_MIX_PRESETS) + "), auto:BITSbpw (e.g. auto:4.5bpw) or "
+           "auto:SIZE (e.g. auto:3.2GB, auto:90MB)")
+    m = _SPEC.match(body)
+    if m:
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if value <= 0:
+            raise QuantkitError(f"bad GGUF type {raw!r}: the budget must be positive; {how}")
+        if unit == "bpw":
+            if not 2.0 <= value <= 8.5:
+                raise QuantkitError(f"bad GGUF type {raw!r}: bits per weight must be between 2 and 8.5; {how}")
+            return AutoSpec(bpw=value)
+        return AutoSpec(size=int(value * _UNITS[unit]))
+    try:
+        row = gguf_type(body) if body else None
+    except QuantkitError:
+        row = None
+    if row is None or row.name not in _MIX_PRESETS:
+        raise QuantkitError(f"bad GGUF type {raw!r}: {how}")
+    return AutoSpec(preset=row.name)
+
+
+# ------------------------------------------------------------------------------------------ sizes
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def tensor_bytes(path) -> tuple[dict[str, tuple[str, int]], int, int]:
+    """``({tensor: (ggml type, bytes)}, header bytes, alignment)`` of a GGUF (header: file size minus the
+    aligned tensor data)."""
+    import math
+
+    import gguf
+
+    from quantkit.formats import quant_size
+    from quantkit.gguf import read_gguf_header
+
+    kv, tensors = read_gguf_header(path)
+    align = int(kv.get("general.alignment") or ALIGN)
+    out = {}
+    for name, gtype, dims in tensors:
+        qt = gguf.GGMLQuantizationType(gtype)
+        block, size = quant_size(qt)
+        out[name] = (qt.name, math.prod(dims) // block * size)
+    data = sum(_align(b, align) for _, b in out.values())
+    return out, Path(path).stat().st_size - data, align
+
+
+# ------------------------------------------------------------------------------------ sensitivity
+
+def _cache_dir() -> Path:
+    from quantkit.util import cache_home
+
+    return cache_home() / "mix"
+
+
+def _weighted_error(ref, qt, imx) -> float:
+    """imatrix-weighted squared error of one tensor, estimated from a row sample (rows are independent)."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    ref_t = ref.data
+    cols = int(ref.shape[0])
+    ref2 = np.asarray(ref_t).reshape(-1, cols)
+    rows = ref2.shape[0]
+    q_raw = np.asarray(qt.data)
+    q_raw = q_raw.reshape(rows, -1)
+    idx = np.unique(np.linspace(0, rows - 1, min(rows, SAMPLE_ROWS)).round().astype(np.int64))
+    if ref.tensor_type.name in ("F32", "F16"):
+        w = np.asarray(ref2[idx], dtype=np.float64)
+    else:  # BF16 (or a quantised intermediate) is stored as bytes
+        w = dequantize(np.asarray(ref2[idx]), ref.tensor_type).astype(np.float64)
+    q = dequantize(np.ascontiguousarray(q_raw[idx]), qt.tensor_type).reshape(len(idx), cols).astype(np.float64)
+    d2 = (w.reshape(len(idx), cols) - q) ** 2
+    if imx is not None and imx.size % cols == 0:
+        n_exp = imx.size // cols
+        per_row = rows // n_exp if n_exp else rows
+        weights = np.asarray(imx, dtype=np.float64).reshape(n_exp, cols)[np.minimum(idx // max(per_row, 1), n_exp - 1)]
+    else:  # an embedding lookup: every row (token) equally likely
+        weights = np.full((len(idx), cols), 1.0 / rows)
+    return float((d2 * weights).sum() * rows / len(idx))
+
+
+def category(name: str) -> str:
+    """``blk.7.attn_v.weight`` -> ``attn_v``; ``output.weight`` -> ``output``."""
+    return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
+
+
+def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict, threads: int,
+                  score=None) -> tuple[dict, str, bool]:
+    """``(table, sha256 of the table, reused)``: per tensor, per candidate: actual type, bytes, error; with
+    ``score`` (files -> mean KLDs on calibration text), per-category scales from measured KLD."""
+    import gguf
+
+    from quantkit.gguf import load_imatrix, quantize_file
+    from quantkit.util import atomic_path, sha256_bytes
+
+    full_key = {**key, "candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "search": SEARCH_VERSION,
+                "probe": PROBE, "check_tokens": CHECK_TOKENS, "check_ctx": CHECK_CTX}
+    kid = sha256_bytes(json.dumps(full_key, sort_keys=True).encode())[:24]
+    cache = _cache_dir() / f"{kid}.json"
+    if cache.is_file():
+        blob = cache.read_bytes()
+        return json.loads(blob), sha256_bytes(blob), True
+    imx, _meta = load_imatrix(imatrix_path)
+    ref = {t.name: t for t in gguf.GGUFReader(str(inter_path)).tensors}
+    table: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    scratch = work / "mix"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for cand in CANDIDATES:
+        path = scratch / f"pure-{cand}.gguf"
+        with atomic_path(path) as tmp:
+            quantize_file(inter_path, tmp, "Q4_K_M", threads=threads, imatrix=imatrix_path, overrides={".*": cand})
+        sizes, _, _ = tensor_bytes(path)
+        for t in gguf.GGUFReader(str(path)).tensors:
+            typ, nbytes = sizes[t.name]
+            opts = table.setdefault(t.name, {})
+            if typ in ("F32", "F16", "BF16") and typ == ref[t.name].tensor_type.name:
+                opts[cand] = {"type": typ, "bytes": nbytes, "err": 0.0}
+                continue
+            opts[cand] = {"type": typ, "bytes": nbytes, "err": _weighted_error(ref[t.name], t, imx.get(t.name))}
+        if cand != CANDIDATES[-1]:
+            path.unlink()
+        log.info("mix: measured %s (%.0f s so far)", cand, time.perf_counter() - t0)
+    out = {"key": full_key, "tensors": table}
+    if score is not None:
+        out["categories"] = _calibrate(table, inter_path, imatrix_path, scratch, score, threads)
+    (scratch / f"pure-{CANDIDATES[-1]}.gguf").unlink()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    blob = json.dumps(out, sort_keys=True).encode()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        tmp.write_bytes(blob)
+    return out, sha256_bytes(blob), False
+
+
+def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path, score, threads: int) -> dict:
+    """Measured KLD per tensor category: only that category at :data:`PROBE`, the rest at the top candidate.
+
+    The proxy is in output-error units that do not compare across categories (an error in ``attn_q`` passes
+    a softmax, one in ``ffn_down`` lands in the residual stream); ``scale`` = measured KLD increase / proxy
+    increase puts every category in KLD units. Costs one Q8_0-speed pass + one eval per category."""
+    from quantkit.gguf import quantize_file
+    from quantkit.util import atomic_path
+
+    top = CANDIDATES[-1]
+    cats: dict[str, list[str]] = {}
+    for n, opts in sorted(table.items()):
+        if len({o["type"] for o in opts.values()}) > 1:
+            cats.setdefault(category(n), []).append(n)
+    files = [scratch / f"pure-{top}.gguf"]
+    for c, names in cats.items():
+        path = scratch / f"probe-{c}.gguf"
+        with atomic_path(path) as tmp:
+            quantize_file(inter_path, tmp, "Q4_K_M", threads=threads, imatrix=imatrix_path,
+                          overrides={**overrides({n: table[n][PROBE]["type"] for n in names}), ".*": top})
+        files.append(path)
+    klds = score(files)
+    out = {}
+    for (c, names), kld in zip(cats.items(), klds[1:]):
+        proxy = sum(table[n][PROBE]["err"] - table[n][top]["err"] for n in names)
+        gain = max(kld - klds[0], 1e-9)
+        out[c] = {"tensors": len(names), "kld": kld, "kld_increase": kld - klds[0], "proxy_increase": proxy,
+                  "scale": gain / proxy if proxy > 0 else 1.0}
+    for f in files[1:]:
+        f.unlink()
+    return out
+
+
+# -------------------------------------------------------------------------------------- allocation
+
+def allocate(table: dict, budget: int, header: int, align: int = ALIGN) -> tuple[dict[str, str] | None, int]:
+    """Greedy by error removed per byte under ``budget`` file bytes: ``({tensor: ggml type}, predicted size)``,
+    ``(None, smallest size)`` when even the cheapest options do not fit."""
+    hulls = {}
+    cats = table.get("categories") or {}
+    for name, opts in sorted(table["tensors"].items()):
+        scale = (cats.get(category(name)) or {}).get("scale", 1.0)
+        pts = {}
+        for o in opts.values():  # one point per actual type (fallbacks repeat)
+            pts[o["type"]] = (_align(o["bytes"], align), o["err"] * scale, o["type"])
+        pts = sorted(pts.values(), key=lambda p: (p[0], p[1]))
+        hull = []
+        for p in pts:  # Pareto front, then lower convex hull
+            if hull and p[1] >= hull[-1][1]:
+                continue
+            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
+                                      >= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+                hull.pop()
+            hull.append(p)
+        hulls[name] = hull
+    choice = {n: 0 for n in hulls}
+    size = header + sum(h[0][0] for h in hulls.values())
+    if size > budget:
+        return None, size
+    steps = []
+    for n, h in hulls.items():
+        for i in range(1, len(h)):
+            gain = (h[i - 1][1] - h[i][1]) / max(h[i][0] - h[i - 1][0], 1)
+            steps.append((-gain, n, i))
+    steps.sort()
+    blocked = set()
+    for _g, n, i in steps:
+        if n in blocked or choice[n] != i - 1:
+            blocked.add(n)
+            continue
+        extra = hulls[n][i][0] - hulls[n][i - 1][0]
+        if size + extra > budget:
+            blocked.add(n)
+            continue
+        size += extra
+        choice[n] = i
+    return {n: hulls[n][i][2] for n, i in choice.items()}, size
+
+
+def overrides(assign: dict[str, str]) -> dict[str, str]:
+    """``{anchored regex: type}`` for llama.cpp's tensor overrides (it uses regex_search)."""
+    return {f"^{re.escape(n)}$": t for n, t in sorted(assign.items())}
+
+
+# ------------------------------------------------------------------------------------------ build
+
+def _kld(base_path: Path, files: list[Path], text: str, threads) -> list[float]:
+    from quantkit.evaluate import evaluate
+
+    rep = evaluate(str(base_path), [str(f) for f in files], text=text, ctx=CHECK_CTX, max_tokens=CHECK_TOKENS,
+                   write_manifest=False, threads=threads)
+    return [float(r["kld_mean"]) for r in rep.rows]
+
+
+def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Path | None, imatrix_key: dict | None,
+          calib, work: Path, threads: int, quantize_kwargs: dict, check: bool = True) -> tuple[dict, dict]:
+    """Search the mix for ``spec`` and write it to ``dest``: ``(quantize_file's result, the mix record)``."""
+    from quantkit.gguf import converter_version, quantize_file
+    from quantkit.util import atomic_path
+
+    if imatrix_path is None or calib is None:
+        raise QuantkitError(f"{spec.name} measures sensitivities on calibration text: pass --calibration FILE "
+                            "(a text file, or 'builtin')")
+    t0 = time.perf_counter()
+    key = {"base_sha": src.sha, "intermediate": inter_path.name, "imatrix": imatrix_key,
+           "llama_cpp": converter_version()}
+    calib_text = "\n\n".join(calib.texts)
+    key["calibration_sha256"] = calib.sha256
+
+    def score(files):
+        return _kld(src.path, files, calib_text, threads)
+
+    key["measured"] = check
+    table, table_sha, reused = sensitivities(inter_path, imatrix_path, work, key=key, threads=threads,
+                                             score=score if check else None)
+    sens_seconds = 0.0 if reused else time.perf_counter() - t0
+    scratch = work / "mix"
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    from quantkit.gguf import read_gguf_info
+
+    n_params = read_gguf_info(inter_path)["params"]
+    ftype = spec.file_type(n_params)
+    preset_path = None
+    if spec.preset:
+        preset_path = scratch / f"preset-{spec.preset}.gguf"
+        with atomic_path(preset_path) as tmp:
+            quantize_file(inter_path, tmp, spec.preset, threads=threads, **quantize_kwargs)
+        budget = preset_path.stat().st_size
+        ref_sizes, header, align = tensor_bytes(preset_path)
+    else:
+        budget = spec.size if spec.size is not None else int(spec.bpw * n_params / 8)
+        probe = scratch / "probe.gguf"
+        with atomic_path(probe) as tmp:
+            quantize_file(inter_path, tmp, ftype, threads=threads, **quantize_kwargs)
+        _, header, align = tensor_bytes(probe)
+        probe.unlink()
+    assign, predicted = allocate(table, budget, header, align)
+    if assign is None:
+        raise QuantkitError(f"{spec.name}: no mix of {', '.join(CANDIDATES)} fits in {budget:,} bytes "
+                            f"(the smallest is {predicted:,} bytes)")
+    mix_tmp = scratch / f"mix-{spec.label}.gguf"
+    with atomic_path(mix_tmp) as tmp:
+        q = quantize_file(inter_path, tmp, ftype, threads=threads, overrides=overrides(assign), **quantize_kwargs)
+    size = mix_tmp.stat().st_size
+    measured = None
+    fallback = None
+    if size > budget:
+        fallback = f"mix file {size:,} bytes > budget {budget:,}"
+    elif preset_path is not None and check:
+        kld_mix, kld_preset = score([mix_tmp, preset_path])
+        measured = {"text": "calibration", "tokens": CHECK_TOKENS, "ctx": CHECK_CTX,
+                    "kld_mix": kld_mix, "kld_preset": kld_preset}
+        if not kld_mix < kld_preset:
+            fallback = f"mix KLD {kld_mix:.5f} >= {spec.preset}'s {kld_preset:.5f} on the calibration text"
+    if fallback and preset_path is None:
+        raise QuantkitError(f"{spec.name}: {fallback}")
+    chosen = preset_path if fallback else mix_tmp
+    chosen.replace(dest)
+    for p in (preset_path, mix_tmp):
+        if p is not None and p.exists():
+            p.unlink()
+    if fallback:
+        log.warning("%s: falling back to %s (%s)", spec.name, spec.preset, fallback)
+        q = {"seconds": q["seconds"], "imatrix_entries": q.get("imatrix_entries")}
+    actual, _, _ = tensor_bytes(dest)
+    record = {
+        "spec": spec.name,
+        "file_type": ftype,
+        "budget_bytes": budget,
+        "predicted_bytes": predicted,
+        "fallback": fallback,
+        "tensor_types": {n: actual[n][0] for n in sorted(assign)},
+        "sensitivity": {"sha256": table_sha, "reused": reused, "seconds": table.get("seconds"),
+                        "key": table["key"],
+                        "proxy": "imatrix-weighted squared error x measured KLD per category",
+                        "categories": table.get("categories")},
+        "search": {"candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "allocation": "greedy error/byte",
+                   "check": measured, "seconds": round(time.perf_counter() - t0, 1),
+                   "sensitivity_seconds": round(sens_seconds, 1)},
+    }
+    return q, record
+
+
+def summary(mix: dict) -> str:
+    """One line for cards/tables: ``quantkit mix at Q4_K_M size: 120 Q4_K, 60 Q6_K, ...``."""
+    from collections import Counter
+
+    spec = mix.get("spec", "auto:?")[len(PREFIX):]
+    if mix.get("fallback"):
+        return f"quantkit mix at {spec} size: fell back to {spec} ({mix['fallback']})"
+    counts = Counter(mix.get("tensor_types", {}).values())
+    parts = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"quantkit mix at {spec} size: {parts}"

@@ -1,0 +1,173 @@
+"""Measured per-tensor GGUF mixes (``--types auto:Q4_K_M``): spec parsing, the budgeted allocation, and a real
+tiny-model run (size within the preset's, loads in llama.cpp, recorded, reproducible); SmolLM2 in the slow set."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantkit.errors import QuantkitError
+from quantkit.gguf_mix import allocate, parse_auto, summary
+from quantkit.recipe import parse_recipe
+
+# -- unit: no model, no llama.cpp ------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_parse_auto_specs():
+    assert parse_auto("auto:q4_k_m").name == "auto:Q4_K_M"
+    assert parse_auto("auto:Q4_K").preset == "Q4_K_M"           # alias
+    assert parse_auto("auto:4.5bpw").bpw == 4.5
+    assert parse_auto("auto:3.2GB").size == 3_200_000_000
+    assert parse_auto("auto:90MB").name == "auto:90MB"
+    assert parse_auto("auto:1GiB").size == 1 << 30
+    for bad in ("auto:", "auto:Q4_K_X", "auto:IQ4_XS", "auto:0bpw", "auto:12bpw", "auto:3.2XB"):
+        with pytest.raises(QuantkitError, match="auto:PRESET") as e:
+            parse_auto(bad)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.unit
+def test_bad_auto_spec_is_one_line_from_the_cli(run_cli, tmp_path):
+    code, out, err = run_cli("gguf", str(tmp_path / "nowhere"), "--types", "Q4_K_M,auto:Q4_K_Z")
+    assert code != 0 and out == ""
+    assert "auto:Q4_K_Z" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _table(**tensors):
+    """{name: [(type, bytes, err), ...]} -> a sensitivity table as gguf_mix.sensitivities returns it."""
+    return {"tensors": {n: {t: {"type": t, "bytes": b, "err": e} for t, b, e in opts}
+                        for n, opts in tensors.items()}}
+
+
+@pytest.mark.unit
+def test_allocation_spends_bytes_where_error_per_byte_is_largest():
+    opts = lambda big: [("Q4_0", 320, 10.0 * big), ("Q5_0", 384, 4.0 * big), ("Q8_0", 544, 0.5 * big)]  # noqa: E731
+    table = _table(sensitive=opts(100), robust=opts(1), fixed=[("F32", 64, 0.0)])
+    header = 1000
+    cheapest = header + 320 + 320 + 64
+    # room for exactly one 64-byte upgrade: it goes to the sensitive tensor
+    assign, size = allocate(table, cheapest + 64, header)
+    assert assign == {"sensitive": "Q5_0", "robust": "Q4_0", "fixed": "F32"} and size == cheapest + 64
+    # everything fits: the best type everywhere
+    assign, size = allocate(table, 10_000, header)
+    assert assign["sensitive"] == assign["robust"] == "Q8_0" and size == header + 544 * 2 + 64
+    # nothing fits
+    assert allocate(table, cheapest - 1, header)[0] is None
+    # dominated options (more bytes, more error) are never chosen
+    t2 = _table(x=[("A", 320, 5.0), ("B", 400, 6.0), ("C", 480, 1.0)])
+    assert allocate(t2, 10_000, 0)[0] == {"x": "C"} and allocate(t2, 460, 0)[0] == {"x": "A"}
+
+
+@pytest.mark.unit
+def test_recipes_accept_auto_types_with_an_imatrix():
+    text = ("quantkit: 1\nmodel: org/m\nvariants:\n  - method: gguf\n    types: [Q4_K_M, auto:Q4_K_M]\n"
+            "    imatrix: {imx}\n")
+    r = parse_recipe(text.format(imx="true"))
+    assert r.variant_names() == ["Q4_K_M", "auto:Q4_K_M"]
+    with pytest.raises(QuantkitError, match="auto:Q4_K_M needs an importance matrix"):
+        parse_recipe(text.format(imx="false"))
+    with pytest.raises(QuantkitError, match="auto:PRESET"):
+        parse_recipe(text.format(imx="true").replace("auto:Q4_K_M]", "auto:lots]"))
+
+
+@pytest.mark.unit
+def test_weighted_error_matches_the_direct_sum(tmp_path):
+    """The proxy read back from GGUF files (row sample, scaled) equals sum_j imatrix_j * sum_i dW_ij^2."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    from quantkit.gguf_mix import _weighted_error
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 64)).astype(np.float32)  # 300 rows > SAMPLE_ROWS: the sample is scaled up
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    readers = {}
+    for name, data, raw in (("ref", w, None), ("q", quantize(w, q8), q8)):
+        wr = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
+        wr.add_tensor("t", data, raw_dtype=raw)
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+        readers[name] = gguf.GGUFReader(str(tmp_path / f"{name}.gguf")).tensors[0]
+    d2 = (w.astype(np.float64) - dequantize(quantize(w, q8), q8)) ** 2
+    imx = rng.random(64).astype(np.float32)
+    assert _weighted_error(readers["ref"], readers["q"], imx) == pytest.approx(float((d2 * imx).sum()), rel=0.03)
+    assert _weighted_error(readers["ref"], readers["q"], None) == pytest.approx(d2.sum() / 300, rel=0.03)
+
+
+@pytest.mark.unit
+def test_summary_line():
+    assert summary({"spec": "auto:Q4_K_M", "tensor_types": {"a": "Q4_K", "b": "Q6_K", "c": "Q4_K"}}) == \
+        "quantkit mix at Q4_K_M size: 2 Q4_K, 1 Q6_K"
+    assert "fell back to Q4_K_M" in summary({"spec": "auto:Q4_K_M", "fallback": "mix KLD 0.1 >= 0.09"})
+
+
+# -- real runs ------------------------------------------------------------------------------------
+
+def _run(model, out, calib, types=("Q4_K_M", "auto:Q4_K_M")):
+    from quantkit.gguf import quantize_gguf
+
+    return quantize_gguf(str(model), list(types), out, calibration=str(calib), threads=2)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory, calibration_text):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(calibration_text[:9000], encoding="utf-8")
+    return p
+
+
+def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, monkeypatch):
+    import llama_cpp
+
+    from quantkit import gguf_mix
+    from quantkit.gguf import read_gguf_info
+    from quantkit.gguf_mix import tensor_bytes
+
+    monkeypatch.setattr(gguf_mix, "CHECK_TOKENS", 512)  # one window per measurement keeps the default set quick
+
+    res = _run(tiny_llama, tmp_path / "a", calib_file)
+    preset, auto = (res.manifest.artifacts[a] for a in res.artifacts)
+    assert auto["path"].endswith("-auto-Q4_K_M.gguf") and auto["type"] == "auto:Q4_K_M"
+    assert auto["size"] <= preset["size"]
+    mix = auto["mix"]
+    # the record holds the per-tensor types actually in the file, the table's hash and the settings
+    actual, _, _ = tensor_bytes(tmp_path / "a" / auto["path"])
+    assert mix["tensor_types"] and all(actual[n][0] == t for n, t in mix["tensor_types"].items())
+    assert len(mix["sensitivity"]["sha256"]) == 64 and mix["search"]["candidates"]
+    assert mix["budget_bytes"] == preset["size"]
+    if mix["fallback"] is None:  # a real mix: it differs from the preset somewhere and was measured better
+        assert mix["search"]["check"]["kld_mix"] < mix["search"]["check"]["kld_preset"]
+        assert read_gguf_info(tmp_path / "a" / auto["path"])["tensor_types"] != preset["gguf"]["tensor_types"]
+    else:
+        assert auto["files"][0]["sha256"] == preset["files"][0]["sha256"]
+    # loads and runs in llama.cpp
+    llm = llama_cpp.Llama(str(tmp_path / "a" / auto["path"]), n_ctx=64, verbose=False)
+    toks = llm.tokenize(eval_text[:200].encode())[:16]
+    llm.eval(toks)
+    assert llm.n_tokens == len(toks)
+    del llm
+    # re-running elsewhere re-uses the cached sensitivities and reproduces the same bytes
+    again = _run(tiny_llama, tmp_path / "b", calib_file, types=("auto:Q4_K_M",))
+    rec = again.manifest.artifacts[again.artifacts[0]]
+    assert rec["mix"]["sensitivity"]["reused"] and rec["mix"]["sensitivity"]["sha256"] == mix["sensitivity"]["sha256"]
+    assert rec["files"][0]["sha256"] == auto["files"][0]["sha256"]
+
+
+def test_auto_mix_needs_calibration(tiny_llama, tmp_path):
+    from quantkit.gguf import quantize_gguf
+
+    with pytest.raises(QuantkitError, match="auto:Q4_K_M need an importance matrix"):
+        quantize_gguf(str(tiny_llama), ["auto:Q4_K_M"], tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_auto_beats_or_matches_the_preset(smollm2_hf, calib_file, tmp_path):
+    from quantkit.evaluate import evaluate
+
+    res = _run(smollm2_hf, tmp_path / "s", calib_file)
+    rep = evaluate(str(smollm2_hf), [str(p) for p in res.paths()], max_tokens=1024, write_manifest=False)
+    kld_preset, kld_auto = (r["kld_mean"] for r in rep.rows)
+    assert res.paths()[1].stat().st_size <= res.paths()[0].stat().st_size
+    assert kld_auto <= kld_preset
