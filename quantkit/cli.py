@@ -272,7 +272,8 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
 def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_id, accept_license_terms,
          no_card, as_json):
     """Publish OUTDIR (files + card + quantkit.json) to a Hub repo in one commit; re-pushing uploads only changes."""
-    from quantkit.publish import describe, push as do_push
+    from quantkit.publish import describe
+    from quantkit.publish import push as do_push
 
     res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
                   prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card)

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,7 @@ class Job:
 
     @property
     def folder(self) -> Path:
-        return Path(self.recipe.out).expanduser() / self.variant.folder
+        return (Path(self.recipe.out).expanduser() / self.variant.folder).resolve()
 
     @property
     def label(self) -> str:
@@ -149,8 +148,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_variant(recipe_path: str, overrides: list[str], variant: str) -> dict:
-    """Body of the Ray task: the variant's stages in a subprocess, exactly as a local ``quantkit run --only``."""
+def run_variant(recipe_path: str, overrides: list[str], variant: str, cwd: str) -> dict:
+    """Body of the Ray task: the variant's stages in a subprocess, exactly as a local ``quantkit run --only``
+    (in the driver's directory: a recipe's relative paths mean the same)."""
     import subprocess
 
     import ray
@@ -162,7 +162,7 @@ def run_variant(recipe_path: str, overrides: list[str], variant: str) -> dict:
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, NODE_ENV: f"{ip} {node}", "QUANTKIT_NO_PROGRESS": "1"}
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=_die_with_parent)
+    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, preexec_fn=_die_with_parent)
     return {"rc": p.returncode, "node": f"{ip} {node}", "stderr": p.stderr[-2000:]}
 
 
@@ -266,7 +266,8 @@ def _schedule(ray, jobs: list[Job], overrides: list[str], retries: int) -> None:
     def submit(folder: Path) -> None:
         if queues[folder]:
             j = queues[folder].pop(0)
-            j.ref = task.options(**j.resources).remote(str(Path(j.recipe.path).resolve()), overrides, j.variant.name)
+            j.ref = task.options(**j.resources).remote(str(Path(j.recipe.path).resolve()), overrides, j.variant.name,
+                                                      os.getcwd())
             j.state = "running"
             running[j.ref] = j
             log.info("[ray] %s: submitted (%s)", j.label, _fmt(j.resources))
