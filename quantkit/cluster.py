@@ -51,6 +51,7 @@ class Job:
     variant: Variant
     resources: dict
     state: str = "waiting"  # waiting | running | done | lost
+    status: str | None = None  # the variant's status as its worker's run reported it (done, cached, failed...)
     ref: object = None
     shown: tuple = ()
     error: str | None = None
@@ -163,7 +164,11 @@ def run_variant(recipe_path: str, overrides: list[str], variant: str, cwd: str) 
         cmd += ["--set", o]
     env = {**os.environ, NODE_ENV: f"{ip} {node}", "QUANTKIT_NO_PROGRESS": "1"}
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, preexec_fn=_die_with_parent)
-    return {"rc": p.returncode, "node": f"{ip} {node}", "stderr": p.stderr[-2000:]}
+    try:
+        status = json.loads(p.stdout)["variants"][0]["status"]
+    except (ValueError, KeyError, IndexError):
+        status = None
+    return {"rc": p.returncode, "node": f"{ip} {node}", "status": status, "stderr": p.stderr[-2000:]}
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -251,6 +256,8 @@ def _run(ray, recipes, pipelines, overrides, only, push, retries) -> ClusterRun:
             j = next(j for j in jobs if j.recipe is r and j.variant.name == v.name)
             if j.error and v.status == "failed":
                 v.error = f"{v.error} ({j.error})"
+            if v.status == "cached" and j.status == "done":  # restored here, but made on the cluster just now
+                v.status = "done"
         results.append(res)
     return ClusterRun(results, [{"variant": j.label, "state": j.state, "resources": j.resources,
                                  "error": j.error} for j in jobs])
@@ -287,7 +294,7 @@ def _schedule(ray, jobs: list[Job], overrides: list[str], retries: int) -> None:
                 j = running.pop(ref)
                 try:
                     out = ray.get(ref)
-                    j.state = "done"
+                    j.state, j.status = "done", out["status"]
                     if out["rc"] not in (0, 1):
                         j.state, j.error = "lost", f"exit {out['rc']} on {out['node']}: {out['stderr'][-300:]}"
                 except Exception as e:  # the worker died more often than Ray retries

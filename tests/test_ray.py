@@ -166,3 +166,27 @@ def test_storage_a_node_cannot_see_stops_with_the_path(cluster, tmp_path):
     check_storage(ray, [str(tmp_path)])
     with pytest.raises(QuantkitError, match=r"cannot see .*nowhere.*HF_HOME"):
         check_storage(ray, [str(tmp_path / "nowhere")])
+
+
+def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama):
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "out"
+    path = recipe(tmp_path, tiny_llama, "int", out, types=("Q8_0",))
+    p = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "run", str(path), "--ray", cluster.address],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker = _worker_of("Q8_0", "quantize", out)
+        stage_proc = worker.children()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 1 and "interrupted: cancelled 1 running variant task(s)" in err, err[-2000:]
+    assert "Traceback" not in err
+    gone, alive = psutil.wait_procs(stage_proc + [worker], timeout=30)
+    assert not alive  # the task's worker and its quantkit subprocess are gone
+    assert not (out / MARKER).exists()
