@@ -185,7 +185,7 @@ def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama):
         _, err = p.communicate(timeout=120)
     finally:
         p.kill()
-    assert p.returncode == 1 and "interrupted: cancelled 1 running variant task(s)" in err, err[-2000:]
+    assert p.returncode == 2 and "interrupted: cancelled 1 running variant task(s)" in err, err[-2000:]
     assert "Traceback" not in err
     gone, alive = psutil.wait_procs(stage_proc + [worker], timeout=30)
     assert not alive  # the task's worker and its quantkit subprocess are gone
