@@ -1,34 +1,58 @@
-"""``quantkit bench``: speed, size and memory of each variant in its own engine, with the gain vs the base.
+"""``quantkit bench``: speed, size and memory of each variant in its own engine, with the gain vs the base
+measured **in the same engine**.
 
 * GGUF -> llama.cpp (llama-cpp-python; all layers on the GPU when llama.cpp was built with GPU support);
   HF-format models -> transformers on CUDA when available, else CPU; vLLM instead of transformers when it is
   installed and a GPU is present.
-* Each model is measured in its **own child process** (spawned), so its peak memory is its own (peak RSS of
-  that process, VmHWM, engine runtime included; plus peak CUDA memory for torch on a GPU) and engines do not share
-  thread pools or allocator state.
+* The base, once per engine used: for GGUF variants the unquantised GGUF they were made from (the F32/F16/BF16
+  intermediate in ``<folder>/.quantkit-work/``, converted again when it was deleted) in llama.cpp; for
+  AWQ/GPTQ/compressed-tensors the base checkpoint in transformers. Gains are relative to that row. ``--base
+  HF_MODEL`` with GGUF variants adds the base in transformers as a labelled *reference* row (what you would run
+  otherwise); no gain is computed against it. Base rows are cached in ``~/.cache/quantkit/bench/``, keyed by the
+  base's identity, engine version, hardware, threads, token counts and repeats.
+* Each model is measured in its **own child process** (spawned), so engines do not share thread pools or
+  allocator state. Peak memory is what the engine holds for the model (``peak_memory_method`` says how):
+  llama.cpp's own buffer sizes (model + KV cache + compute + output, from its load log); in transformers the
+  bytes of the parameters, buffers and the KV cache after the longest pass. The process's peak RSS (runtime
+  included) is recorded next to it (``peak_rss``).
 * One warm-up pass (the full prompt + a few generated tokens), then ``repeats`` timed passes: prompt
   processing = ``prompt_tokens`` ids in one forward pass (tok/s), generation = ``gen_tokens`` greedy tokens one
-  at a time on top of that prompt (tok/s). Mean and sample standard deviation over the repeats.
+  at a time on top of that prompt (tok/s). Mean and sample standard deviation over the repeats; a warning when
+  the stddev is above 10% of the mean (a busy machine). The 1-minute load average at the start is recorded.
 * The prompt is the start of the built-in evaluation text, tokenised by the model's own tokenizer.
 * Hardware (CPU model, threads, GPU) is recorded with the numbers so two reports can be compared.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import json
+import logging
 import math
 import os
+import re
 import resource
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantkit.records import BenchScore
 from quantkit.errors import QuantkitError
 from quantkit.evaluate import (Variant, _hf_format, _weights_size, default_threads, gguf_tokenize, hardware,
                                resolve_variants)
-from quantkit.util import dist_version, format_table, human_size, now_iso, safetensors_tensors
+from quantkit.util import (cache_home, dist_version, format_table, human_size, now_iso, safetensors_tensors,
+                           write_json_atomic)
+
+log = logging.getLogger(__name__)
 
 WARMUP_GEN = 4
+MAX_SPREAD = 0.10  # stddev / mean above this -> a warning (busy machine)
+CACHE_VERSION = 1
+# llama.cpp's load log: "load_tensors:   CPU_Mapped model buffer size =    54.06 MiB", "llama_kv_cache: CPU KV
+# buffer size = 1.00 MiB", "llama_context: CPU compute buffer size = 6.02 MiB", "...  output buffer size = ..."
+_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -66,18 +90,30 @@ def _prompt_text() -> str:
 
 
 def _bench_gguf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int) -> dict:
-    import ctypes
-
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama, llama_supports_gpu_offload
 
+    from quantkit.gguf import _restore_llama_log
+
     gpu = bool(llama_supports_gpu_offload())
     ids, _ = gguf_tokenize(Path(path), _prompt_text()[:prompt_tokens * 12])
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def _log(level, text, _user):
+        lines.append((text or b"").decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=prompt_tokens + gen_tokens + 16, n_batch=min(prompt_tokens, 2048),
-                n_ubatch=min(prompt_tokens, 512), n_threads=threads, n_threads_batch=threads, verbose=False,
-                n_gpu_layers=-1 if gpu else 0)
+    try:
+        llm = Llama(model_path=path, n_ctx=prompt_tokens + gen_tokens + 16, n_batch=min(prompt_tokens, 2048),
+                    n_ubatch=min(prompt_tokens, 512), n_threads=threads, n_threads_batch=threads, verbose=False,
+                    n_gpu_layers=-1 if gpu else 0)
+    finally:
+        _restore_llama_log()
     load_s = time.perf_counter() - t0
+    buffers = llama_buffers("".join(lines))
     n_vocab = llm.n_vocab()
     if not ids or len(ids) < prompt_tokens:  # llama.cpp could not tokenise the text: any ids do for speed
         ids = [(1000 + 7 * i) % n_vocab for i in range(prompt_tokens)]
@@ -103,8 +139,22 @@ def _bench_gguf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, th
     pp, tg = _timed_runs(once, prompt_tokens, gen_tokens, repeats)
     out = {"pp": pp, "tg": tg, "engine": f"llama.cpp (llama-cpp-python {dist_version('llama-cpp-python')})",
            "device": "gpu" if gpu else "cpu", "load_seconds": load_s,
-           "params": llm._model.n_params(), "tensor_bytes": llm._model.size(), "desc": llm._model.desc()}
+           "params": llm._model.n_params(), "tensor_bytes": llm._model.size(), "desc": llm._model.desc(),
+           "memory_breakdown": buffers}
+    if buffers:
+        out["model_memory"] = sum(buffers.values())
+        out["peak_memory_method"] = ("llama.cpp buffers (" + " + ".join(buffers) + "), as llama.cpp reports them "
+                                     "when it loads the model and creates the context")
     llm.close()
+    return out
+
+
+def llama_buffers(log_text: str) -> dict[str, int]:
+    """llama.cpp's load log -> bytes per buffer kind (``model``, ``KV``, ``compute``, ``output``, ``RS``), summed over
+    devices (CPU, CPU_Mapped, CPU_REPACK, CUDA0, ...)."""
+    out: dict[str, int] = {}
+    for dev, kind, mib in _BUFFER_LINE.findall(log_text):
+        out[kind] = out.get(kind, 0) + round(float(mib) * 1024 * 1024)
     return out
 
 
@@ -127,10 +177,12 @@ def _bench_hf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, thre
     ids = tok(_prompt_text()[:prompt_tokens * 12], add_special_tokens=False).input_ids[:prompt_tokens]
     if len(ids) < prompt_tokens:
         ids = [(1000 + 7 * i) % len(tok) for i in range(prompt_tokens)]
+    rss_before = peak_rss()
     t0 = time.perf_counter()
     model = load_hf_model(Path(path), device)
     load_s = time.perf_counter() - t0
     prompt = torch.tensor([ids], device=device)
+    kv_bytes = [0]
 
     def sync():
         if device == "cuda":
@@ -151,15 +203,42 @@ def _bench_hf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, thre
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             sync()
             t2 = time.perf_counter()
+            kv_bytes[0] = max(kv_bytes[0], tensor_bytes(past))
         return t1 - t0, t2 - t1
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     pp, tg = _timed_runs(once, prompt_tokens, gen_tokens, repeats)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     return {"pp": pp, "tg": tg, "engine": f"transformers {dist_version('transformers')} ({dtype})",
             "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "load_seconds": load_s,
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None}
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+            "memory_breakdown": {"weights": weights, "KV": kv_bytes[0]}, "model_memory": weights + kv_bytes[0],
+            "peak_memory_method": "transformers: bytes of the parameters and buffers as loaded + the KV cache after "
+                                  "the longest pass (activations not counted)",
+            "peak_rss_delta": peak_rss() - rss_before}
+
+
+def tensor_bytes(obj, _seen=None) -> int:
+    """Bytes of every distinct torch tensor reachable from ``obj`` (lists, tuples, dicts, cache objects)."""
+    import torch
+
+    seen = _seen if _seen is not None else set()
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.numel(), obj.dtype)
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type) and id(obj) not in seen:
+        seen.add(id(obj))  # a cache object (DynamicCache and its layers) holds its tensors in attributes
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
 
 
 def _bench_vllm(path: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:  # pragma: no cover - GPU
@@ -232,39 +311,54 @@ def _run_isolated(kind: str, path: Path, prompt_tokens: int, gen_tokens: int, re
 
 
 # ------------------------------------------------------------------------------------------ report
+GAINS = BenchScore.GAINS  # (gain key, row key, lower is better): one table, in records.py
+
+
 @dataclass
 class BenchReport:
     rows: list[dict]
-    base: dict | None
+    bases: list[dict]  # base rows (role "base", one per engine used) and reference rows (role "reference")
     context: dict
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> dict | None:
+        """The first base row (the one the first variant is compared with)."""
+        return next((b for b in self.bases if b["role"] == "base"), None)
 
     def to_json(self) -> dict:
-        return {"base": self.base, "variants": self.rows, "context": self.context, "notes": self.notes}
+        return {"base": self.base, "bases": self.bases, "variants": self.rows, "context": self.context,
+                "notes": self.notes, "warnings": self.warnings}
 
     def table(self) -> str:
         headers = ["model", "engine", "device", "size", "bpw", "pp tok/s", "tg tok/s", "peak mem", "pp gain",
-                   "tg gain", "size gain"]
+                   "tg gain", "size gain", "mem gain"]
 
-        def fmt(r, is_base=False):
+        def fmt(r, label=""):
             def g(key):
                 v = r.get(key)
-                return "" if v is None or is_base else f"{v:.2f}x"
+                return "" if v is None else f"{v:.2f}x"
 
-            return [r["name"] + (" (base)" if is_base else ""), r["engine_short"], r["device"],
+            return [r["name"] + label, r["engine_short"], r["device"],
                     human_size(r["size"]) if r.get("size") else "",
                     f"{r['bits_per_weight']:.2f}" if r.get("bits_per_weight") else "",
                     f"{r['pp_tps']:.1f} ± {r['pp_tps_std']:.1f}", f"{r['tg_tps']:.1f} ± {r['tg_tps_std']:.1f}",
                     human_size(r["peak_memory"]) if r.get("peak_memory") else "",
-                    g("pp_gain"), g("tg_gain"), g("size_gain")]
+                    g("pp_gain"), g("tg_gain"), g("size_gain"), g("memory_gain")]
 
-        rows = ([fmt(self.base, True)] if self.base else []) + [fmt(r) for r in self.rows]
+        rows = [fmt(b, f" ({b['label']}{', cached' if b.get('cached') else ''})") for b in self.bases]
+        rows += [fmt(r) for r in self.rows]
         c = self.context
         hw = c["hardware"]
         head = (f"prompt {c['prompt_tokens']} tokens, generate {c['gen_tokens']} tokens, {c['repeats']} repeats "
-                f"after a warm-up; {hw['cpu']} ({hw['threads']} threads)" + (f", GPU {hw['gpu']}" if hw.get("gpu") else ""))
+                f"after a warm-up; {hw['cpu']} ({hw['threads']} threads)" + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
+                + (f"; load average {c['load_avg_1m']:.2f} at the start" if c.get("load_avg_1m") is not None else ""))
         lines = [head, "", format_table(rows, headers)]
+        methods = sorted({r["peak_memory_method"] for r in self.bases + self.rows if r.get("peak_memory_method")})
+        lines += [f"peak mem: {m}" for m in methods]
         lines += [f"note: {n}" for n in self.notes]
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -272,100 +366,253 @@ def _row(name: str, v: Variant | None, kind: str, path: Path, size: int, res: di
     pp, pp_sd = _stats(res["pp"])
     tg, tg_sd = _stats(res["tg"])
     engine = res["engine"]
-    return {"name": name, "kind": kind, "path": str(path), "format": v.format if v else "hf",
+    return {"name": name, "kind": kind, "path": str(path), "format": v.format if v else kind,
             "artifact": v.artifact if v else None, "engine": engine,
             "engine_short": engine.split(" ")[0], "device": res["device"], "size": size,
             "bits_per_weight": bpw, "pp_tps": pp, "pp_tps_std": pp_sd, "tg_tps": tg, "tg_tps_std": tg_sd,
-            "pp_runs": res["pp"], "tg_runs": res["tg"], "peak_memory": res.get("peak_rss_bytes"),
+            "pp_runs": res["pp"], "tg_runs": res["tg"],
+            "peak_memory": res.get("model_memory") or res.get("peak_rss_bytes"),
+            "peak_memory_method": res.get("peak_memory_method") or "peak RSS of the benchmark process (VmHWM)",
+            "memory_breakdown": res.get("memory_breakdown"), "peak_rss": res.get("peak_rss_bytes"),
             "peak_gpu_memory": res.get("peak_gpu_bytes"), "load_seconds": round(res.get("load_seconds", 0), 2)}
 
 
-def _auto_base(resolved: list[Variant]) -> str | None:
+def _measure(kind: str, name: str, v: Variant | None, path: Path, size: int, ctx: dict,
+             base_params: int | None = None) -> dict:
+    """Run one model in its engine (own process unless ``ctx['isolate']`` is false) -> its row."""
+    res = _run_isolated(kind, path, ctx["prompt_tokens"], ctx["gen_tokens"], ctx["repeats"], ctx["threads"],
+                        ctx["isolate"])
+    if kind == "gguf":
+        bpw = res["tensor_bytes"] * 8 / res["params"] if res.get("params") else (v.bits_per_weight if v else None)
+    else:
+        params, nbytes = safetensors_stats(path)
+        if _hf_format(path) == "hf" and params:
+            bpw = nbytes * 8 / params
+        else:
+            bpw = (v.bits_per_weight if v else None) or (nbytes * 8 / base_params if base_params else None)
+    return _row(name, v, kind, path, size, res, bpw)
+
+
+# ------------------------------------------------------------------------------------------ bases
+@dataclass
+class BaseSpec:
+    """One base to measure: which engine (``kind``), which file/folder, and what identifies it for the cache."""
+
+    kind: str  # "gguf" | "hf"
+    path: Path
+    name: str
+    identity: dict
+    role: str = "base"  # "base" (gains are computed against it) | "reference" (shown, labelled, no gains)
+
+    @property
+    def label(self) -> str:
+        if self.role == "reference":
+            return "reference: base in transformers"
+        return "base, llama.cpp" if self.kind == "gguf" else "base, transformers"
+
+
+def _gguf_identity(path: Path, manifest_rec: dict | None = None) -> dict:
+    """A GGUF base's identity: the converter key + size for a quantkit intermediate; else path, size, mtime."""
+    st = path.stat()
+    if manifest_rec and manifest_rec.get("key"):
+        return {"convert": manifest_rec["key"], "size": st.st_size}
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _folder_gguf_base(folder: Path) -> BaseSpec:
+    from quantkit.gguf import unquantised_gguf
     from quantkit.manifest import Manifest
 
-    seen = set()
-    for v in resolved:
-        if v.manifest_dir:
-            b = Manifest.load(v.manifest_dir, create=False).base
-            lp = b.get("local_path")
-            if lp and (Path(lp) / "config.json").is_file():
-                seen.add(lp)
-    return seen.pop() if len(seen) == 1 else None
+    path = unquantised_gguf(folder)  # converts it again (and records it) when it was deleted
+    rec = Manifest.load(folder, create=False).data["intermediates"].get("convert")
+    return BaseSpec("gguf", path, path.stem, _gguf_identity(path, rec))
+
+
+def _hf_base(spec: str) -> BaseSpec:
+    from quantkit.hub import resolve_model
+
+    src = resolve_model(spec)
+    return BaseSpec("hf", src.path, src.name, {"sha": src.sha, "id": src.id})
+
+
+def _plan_bases(resolved: list[Variant], base: str | bool | None) -> tuple[list[BaseSpec], dict[int, BaseSpec],
+                                                                         list[str]]:
+    """Which bases to measure, which base each variant (by index) is compared with, and notes."""
+    from quantkit.manifest import Manifest
+
+    notes: list[str] = []
+    if base is False:
+        return [], {}, notes
+    given_gguf = given_hf = None
+    if base:
+        bp = Path(os.path.expanduser(str(base)))
+        if bp.suffix == ".gguf":
+            if not bp.is_file():
+                raise QuantkitError(f"--base {base} does not exist")
+            given_gguf = BaseSpec("gguf", bp.resolve(), bp.stem, _gguf_identity(bp))
+        else:
+            given_hf = _hf_base(str(base))
+    specs: dict[str, BaseSpec] = {}
+    of: dict[int, BaseSpec] = {}
+
+    def add(b: BaseSpec) -> BaseSpec:
+        return specs.setdefault(json.dumps([b.kind, b.role, str(b.path)]), b)
+
+    folder_bases: dict[Path, BaseSpec | None] = {}
+    for i, v in enumerate(resolved):
+        if v.kind == "gguf":
+            if given_gguf:
+                of[i] = add(given_gguf)
+                continue
+            folder = v.manifest_dir
+            if folder is not None and folder not in folder_bases:
+                try:
+                    folder_bases[folder] = _folder_gguf_base(folder)
+                except QuantkitError as e:
+                    folder_bases[folder] = None
+                    notes.append(f"no llama.cpp base for {v.name}: {e}")
+            b = folder_bases.get(folder) if folder is not None else None
+            if b:
+                of[i] = add(b)
+            elif folder is None:
+                notes.append(f"no llama.cpp base for {v.name}: pass --base with the unquantised (F16/BF16/F32) GGUF")
+        else:
+            b = given_hf
+            if b is None and v.manifest_dir:
+                lp = Manifest.load(v.manifest_dir, create=False).base.get("local_path")
+                if lp and (Path(lp) / "config.json").is_file():
+                    b = _hf_base(lp)
+            if b:
+                of[i] = add(b)
+            else:
+                notes.append(f"no transformers base for {v.name}: pass --base MODEL to get the gain vs the base")
+    if (given_hf and any(v.kind == "gguf" for v in resolved)
+            and not any(b.kind == "hf" and b.path == given_hf.path for b in specs.values())):
+        add(BaseSpec("hf", given_hf.path, given_hf.name, given_hf.identity, role="reference"))
+    return list(specs.values()), of, notes
+
+
+def _engine_version(kind: str) -> str:
+    if kind == "gguf":
+        return f"llama-cpp-python {dist_version('llama-cpp-python')}"
+    return f"transformers {dist_version('transformers')}, torch {dist_version('torch')}, vllm {dist_version('vllm')}"
+
+
+def _cache_path(b: BaseSpec, ctx: dict) -> tuple[Path, dict]:
+    hw = ctx["hardware"]
+    key = {"v": CACHE_VERSION, "kind": b.kind, "identity": b.identity, "engine": _engine_version(b.kind),
+           "cpu": hw.get("cpu"), "gpu": hw.get("gpu"), "threads": ctx["threads"],
+           "prompt_tokens": ctx["prompt_tokens"], "gen_tokens": ctx["gen_tokens"], "repeats": ctx["repeats"],
+           "isolated": ctx["isolate"]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return cache_home() / "bench" / f"{digest}.json", key
+
+
+def measure_base(b: BaseSpec, ctx: dict, *, use_cache: bool = True) -> dict:
+    """The base's row, from the bench cache when the same base was measured with the same settings, else now."""
+    path, key = _cache_path(b, ctx)
+    if use_cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                row = data["row"]
+                row.update(cached=True, role=b.role, label=b.label)
+                return row
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: measure again
+    size = b.path.stat().st_size if b.kind == "gguf" else _weights_size(b.path)
+    base_params = safetensors_stats(b.path)[0] if b.kind == "hf" else None
+    row = _measure(b.kind, b.name, None, b.path, size, ctx, base_params)
+    row.update(role=b.role, label=b.label, identity=b.identity, measured_at=now_iso(),
+               measurement_id=os.urandom(8).hex(), load_avg_1m=ctx.get("load_avg_1m"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"key": key, "row": row})
+    row["cached"] = False
+    return row
+
+
+def _spread_warnings(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        for what, key in (("prompt", "pp_tps"), ("generation", "tg_tps")):
+            mean, sd = r.get(key), r.get(key + "_std")
+            if mean and sd and sd > MAX_SPREAD * mean:
+                out.append(f"{r['name']}: {what} tok/s varies by ±{100 * sd / mean:.0f}% between repeats (more than "
+                           f"{100 * MAX_SPREAD:.0f}% of the mean): the machine is busy; use --threads 1 or a quieter "
+                           "machine, or more --repeats")
+    return out
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return None
 
 
 def bench(variants: list[str], *, prompt_tokens: int = 512, gen_tokens: int = 128, repeats: int = 3,
           base: str | bool | None = None, threads: int | None = None, write_manifest: bool = True,
-          isolate: bool = True) -> BenchReport:
-    """Measure each variant (and the base, in the same run) in its own engine; see the module docstring.
+          isolate: bool = True, use_cache: bool = True) -> BenchReport:
+    """Measure each variant in its own engine, and its base in that same engine; see the module docstring.
 
-    ``base``: an HF folder / Hub id; None = the base recorded in the variants' quantkit.json if it is on
-    disk; False = no base. ``isolate=False`` measures in this process (peak memory is then the process's)."""
-    from quantkit.hub import resolve_model
-
+    ``base``: None = per engine, the base recorded with the variants (GGUF: the unquantised GGUF of their folder;
+    HF formats: the base checkpoint, when on disk); a ``.gguf`` file = the llama.cpp base; an HF folder / Hub id =
+    the transformers base (and, for GGUF variants, a labelled reference row); False = no base.
+    ``isolate=False`` measures in this process. ``use_cache=False`` measures the base again."""
     if not variants:
         raise QuantkitError("give at least one VARIANT to benchmark")
     threads = threads or default_threads()
+    load_avg = load_average()
     resolved = [v for spec in variants for v in resolve_variants(spec)]
-    notes = []
-    base_src = None
-    if base is None:
-        auto = _auto_base(resolved)
-        if auto:
-            base_src = resolve_model(auto)
-        else:
-            notes.append("no base measured: pass --base MODEL to get the gain vs the base")
-    elif base:
-        base_src = resolve_model(str(base))
-
-    base_row = None
-    base_params = None
-    if base_src is not None:
-        base_params, base_bytes = safetensors_stats(base_src.path)
-        res = _run_isolated("hf", base_src.path, prompt_tokens, gen_tokens, repeats, threads, isolate)
-        base_row = _row(base_src.name, None, "hf", base_src.path, _weights_size(base_src.path), res,
-                        base_bytes * 8 / base_params if base_params else None)
+    specs, base_of, notes = _plan_bases(resolved, base)
+    ctx = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "threads": threads,
+           "isolate": isolate, "hardware": hardware(threads), "load_avg_1m": load_avg}
+    rows_of_base = {id(b): measure_base(b, ctx, use_cache=use_cache) for b in specs}
+    bases = [rows_of_base[id(b)] for b in specs]
+    base_params = next((safetensors_stats(b.path)[0] for b in specs if b.kind == "hf"), None)
     rows = []
-    for v in resolved:
-        res = _run_isolated(v.kind, v.path, prompt_tokens, gen_tokens, repeats, threads, isolate)
-        if v.kind == "gguf":
-            bpw = res["tensor_bytes"] * 8 / res["params"] if res.get("params") else v.bits_per_weight
-        else:
-            params, nbytes = safetensors_stats(v.path)
-            if _hf_format(v.path) == "hf" and params:
-                bpw = nbytes * 8 / params
-            else:
-                bpw = v.bits_per_weight or (nbytes * 8 / base_params if base_params else None)
-        r = _row(v.name, v, v.kind, v.path, v.size, res, bpw)
-        if base_row:
-            r["pp_gain"] = r["pp_tps"] / base_row["pp_tps"]
-            r["tg_gain"] = r["tg_tps"] / base_row["tg_tps"]
-            r["size_gain"] = base_row["size"] / r["size"] if r["size"] else None
-            r["memory_gain"] = (base_row["peak_memory"] / r["peak_memory"]) if r.get("peak_memory") else None
+    for i, v in enumerate(resolved):
+        r = _measure(v.kind, v.name, v, v.path, v.size, ctx, base_params)
+        b = base_of.get(i)
+        if b is not None:
+            br = rows_of_base[id(b)]
+            r["base"] = br["name"]
+            for gain, key, lower_better in GAINS:
+                num, den = (br.get(key), r.get(key)) if lower_better else (r.get(key), br.get(key))
+                r[gain] = num / den if num and den else None
         rows.append(r)
+    warnings = _spread_warnings(bases + rows)
+    if load_avg is not None and load_avg > (os.cpu_count() or 1):
+        warnings.append(f"the load average was {load_avg:.1f} on {os.cpu_count()} CPUs at the start: other work "
+                        "shares the cores, so the speeds are low and noisy")
+    for w in warnings:  # also in the report (table, JSON, quantkit.json): info here, not printed twice
+        log.info(w)
     context = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "threads": threads,
                "warmup": f"1 pass ({prompt_tokens} prompt + {min(WARMUP_GEN, gen_tokens)} generated tokens)",
-               "isolated": isolate, "hardware": hardware(threads), "time": now_iso()}
-    report = BenchReport(rows=rows, base=base_row, context=context, notes=notes)
+               "isolated": isolate, "hardware": ctx["hardware"], "load_avg_1m": load_avg, "time": now_iso()}
+    report = BenchReport(rows=rows, bases=bases, context=context, notes=notes, warnings=warnings)
     if write_manifest:
         _write_manifests(report, resolved)
     return report
 
 
+
 def _write_manifests(report: BenchReport, resolved: list[Variant]) -> None:
     from quantkit.manifest import Manifest
-    from quantkit.records import BenchScore
 
     c = report.context
     by_dir: dict[Path, list] = {}
     for v, r in zip(resolved, report.rows):
         if v.manifest_dir and v.artifact:
             by_dir.setdefault(v.manifest_dir, []).append((v, r))
-    b = report.base
+    base_rows = {b["name"]: b for b in report.bases if b["role"] == "base"}
+    reference = next((b for b in report.bases if b["role"] == "reference"), None)
     for folder, items in by_dir.items():
         m = Manifest.load(folder, create=False)
         for v, r in items:
             if v.artifact not in m.artifacts:
                 continue
-            m.update_artifact(v.artifact, bench=BenchScore.from_row(r, c, b).to_json())
+            m.update_artifact(v.artifact, bench=BenchScore.from_row(
+                r, c, base_rows.get(r.get("base")), reference, report.warnings).to_json())
         m.log("bench", variants=[v.artifact for v, _ in items])
         m.save()

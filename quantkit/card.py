@@ -28,6 +28,7 @@ from quantkit.formats import GGUF_TYPES
 from quantkit.manifest import Manifest
 from quantkit.records import BenchScore, EvalScore
 from quantkit.util import atomic_path, human_size
+from quantkit.verify import unverified
 
 TEMPLATES = Path(__file__).parent / "templates"
 CARD_NAME = "README.md"
@@ -301,6 +302,9 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "files": [{"path": f.get("path", "?"), "size": f.get("size", ""), "sha256": f.get("sha256", "")}
                       for f in rec.get("files") or [] if isinstance(f, dict)],
             "quant_method": rec.get("method") or fmt,
+            # a split GGUF: one row for the set, fetched whole with `hf download --include`, loaded from shard 1
+            "shards": len(rec.get("files") or []) if fmt == "gguf" else 1,
+            "include": f"*-{typ}-*" if fmt == "gguf" else None,
         })
     return rows
 
@@ -446,6 +450,7 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
         "imatrix": imatrix, "gguf_rows": gguf_rows, "hf_rows": [r for r in rows if r["format"] != "gguf"],
         "recommended": recommended, "kv_context": KV_CONTEXT, "quantkit_version": __version__,
         "report": _report(folder, m),
+        "unverified": scrub_paths(unverified(m)),
         "json": lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str),
     }
 

@@ -9,6 +9,7 @@ functions, so ``quantkit --help`` stays fast.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
@@ -18,15 +19,82 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import DEFAULT_GROUP_SIZE, DEFAULT_HF_FORMAT, HF_FORMATS, HF_METHODS
 from quantkit.pipeline import PARTS
 
+log = logging.getLogger("quantkit.cli")  # not __name__: that is "__main__" under `python -m quantkit.cli`
+
+# -- output: results on stdout, everything else through logging on stderr -----------------------------------------------
+_JSON_OUT = "quantkit.json_out"  # click context meta: JSON texts held back until stdout is the real one again
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Plain messages on whatever sys.stderr is at the time (tests swap it); warnings and errors say so."""
+
+    PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler assigns it; we always look sys.stderr up
+        pass
+
+    def format(self, record):
+        return self.PREFIX.get(record.levelno, "") + super().format(record)
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """The one handler for quantkit's loggers: INFO by default, only errors with -q, DEBUG with -v."""
+    root = logging.getLogger("quantkit")
+    for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(h)
+    root.addHandler(_StderrHandler())
+    root.setLevel(logging.DEBUG if verbosity > 0 else logging.ERROR if verbosity < 0 else logging.INFO)
+
 
 def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    text = json.dumps(obj, indent=2, default=str)
+    ctx = click.get_current_context(silent=True)
+    pending = ctx.meta.get(_JSON_OUT) if ctx is not None else None
+    if pending is None:
+        click.echo(text)
+    else:
+        pending.append(text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Command(click.Command):
+    """With ``--json``, the command runs with fd 1 sent to stderr, so nothing an engine prints while importing or
+    loading (Python, C libraries, child processes) reaches stdout; the JSON is written after, on the real stdout."""
+
+    def invoke(self, ctx):
+        if not ctx.params.get("as_json"):
+            return super().invoke(ctx)
+        from quantkit.util import stdout_to_stderr
+
+        pending = ctx.meta[_JSON_OUT] = []
+        try:
+            with stdout_to_stderr():
+                return super().invoke(ctx)
+        finally:
+            for text in pending:
+                click.echo(text)
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # sub-groups are _Group too
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="quantkit")
-def cli():
+@click.option("-q", "--quiet", "quiet", count=True, help="Only errors on stderr (no progress messages or warnings).")
+@click.option("-v", "--verbose", "verbose", count=True, help="Also debug messages on stderr.")
+def cli(quiet, verbose):
     """Quantise open-weights LLMs (GGUF, AWQ, GPTQ), measure them, write cards and publish to the Hub."""
+    setup_logging(verbose - quiet)
 
 
 # ---------------------------------------------------------------------------------------------- pull
@@ -46,6 +114,12 @@ def pull(model, revision, allow_pickle, as_json):
         click.echo(f"{src.id or src.path} @ {src.sha}\n  path: {src.path}\n  licence: {src.license or 'unknown'}")
 
 
+no_verify_option = click.option(
+    "--no-verify", is_flag=True,
+    help="Skip loading each artifact in its engine and checking it against the base (recorded as skipped; "
+         "push then refuses it without --allow-unverified).")
+
+
 # ---------------------------------------------------------------------------------------------- gguf
 @cli.command()
 @click.argument("model")
@@ -60,13 +134,18 @@ def pull(model, revision, allow_pickle, as_json):
               help="Type of the intermediate GGUF converted once from the HF weights.")
 @click.option("--threads", type=int, help="Threads for quantising (default: $QUANTKIT_THREADS, else every core "
                                           "this process may use).")
+@click.option("--split-max-size", metavar="SIZE",
+              help="Split a GGUF bigger than SIZE into llama.cpp shards (e.g. 500M, 48G; default 48G, under the "
+                   "Hub's 50 GB per-file limit).")
+@no_verify_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, as_json):
+def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, split_max_size, no_verify, as_json):
     """Convert MODEL (Hub id or local folder) once to GGUF, then quantise it to every --types."""
     from quantkit.gguf import quantize_gguf
 
     res = quantize_gguf(model, types.split(","), out, revision=revision, calibration=calibration,
-                        allow_pickle=allow_pickle, outtype=outtype, threads=threads)
+                        allow_pickle=allow_pickle, outtype=outtype, threads=threads, verify=not no_verify,
+                        split_max_size=split_max_size)
     if as_json:
         emit_json(res.to_json())
     else:
@@ -111,6 +190,7 @@ def _hfquant_options(default_bits_help: str):
             click.option("--offload", is_flag=True,
                          help="Big models, compressed-tensors: spill weights that do not fit in RAM to disk "
                               "next to --out (classic always streams layers from the checkpoint)."),
+            no_verify_option,
             click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
         ]
         for o in reversed(opts):
@@ -132,13 +212,13 @@ def _print_quant_result(result, as_json: bool) -> None:
 @_bits_option("awq")
 @_hfquant_options("4")
 def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revision, allow_pickle, device,
-        offload, as_json):
+        offload, no_verify, as_json):
     """AWQ-quantise MODEL (Hub id or local folder) to 4-bit weights, calibrated on SPEC."""
     from quantkit.awq import quantize_awq
 
     result = quantize_awq(model, bits=int(bits), group_size=group_size, calibration=calibration, samples=samples,
                           seq_len=seq_len, fmt=fmt, out=out, revision=revision, allow_pickle=allow_pickle,
-                          device=device, offload=offload)
+                          device=device, offload=offload, verify=not no_verify)
     _print_quant_result(result, as_json)
 
 
@@ -154,13 +234,14 @@ def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revisi
               help="Symmetric (no zero point) or asymmetric.")
 @_hfquant_options("4|8")
 def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, seq_len, fmt, out, revision,
-         allow_pickle, device, offload, as_json):
+         allow_pickle, device, offload, no_verify, as_json):
     """GPTQ-quantise MODEL (Hub id or local folder) to 4- or 8-bit weights, calibrated on SPEC."""
     from quantkit.gptq import quantize_gptq
 
     result = quantize_gptq(model, bits=int(bits), group_size=group_size, act_order=act_order, damp=damp, sym=sym,
                            calibration=calibration, samples=samples, seq_len=seq_len, fmt=fmt, out=out,
-                           revision=revision, allow_pickle=allow_pickle, device=device, offload=offload)
+                           revision=revision, allow_pickle=allow_pickle, device=device, offload=offload,
+                           verify=not no_verify)
     _print_quant_result(result, as_json)
 
 
@@ -181,21 +262,35 @@ def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, se
 @click.option("--min-top1", help="Gate: fail when the same-top-token rate is below this, e.g. 0.90 or 90%.")
 @click.option("--top-k", default=64, show_default=True, type=click.IntRange(1),
               help="Base log-probs kept per position in the on-disk cache.")
+@click.option("--tasks", help="Instead of PPL/KLD: lm-eval tasks (registry names or task YAML paths), "
+                              "comma-separated; prints score and recovery vs the base per task.")
+@click.option("--limit", type=click.IntRange(1), help="With --tasks: at most this many documents per task.")
+@click.option("--num-fewshot", type=click.IntRange(0), help="With --tasks: few-shot examples (default: the task's).")
+@click.option("--min-recovery", help="Gate (--tasks): fail when a task score / base score is below this, e.g. 0.97.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
 @click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, threads, no_write,
-             as_json):
+def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, tasks, limit,
+             num_fewshot, min_recovery, threads, no_write, as_json):
     """Score VARIANTs (GGUF files/folders, AWQ/GPTQ folders, Hub ids) against BASE on the same tokens.
 
     Prints PPL, PPL change, KL divergence to the base (mean, p99) and same-top-token rate per variant; exits 1
-    when a --max-*/--min-* gate fails (failing cells marked with !)."""
+    when a --max-*/--min-* gate fails (failing cells marked with !). With --tasks: lm-eval task scores and
+    recovery (variant / base) instead, each GGUF scored by llama.cpp."""
     from quantkit.errors import GateFailed
     from quantkit.evaluate import evaluate
 
-    rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
-                   max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,
-                   top_k=top_k, threads=threads)
+    if tasks is None and (limit is not None or num_fewshot is not None or min_recovery is not None):
+        raise QuantkitError("--limit, --num-fewshot and --min-recovery need --tasks")
+    if tasks is not None:
+        from quantkit.tasks import eval_tasks
+
+        rep = eval_tasks(base, list(variants), tasks, limit=limit, num_fewshot=num_fewshot,
+                         min_recovery=min_recovery, threads=threads, write_manifest=not no_write)
+    else:
+        rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
+                       max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,
+                       top_k=top_k, threads=threads)
     if as_json:
         emit_json(rep.to_json())
     else:
@@ -206,8 +301,9 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
 
 @cli.command("bench")
 @click.argument("variants", nargs=-1, required=True)
-@click.option("--base", help="Base model (HF folder or Hub id) to measure in the same run; default: the base "
-                             "recorded in the variants' quantkit.json, when it is on disk.")
+@click.option("--base", help="The base to compare with: an unquantised .gguf (llama.cpp), or an HF folder / Hub id "
+                             "(transformers; a labelled reference row for GGUF variants). Default: per engine, the "
+                             "unquantised GGUF / base checkpoint recorded in the variants' quantkit.json.")
 @click.option("--no-base", is_flag=True, help="Do not measure the base.")
 @click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(1))
@@ -217,7 +313,8 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_cmd(variants, base, no_base, prompt_tokens, gen_tokens, repeats, threads, no_write, as_json):
     """Measure prompt-processing and generation speed, size, bits per weight and peak memory of VARIANTs,
-    each in its own engine (llama.cpp for GGUF, transformers/vLLM for the rest), with the gain vs the base."""
+    each in its own engine (llama.cpp for GGUF, transformers/vLLM for the rest), with the gain vs the base
+    measured in that same engine."""
     from quantkit.bench import bench
 
     rep = bench(list(variants), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
@@ -244,11 +341,11 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
     from quantkit.card import write_card
 
     res = write_card(outdir, repo_id=repo_id, revision=revision, license=license_id, quantized_by=quantized_by)
+    for w in res.warnings:  # on stderr with --json too: a licence warning must be seen
+        log.warning(w)
     if as_json:
         emit_json(res.to_json())
         return
-    for w in res.warnings:
-        click.echo(f"warning: {w}", err=True)
     meta = res.metadata
     click.echo(f"wrote {res.path} ({len(res.text.encode())} bytes): base_model={meta.get('base_model', '-')}, "
                f"license={meta.get('license', 'unknown')}, tags={','.join(meta.get('tags', []))}")
@@ -268,20 +365,23 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
 @click.option("--accept-license-terms", is_flag=True,
               help="Publish publicly although the base licence is non-commercial/no-derivatives.")
 @click.option("--no-card", is_flag=True, help="Do not (re)generate README.md; upload the folder's own.")
+@click.option("--allow-unverified", is_flag=True,
+              help="Publish artifacts that failed or skipped their verify check (the card says so).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_id, accept_license_terms,
-         no_card, as_json):
+         no_card, allow_unverified, as_json):
     """Publish OUTDIR (files + card + quantkit.json) to a Hub repo in one commit; re-pushing uploads only changes."""
     from quantkit.publish import describe
     from quantkit.publish import push as do_push
 
     res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
-                  prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card)
+                  prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card,
+                  allow_unverified=allow_unverified)
+    for w in res.warnings:  # on stderr with --json too: a licence warning must be seen
+        log.warning(w)
     if as_json:
         emit_json(res.to_json())
         return
-    for w in res.warnings:
-        click.echo(f"warning: {w}", err=True)
     click.echo(describe(res))
 
 
@@ -401,16 +501,17 @@ def main(argv=None) -> None:
     from quantkit.util import quiet_third_party_logs
 
     quiet_third_party_logs()
+    setup_logging()
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except QuantkitError as e:
-        click.echo(f"error: {e}", err=True)
+        log.error(str(e))
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        click.echo("error: aborted; re-run the same command to resume where it stopped", err=True)
+        log.error("aborted; re-run the same command to resume where it stopped")
         sys.exit(130)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; re-run the same command to resume where it stopped", err=True)
+        log.error("interrupted; re-run the same command to resume where it stopped")
         sys.exit(130)
     except _NO_ARGS_IS_HELP as e:  # a bare `quantkit` / `quantkit recipe`: the help, as --help prints it
         click.echo(e.ctx.get_help())
@@ -418,7 +519,7 @@ def main(argv=None) -> None:
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "quantkit"
-        click.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+        log.error(f"{e.format_message()} (see `{where} --help`)")
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

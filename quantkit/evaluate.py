@@ -149,8 +149,8 @@ def _from_manifest(folder: Path, spec: str) -> list[Variant]:
                 raise QuantkitError(f"{folder}/quantkit.json lists {name} at {p}, which is missing: re-run the "
                                     "command that made it (it redoes only what is missing)")
             label = name[:-5] if name.endswith(".gguf") else name
-            out.append(Variant(label, "gguf", p, "gguf", spec, rec.get("type"), folder, name, p.stat().st_size,
-                               rec.get("bits_per_weight")))
+            out.append(Variant(label, "gguf", p, "gguf", spec, rec.get("type"), folder, name,
+                               rec.get("size") or p.stat().st_size, rec.get("bits_per_weight")))
         elif p.is_dir() and (p / "config.json").is_file():
             out.append(Variant(name, "hf", p, fmt, spec, rec.get("type"), folder, name, _weights_size(p),
                                rec.get("bits_per_weight")))
@@ -161,6 +161,7 @@ def _from_manifest(folder: Path, spec: str) -> list[Variant]:
 
 def resolve_variants(spec: str) -> list[Variant]:
     """A VARIANT argument -> the things to score (a folder of GGUFs gives one per artifact)."""
+    from quantkit.gguf import gguf_entry_points, gguf_set_size
     from quantkit.hub import HUB_ID_RE
 
     p = Path(os.path.expanduser(spec))
@@ -176,7 +177,7 @@ def resolve_variants(spec: str) -> list[Variant]:
                         return [v]
             except QuantkitError:
                 pass
-        return [Variant(p.stem, "gguf", p, "gguf", spec, size=p.stat().st_size)]
+        return [Variant(p.stem, "gguf", p, "gguf", spec, size=gguf_set_size(p))]
     if p.is_dir():
         p = p.resolve()
         if (p / "quantkit.json").is_file():
@@ -185,17 +186,30 @@ def resolve_variants(spec: str) -> list[Variant]:
             if not any(p.glob("*.safetensors")):
                 raise QuantkitError(f"{spec} has no *.safetensors weights: nothing to evaluate")
             return [Variant(p.name, "hf", p, _hf_format(p), spec, size=_weights_size(p))]
-        ggufs = sorted(p.glob("*.gguf"))
+        ggufs = gguf_entry_points(sorted(p.glob("*.gguf")))  # a split set: its first shard
         if ggufs:
-            return [Variant(g.stem, "gguf", g, "gguf", spec, size=g.stat().st_size) for g in ggufs]
+            return [Variant(g.stem, "gguf", g, "gguf", spec, size=gguf_set_size(g)) for g in ggufs]
         raise QuantkitError(f"{spec} holds no quantkit.json, config.json or .gguf file: nothing to evaluate")
     if spec.startswith(("./", "../", "/", "~")) or not HUB_ID_RE.match(spec):
         raise QuantkitError(f"{spec} does not exist (give a .gguf file, a model folder or a Hub id org/name)")
     return _hub_variants(spec)
 
 
+def unique_names(resolved: list[Variant]) -> list[Variant]:
+    """Unique display names (two folders may both hold "Q4_K_M")."""
+    seen: dict[str, int] = {}
+    for v in resolved:
+        seen[v.name] = seen.get(v.name, 0) + 1
+    for v in resolved:
+        if seen[v.name] > 1:
+            v.name = f"{v.name} [{v.manifest_dir.name if v.manifest_dir else v.path.parent.name}]"
+    return resolved
+
+
 def _hub_variants(repo_id: str) -> list[Variant]:
     from huggingface_hub import HfApi, snapshot_download
+
+    from quantkit.gguf import gguf_entry_points, gguf_set_size
 
     try:
         files = [s.rfilename for s in (HfApi().model_info(repo_id).siblings or [])]
@@ -216,7 +230,8 @@ def _hub_variants(repo_id: str) -> list[Variant]:
 
             raise _hub_error(e, repo_id, None) from None
         vs = _from_manifest(path, repo_id) if (path / "quantkit.json").is_file() else \
-            [Variant(g.stem, "gguf", g, "gguf", repo_id, size=g.stat().st_size) for g in sorted(path.glob("*.gguf"))]
+            [Variant(g.stem, "gguf", g, "gguf", repo_id, size=gguf_set_size(g))
+             for g in gguf_entry_points(sorted(path.glob("*.gguf")))]
         for v in vs:  # never write into the Hub cache
             v.manifest_dir = v.artifact = None
         return vs
@@ -572,6 +587,17 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
 
 
 # ------------------------------------------------------------------------------------------ report
+def gate_failure_line(failed: list[dict], gates=None) -> str:
+    """The one-line summary of failed gates; ``gates``: key -> :class:`quantkit.records.Gate` (default the
+    eval gates)."""
+    gates = gates or GATE_BY_KEY
+    parts = []
+    for f in failed:
+        g = gates[f["gate"]]
+        parts.append(f"{f['variant']} {g.label} {f['shown']} {g.op} {g.flag} {f['limit_shown']}")
+    return f"{len(failed)} quality gate(s) failed: " + "; ".join(parts)
+
+
 @dataclass
 class EvalReport:
     base: dict
@@ -586,11 +612,7 @@ class EvalReport:
                 "failed": self.failed, "passed": not self.failed, "notes": self.notes}
 
     def failure_line(self) -> str:
-        parts = []
-        for f in self.failed:
-            g = GATE_BY_KEY[f["gate"]]
-            parts.append(f"{f['variant']} {g.label} {f['shown']} {g.op} {g.flag} {f['limit_shown']}")
-        return f"{len(self.failed)} quality gate(s) failed: " + "; ".join(parts)
+        return gate_failure_line(self.failed)
 
     def table(self) -> str:
         bad = {(f["variant"], f["gate"]) for f in self.failed}
@@ -668,6 +690,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     load_s = time.perf_counter() - t_load
     n_per = stream.scored_per_window
     nll_all, kld_all, top1_all = [], [], []
+    nonfinite = 0
     t0 = time.perf_counter()
     for w in progress(range(stream.n_windows), desc=f"{v.name} ({v.kind})", unit="win"):
         win = stream.window(w)
@@ -680,6 +703,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise QuantkitError(f"{v.name}: {scorer.engine.split(' (')[0]} failed to run it on this machine "
                                 f"({type(e).__name__}: {msg[:200]})") from None
+        nonfinite += int((~torch.isfinite(logits)).sum())
         sl = slice(w * n_per, (w + 1) * n_per)
         sidx = torch.from_numpy(cache["sidx"][sl].astype(np.int64)) if "sidx" in cache else None
         slogp = torch.from_numpy(cache["slogp"][sl]) if "slogp" in cache else None
@@ -708,7 +732,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         "ppl_ratio_se": float(ratio * d.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         "kld_mean": float(kld.mean()), "kld_se": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         "kld_p99": _pct(kld, 99), "kld_median": _pct(kld, 50), "kld_max": float(kld.max()),
-        "top1": float(top1.mean()), "tokens": n, "windows": stream.n_windows, "ctx": stream.ctx,
+        "top1": float(top1.mean()), "nonfinite_logits": nonfinite, "tokens": n, "windows": stream.n_windows, "ctx": stream.ctx,
         "engine": engine, "engine_short": engine.split(" (")[0].split(" ")[0] if v.kind == "hf" else "llama.cpp",
         "tokenizer_match": tokenizer_match, "tokenizer_first_mismatch": mismatch_at,
         "load_seconds": round(load_s, 2), "seconds": round(seconds, 2),
@@ -717,12 +741,20 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     return row
 
 
+def base_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise QuantkitError(f"cannot load the base tokenizer from {path} ({type(e).__name__}); the base must "
+                            "be an HF folder with its tokenizer files") from None
+
+
 def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ctx: int = 512,
              max_tokens: int = 32768, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
              write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None) -> EvalReport:
     """Score every variant against ``base`` on one token stream; see the module docstring."""
-    from transformers import AutoTokenizer
-
     from quantkit.hub import resolve_model
     from quantkit.texts import text_sha256
 
@@ -737,23 +769,12 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     gates = {g.key: {"limit": limits[g.name], "shown": g.show_limit(limits[g.name])}
              for g in GATES if limits[g.name] is not None}
 
-    resolved = [v for spec in variants for v in resolve_variants(spec)]
-    # Unique display names (two folders may both hold "Q4_K_M").
-    seen: dict[str, int] = {}
-    for v in resolved:
-        seen[v.name] = seen.get(v.name, 0) + 1
-    for v in resolved:
-        if seen[v.name] > 1:
-            v.name = f"{v.name} [{v.manifest_dir.name if v.manifest_dir else v.path.parent.name}]"
+    resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
 
     src = resolve_model(base)
     content, text_name = load_text(text)
     tsha = text_sha256(content)
-    try:
-        tok = AutoTokenizer.from_pretrained(src.path)
-    except Exception as e:
-        raise QuantkitError(f"cannot load the base tokenizer from {src.path} ({type(e).__name__}); the base must "
-                            "be an HF folder with its tokenizer files") from None
+    tok = base_tokenizer(src.path)
     stream = make_stream(tok, content, ctx, max_tokens)
     cache, cache_path, cached = base_cache(src.path, src.sha, tsha, stream, max_tokens, top_k, threads)
     meta = cache["meta"]

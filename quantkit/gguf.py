@@ -9,8 +9,14 @@
 3. with ``calibration``, computes an importance matrix from that text (llama.cpp's ``llama-imatrix`` on the
    intermediate GGUF when the tool was built, else torch forward hooks) and writes ``<Model>.imatrix``;
 4. quantises each type in-process with ``llama_cpp.llama_model_quantize`` (the same C code as
-   ``llama-quantize``; the imatrix goes through ``params.imatrix``) into ``<Model>-<TYPE>.gguf``;
+   ``llama-quantize``; the imatrix goes through ``params.imatrix``) into ``<Model>-<TYPE>.gguf``; a file over
+   ``split_max_size`` (default 48G, under the Hub's 50 GB per-file limit) is split by llama.cpp's
+   ``llama-gguf-split`` into ``<Model>-<TYPE>-00001-of-0000N.gguf``..., one artifact whose ``path`` is the first
+   shard (what llama.cpp loads) and whose ``files`` are every shard;
 5. records everything in ``<out>/quantkit.json``.
+
+Processes may share one ``out``: the intermediate, the imatrix and each type are built under a lock of their own
+in ``.quantkit-work/locks/``; a process that finds one held waits, then re-uses what the other one built.
 
 Re-running re-uses the download, the intermediate (same base sha + outtype + converter version), the imatrix
 (same calibration + intermediate) and every finished variant whose files still match their sha256.
@@ -33,15 +39,22 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES, file_type_name, gguf_type, quant_size
 from quantkit.manifest import Manifest, file_record
-from quantkit.util import (Timer, atomic_path, default_threads, format_table, human_size, now_iso, progress,
-                           sha256_file, versions)
+from quantkit.util import (PARTIAL_SUFFIX, Timer, atomic_path, default_threads, file_lock, format_table,
+                           human_size, now_iso, progress, sha256_file, versions)
+from quantkit.verify import gguf_bits, raise_if_failed, verify_recorded, verify_status
 
 OUTTYPES = ("f32", "f16", "bf16", "auto")
 WORK_DIR = ".quantkit-work"
-TABLE_HEADERS = ["type", "file", "size", "bits/weight", "seconds", "status"]
+TABLE_HEADERS = ["type", "file", "size", "bits/weight", "seconds", "status", "verify"]
 IMATRIX_SAMPLES = 64   # chunks of calibration text fed to the importance matrix
 IMATRIX_CTX = 512      # tokens per chunk (llama-imatrix's default context)
 AUTO_F32_MAX_PARAMS = 1_000_000_000  # outtype auto: keep fp32 weights as F32 up to this size
+# Split GGUFs bigger than this (llama-gguf-split's spelling): 2 GB under the Hub's limit, because
+# llama-gguf-split counts only tensor data against it (the first shard also holds the metadata and vocabulary)
+# and cuts only between tensors.
+DEFAULT_SPLIT_MAX_SIZE = "48G"
+_SPLIT_SIZE = re.compile(r"^([1-9][0-9]*)([MG])$")
+_SHARD = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
 # ------------------------------------------------------------------------------------------ result
@@ -63,8 +76,11 @@ class GGUFResult:
         rows = []
         for name in self.artifacts:
             rec = self.manifest.artifacts[name]
-            rows.append([rec["type"], rec["path"], human_size(rec["size"]), f"{rec['bits_per_weight']:.2f}",
-                         f"{rec.get('seconds', 0.0):.1f}", "built" if name in self.built else "reused"])
+            n = len(rec["files"])
+            rows.append([rec["type"], rec["path"] + (f" (+{n - 1} shards)" if n > 1 else ""),
+                         human_size(rec["size"]), f"{rec['bits_per_weight']:.2f}",
+                         f"{rec.get('seconds', 0.0):.1f}", "built" if name in self.built else "reused",
+                         verify_status(rec)])
         return rows
 
     def table(self) -> str:
@@ -103,6 +119,86 @@ def normalize_types(types) -> list[str]:
 
 def artifact_name(model_name: str, gtype: str) -> str:
     return f"{model_name}-{gtype}.gguf"
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+def split_size_bytes(size: str | None) -> int:
+    """llama-gguf-split's ``--split-max-size`` spelling (``48G``, ``500M``: decimal units, as llama.cpp reads
+    them) -> bytes; None -> the default. Anything else is a one-line error."""
+    m = _SPLIT_SIZE.match(str(size if size is not None else DEFAULT_SPLIT_MAX_SIZE).strip().upper())
+    if not m:
+        raise QuantkitError(f"split size {size!r} is not in llama.cpp's spelling: a whole number of megabytes or "
+                            "gigabytes such as 500M or 48G")
+    return int(m.group(1)) * 1000 ** (2 if m.group(2) == "M" else 3)
+
+
+def shard_name(prefix: str, i: int, n: int) -> str:
+    """llama.cpp's shard naming (``llama_split_path``): ``<prefix>-00001-of-00003.gguf``."""
+    return f"{prefix}-{i:05d}-of-{n:05d}.gguf"
+
+
+def shard_count(size_bytes: float, split_max_size: str | None = None) -> int:
+    """How many files a GGUF of ``size_bytes`` becomes (1: not split; an estimate for plan, tensors cut)."""
+    limit = split_size_bytes(split_max_size)
+    return 1 if size_bytes <= limit else math.ceil(size_bytes / limit)
+
+
+def gguf_entry_points(paths) -> list[Path]:
+    """The GGUFs to load among ``paths``: unsplit files and the first shard of every split set."""
+    out = []
+    for p in map(Path, paths):
+        m = _SHARD.match(p.name)
+        if m is None or int(m.group("i")) == 1:
+            out.append(p)
+    return out
+
+
+def gguf_set_files(path: str | os.PathLike) -> list[Path]:
+    """Every file of the GGUF that loads from ``path``: its shards when it is the first of a split set."""
+    path = Path(path)
+    m = _SHARD.match(path.name)
+    if m is None:
+        return [path]
+    n = int(m.group("n"))
+    return [path.with_name(shard_name(m.group("prefix"), i, n)) for i in range(1, n + 1)]
+
+
+def gguf_set_size(path: str | os.PathLike) -> int:
+    """Bytes of the whole GGUF (all shards of a split set) that loads from ``path``."""
+    return sum(p.stat().st_size for p in gguf_set_files(path) if p.is_file())
+
+
+def split_gguf(src: Path, dest: Path, split_max_size: str) -> list[Path]:
+    """Split GGUF ``src`` with llama.cpp's ``llama-gguf-split --split`` into the shards of ``dest``
+    (``<dest stem>-0000i-of-0000n.gguf`` beside it); returns them in order. The shards are written in a hidden
+    temporary folder and moved to their names only when all are complete."""
+    import shutil
+    import tempfile
+
+    from quantkit import llamacpp
+
+    exe, env = llamacpp.tool("llama-gguf-split")
+    if not exe.exists():
+        raise QuantkitError(f"{dest.name} is over {split_max_size} and needs splitting, but llama.cpp's "
+                            "llama-gguf-split was not built: re-install with scripts/install.sh")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.stem}.", suffix=".split" + PARTIAL_SUFFIX, dir=dest.parent))
+    try:
+        cmd = [str(exe), "--split", "--split-max-size", split_max_size.upper(), str(src), str(tmpdir / dest.stem)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        shards = sorted(tmpdir.glob(f"{dest.stem}-*-of-*.gguf"))
+        if r.returncode != 0 or not shards:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise QuantkitError(f"llama-gguf-split could not split {dest.name} ({tail[0][:300]})")
+        out = []
+        for p in shards:
+            _public(p)
+            final = dest.parent / p.name
+            os.replace(p, final)
+            out.append(final)
+        return out
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 
@@ -244,6 +340,21 @@ def model_architecture(config: dict) -> str | None:
     return arch
 
 
+# HF architectures whose llama.cpp loader requires a separate ``output.weight`` (no fallback to the token
+# embeddings, src/models/<arch>.cpp creates it without TENSOR_NOT_REQUIRED): a tied-embedding checkpoint
+# converts, but llama.cpp then refuses to load it ("tensor 'output.weight' not found"). Real Qwen-MoE models
+# are untied; a tied one is refused before converting.
+UNTIED_ONLY = {"Qwen2MoeForCausalLM": "qwen2moe"}
+
+
+def _check_tied_output(arch: str, config: dict) -> None:
+    cfg = config.get("text_config") or config
+    if arch in UNTIED_ONLY and cfg.get("tie_word_embeddings", False):
+        raise QuantkitError(f"{arch} with tie_word_embeddings=true cannot be made into a loadable GGUF: llama.cpp's "
+                            f"{UNTIED_ONLY[arch]} loader needs a separate output.weight (the real models are "
+                            "untied); untie lm_head in the checkpoint, or use quantkit awq/gptq")
+
+
 def check_architecture(config: dict) -> str:
     from quantkit import llamacpp
 
@@ -256,6 +367,7 @@ def check_architecture(config: dict) -> str:
         raise QuantkitError(f"architecture {arch} is not supported by llama.cpp's converter "
                             f"(llama-cpp-python {llamacpp.version()}); GGUF needs a model llama.cpp knows, e.g. "
                             "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM")
+    _check_tied_output(arch, config)
     return arch
 
 
@@ -681,13 +793,37 @@ def _preload() -> None:
         pass
 
 
+def _lock(work: Path, what: str):
+    """The lock one artifact (or intermediate) is built under, so two processes never build it twice."""
+    return file_lock(work / "locks" / f"{what}.lock", what=f"{what} is being built by another process")
+
+
+def _layout_ok(rec: dict, split_bytes: int, split_arg: str) -> bool:
+    """Does a finished artifact have the layout asked for now (split with the same size, or one small file)?"""
+    if len(rec.get("files") or []) > 1:
+        return (rec.get("params") or {}).get("split_max_size") == split_arg
+    return (rec.get("size") or 0) <= split_bytes
+
+
+def _place(tmp: Path, dest: Path, split_bytes: int, split_arg: str) -> list[Path]:
+    """Move a finished quantisation onto ``dest``, or split it into llama.cpp shards when over the limit."""
+    if tmp.stat().st_size <= split_bytes:
+        _public(tmp)
+        os.replace(tmp, dest)
+        return [dest]
+    return split_gguf(tmp, dest, split_arg)
+
+
 def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *, revision=None,
                   calibration: str | None = None, allow_pickle=False, outtype="auto",
-                  threads=None) -> GGUFResult:
-    """Convert MODEL once and quantise it to every type in ``types``; see the module docstring."""
+                  threads=None, verify: bool = True, split_max_size: str | None = None) -> GGUFResult:
+    """Convert MODEL once and quantise it to every type in ``types``; see the module docstring. Each type is
+    verified against the base once written (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
     from quantkit.hub import resolve_model
 
     types = normalize_types(types)
+    split_bytes = split_size_bytes(split_max_size)
+    split_arg = str(split_max_size or DEFAULT_SPLIT_MAX_SIZE).strip().upper()
     need_imatrix = [t for t in types if GGUF_TYPES[t].imatrix]
     if need_imatrix and not calibration:
         raise QuantkitError(f"{', '.join(need_imatrix)} need an importance matrix: pass --calibration FILE "
@@ -714,7 +850,7 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     manifest.save()
     inter = manifest.data["intermediates"]
     tools = _tools()
-    conv_key = {"base_sha": src.sha, "outtype": outtype, "converter": converter_version()}
+    conv_key = _conv_key(src, outtype)
 
     # calibration (cheap) first: its identity decides which finished variants are still valid
     calib = None
@@ -724,78 +860,149 @@ def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *
     imx_key = ({"calibration_sha256": calib.sha256, "method": method, **conv_key} if calib else None)
 
     names = {t: artifact_name(src.name, t) for t in types}
-    todo = []
-    reused = []
-    for t in types:
+
+    def usable(t: str) -> bool:
         rec = manifest.artifact(names[t])
-        ok = (rec is not None and rec.get("type") == t and (rec.get("params") or {}).get("outtype") == outtype
-              and ((rec.get("params") or {}).get("imatrix") or {}).get("key") == imx_key
-              and manifest.artifact_is_intact(names[t]))
-        (reused if ok else todo).append(t)
+        return (rec is not None and rec.get("type") == t and (rec.get("params") or {}).get("outtype") == outtype
+                and ((rec.get("params") or {}).get("imatrix") or {}).get("key") == imx_key
+                and _layout_ok(rec, split_bytes, split_arg) and manifest.artifact_is_intact(names[t]))
+
+    todo = [t for t in types if not usable(t)]
+    reused = [t for t in types if t not in todo]
 
     imatrix_path = folder / f"{src.name}.imatrix" if calib else None
-    imx_rec = inter.get("imatrix")
-    imatrix_ok = (calib is None or (imx_rec is not None and imx_rec.get("key") == imx_key
-                                    and _intact(folder, imx_rec)))
+
+    def imatrix_ok() -> bool:
+        imx_rec = inter.get("imatrix")
+        return calib is None or (imx_rec is not None and imx_rec.get("key") == imx_key and _intact(folder, imx_rec))
+
     converted = False
     inter_path = None
-    if todo or not imatrix_ok:
+    if todo or not imatrix_ok():
         import threading
 
         threading.Thread(target=_preload, name="quantkit-preload", daemon=True).start()
         inter_path, converted = _ensure_intermediate(src, folder, work, manifest, conv_key, outtype)
 
-    if calib is not None and not imatrix_ok:
-        _build_imatrix(src, calib, method, inter_path, imatrix_path, work, manifest, imx_key, threads, tools)
+    if calib is not None and not imatrix_ok():
+        with _lock(work, imatrix_path.name):
+            manifest.refresh()
+            if not imatrix_ok():
+                _build_imatrix(src, calib, method, inter_path, imatrix_path, work, manifest, imx_key, threads,
+                               tools)
     imx_rec = inter.get("imatrix") if calib else None
 
     built = []
+    checks = {}
     for t in todo:
         name = names[t]
-        dest = folder / name
-        with Timer() as tm:
-            with atomic_path(dest) as tmp:
-                q = quantize_file(inter_path, tmp, t, threads=threads,
-                                  imatrix=imatrix_path if calib else None,
-                                  imatrix_label=imatrix_path.name if calib else None,
-                                  dataset_label=calib.source if calib else None)
-        _public(dest)
-        info = read_gguf_info(dest)
-        rec = {
-            "path": name,
-            "format": "gguf",
-            "method": "gguf",
-            "type": t,
-            "bits_per_weight": info["bits_per_weight"],
-            "files": [file_record(folder, dest)],
-            "params": {
-                "type": t,
-                "ftype": GGUF_TYPES[t].ftype,
-                "outtype": outtype,
-                "intermediate": {k: inter["convert"].get(k) for k in ("path", "size", "file_type", "created")},
-                "imatrix": ({"name": imatrix_path.name, "sha256": imx_rec["sha256"], "method": imx_rec["method"],
-                             "entries": q["imatrix_entries"], "key": imx_key} if calib else None),
-                "nthread": threads,
-            },
-            "calibration": calib.as_dict() if calib else None,
-            "gguf": {k: info[k] for k in ("architecture", "file_type", "tensor_types", "params", "n_tensors")},
-            "tools": tools,
-            "seconds": round(tm.seconds, 3),
-            "created": now_iso(),
-        }
-        rec["size"] = sum(f["size"] for f in rec["files"])
-        manifest.set_artifact(name, rec)
-        manifest.log("gguf.quantize", artifact=name, type=t, seconds=round(tm.seconds, 3),
-                     imatrix=bool(calib))
-        manifest.save()
+        with _lock(work, name):
+            manifest.refresh()
+            if usable(t):  # another process built it while this one waited
+                reused.append(t)
+                continue
+            paths, q, info, seconds = _quantize_one(inter_path, folder / name, t, threads, split_bytes, split_arg,
+                                                    imatrix_path if calib else None, calib)
+            for f in (manifest.artifact(name) or {}).get("files") or []:  # an old layout's leftover files
+                if folder / f["path"] not in paths:
+                    (folder / f["path"]).unlink(missing_ok=True)
+            _record_variant(manifest, name, t, paths, q, info, seconds, outtype, threads, split_arg, calib,
+                            imatrix_path, imx_rec, imx_key, tools)
         built.append(name)
+        checks[name] = verify_recorded(manifest, name, src.path, bits=gguf_bits(t), enabled=verify,
+                                       base_sha=src.sha, threads=threads)
 
     if not todo:
         manifest.log("gguf.resume", reused=[names[t] for t in reused])
         manifest.save()
+    reused = [t for t in types if t in reused]
+    for t in reused:  # a passed check is re-used; a missing or failed one is done now
+        checks[names[t]] = verify_recorded(manifest, names[t], src.path, bits=gguf_bits(t), enabled=verify,
+                                           base_sha=src.sha, threads=threads)
+    raise_if_failed(checks, folder)
     return GGUFResult(folder=folder, manifest=manifest, artifacts=[names[t] for t in types], built=built,
                       reused=[names[t] for t in reused], converted=converted,
                       imatrix=imatrix_path if calib else None)
+
+
+def _conv_key(src, outtype: str) -> dict:
+    """What the intermediate GGUF depends on: base commit, outtype, converter version."""
+    return {"base_sha": src.sha, "outtype": outtype, "converter": converter_version()}
+
+
+def unquantised_gguf(folder: str | os.PathLike) -> Path:
+    """The F32/F16/BF16 GGUF the variants of a quantkit GGUF folder were quantised from (``intermediates.convert``):
+    the recorded file when it is still there, else converted again from the base on disk (same outtype)."""
+    from quantkit.hub import resolve_model
+
+    folder = Path(folder).resolve()
+    manifest = Manifest.load(folder, create=False)
+    rec = manifest.data["intermediates"].get("convert") or {}
+    if _intact(folder, rec, check_sha=False):
+        return folder / rec["path"]
+    local = manifest.base.get("local_path")
+    if not local or not (Path(local) / "config.json").is_file():
+        raise QuantkitError(f"{folder} no longer holds its unquantised GGUF and its base "
+                            f"({local or manifest.base.get('id')}) is not on disk to convert it again")
+    src = resolve_model(local)
+    outtype = rec.get("outtype") or resolve_outtype("auto", src.path)
+    path, _ = _ensure_intermediate(src, folder, folder / WORK_DIR, manifest, _conv_key(src, outtype), outtype)
+    return path
+def _quantize_one(inter_path: Path, dest: Path, t: str, threads: int, split_bytes: int, split_arg: str,
+                  imatrix_path: Path | None, calib) -> tuple[list[Path], dict, dict, float]:
+    """Quantise the intermediate to type ``t`` under a temporary name, then place it (split when too big)."""
+    import tempfile
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with Timer() as tm:
+            q = quantize_file(inter_path, tmp, t, threads=threads, imatrix=imatrix_path,
+                              imatrix_label=imatrix_path.name if imatrix_path else None,
+                              dataset_label=calib.source if calib else None)
+            info = read_gguf_info(tmp)
+            paths = _place(tmp, dest, split_bytes, split_arg)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return paths, q, info, tm.seconds
+
+
+def _record_variant(manifest: Manifest, name: str, t: str, paths: list[Path], q: dict, info: dict, seconds: float,
+                    outtype: str, threads: int, split_arg: str, calib, imatrix_path, imx_rec, imx_key,
+                    tools: dict) -> None:
+    folder = manifest.folder
+    inter = manifest.data["intermediates"]
+    rec = {
+        "path": paths[0].name,
+        "format": "gguf",
+        "method": "gguf",
+        "type": t,
+        "bits_per_weight": info["bits_per_weight"],
+        "files": [file_record(folder, p) for p in paths],
+        "params": {
+            "type": t,
+            "ftype": GGUF_TYPES[t].ftype,
+            "outtype": outtype,
+            "intermediate": {k: inter["convert"].get(k) for k in ("path", "size", "file_type", "created")},
+            "imatrix": ({"name": imatrix_path.name, "sha256": imx_rec["sha256"], "method": imx_rec["method"],
+                         "entries": q["imatrix_entries"], "key": imx_key} if calib else None),
+            "nthread": threads,
+            "split_max_size": split_arg,
+        },
+        "calibration": calib.as_dict() if calib else None,
+        "gguf": {k: info[k] for k in ("architecture", "file_type", "tensor_types", "params", "n_tensors")},
+        "tools": tools,
+        "seconds": round(seconds, 3),
+        "created": now_iso(),
+    }
+    rec["size"] = sum(f["size"] for f in rec["files"])
+    if len(paths) > 1:
+        rec["split"] = {"shards": len(paths), "max_size": split_arg, "tool": "llama-gguf-split"}
+    manifest.set_artifact(name, rec)
+    manifest.log("gguf.quantize", artifact=name, type=t, seconds=round(seconds, 3),
+                 imatrix=bool(calib), shards=len(paths))
+    manifest.save()
 
 
 def _ensure_intermediate(src, folder: Path, work: Path, manifest: Manifest, conv_key: dict,
@@ -807,33 +1014,38 @@ def _ensure_intermediate(src, folder: Path, work: Path, manifest: Manifest, conv
     # than it protects; the variants made from it are checked by sha256)
     if rec and rec.get("key") == conv_key and _intact(folder, rec, check_sha=False):
         return folder / rec["path"], False
-    work.mkdir(parents=True, exist_ok=True)
-    if rec and rec.get("path") and (folder / rec["path"]).is_file() and rec.get("key") != conv_key:
-        (folder / rec["path"]).unlink()  # a stale intermediate (other outtype / base / converter)
-    dest = work / f"{src.name}-{outtype.upper()}.gguf"
-    _, _, n_tensors = _safetensors_stats(src.path)
-    with Timer() as tm:
-        with atomic_path(dest) as tmp:
-            _run_converter(src.path, tmp, outtype, src.name, work / "convert.log", n_tensors)
-    _public(dest)
-    info = read_gguf_info(dest)
-    st = dest.stat()
-    inter["convert"] = {
-        "path": dest.relative_to(folder).as_posix(),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "key": conv_key,
-        "outtype": outtype,
-        "file_type": info["file_type"],
-        "architecture": info["architecture"],
-        "params": info["params"],
-        "seconds": round(tm.seconds, 3),
-        "tools": {"converter": converter_version(), "gguf-py": gguf_py_version()},
-        "created": now_iso(),
-    }
-    manifest.log("gguf.convert", outtype=outtype, path=inter["convert"]["path"], seconds=round(tm.seconds, 3))
-    manifest.save()
-    return dest, True
+    with _lock(work, "convert"):
+        manifest.refresh()  # another process may have converted while this one waited
+        rec = inter.get("convert")
+        if rec and rec.get("key") == conv_key and _intact(folder, rec, check_sha=False):
+            return folder / rec["path"], False
+        work.mkdir(parents=True, exist_ok=True)
+        if rec and rec.get("path") and (folder / rec["path"]).is_file() and rec.get("key") != conv_key:
+            (folder / rec["path"]).unlink()  # a stale intermediate (other outtype / base / converter)
+        dest = work / f"{src.name}-{outtype.upper()}.gguf"
+        _, _, n_tensors = _safetensors_stats(src.path)
+        with Timer() as tm:
+            with atomic_path(dest) as tmp:
+                _run_converter(src.path, tmp, outtype, src.name, work / "convert.log", n_tensors)
+        _public(dest)
+        info = read_gguf_info(dest)
+        st = dest.stat()
+        inter["convert"] = {
+            "path": dest.relative_to(folder).as_posix(),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "key": conv_key,
+            "outtype": outtype,
+            "file_type": info["file_type"],
+            "architecture": info["architecture"],
+            "params": info["params"],
+            "seconds": round(tm.seconds, 3),
+            "tools": {"converter": converter_version(), "gguf-py": gguf_py_version()},
+            "created": now_iso(),
+        }
+        manifest.log("gguf.convert", outtype=outtype, path=inter["convert"]["path"], seconds=round(tm.seconds, 3))
+        manifest.save()
+        return dest, True
 
 
 def _build_imatrix(src, calib, method: str, inter_path: Path, imatrix_path: Path, work: Path, manifest: Manifest,

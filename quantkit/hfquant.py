@@ -50,18 +50,26 @@ from quantkit.util import (
     Timer,
     cache_home,
     default_threads,
+    file_lock,
+    folder_lock_file,
     format_table,
     human_size,
     now_iso,
     safetensors_tensors,
+    stdout_to_stderr,
     versions,
 )
+from quantkit.verify import raise_if_failed, verify_recorded, verify_status
 
 DEFAULT_FORMAT = DEFAULT_HF_FORMAT
 RECIPE_NAME = "quantkit-recipe.json"
 LICENSE_GLOBS = ("LICENSE*", "LICENCE*", "license*", "NOTICE*", "USE_POLICY.md")
-TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status"]
+TABLE_HEADERS = ["variant", "format", "bits", "group", "size", "calib tokens", "seconds", "status", "verify"]
 _GB = 1e9
+# Safetensors shards of the saved weights (``model.safetensors.index.json`` + ``model-0000i-of-0000n``), set
+# explicitly for both engines: the Hub's and vLLM's usual shard size (transformers 5's own default is 50GB,
+# gptqmodel's 4GB in binary units), small enough to resume downloads and load shard by shard.
+MAX_SHARD_SIZE = "5GB"
 
 
 @dataclass
@@ -82,7 +90,8 @@ class QuantResult:
         a = self.artifact
         cal = a.get("calibration") or {}
         return [[self.name, a["format"], a["bits"], a["group_size"], human_size(a["size"]),
-                 cal.get("token_count"), f"{a['seconds']:.1f}", "cached" if self.cached else "built"]]
+                 cal.get("token_count"), f"{a['seconds']:.1f}", "cached" if self.cached else "built",
+                 verify_status(a)]]
 
     def table(self) -> str:
         return format_table(self.table_rows(), TABLE_HEADERS)
@@ -113,6 +122,96 @@ def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: 
         raise QuantkitError(f"--seq-len must be at least 16 (got {seq_len})")
     if damp is not None and not (0 < damp < 1):
         raise QuantkitError(f"--damp must be between 0 and 1, e.g. 0.01 (got {damp})")
+
+
+# -- architectures: MoE, fused layers, what an engine cannot do (issue 9) ---------------------------
+
+# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+# Why an engine cannot make a loadable artifact of an architecture, and what works instead; measured with
+# transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py). A refusal comes right
+# after the model's config is read, before calibration data or any engine work.
+_CLASSIC_MOE = ("transformers 5 holds MoE experts as fused 3-D tensors and cannot load gptqmodel's per-expert "
+                "qweight/qzeros/scales (reported UNEXPECTED: the experts would stay random)")
+_CT_NO_MOE_LOADER = ("llm-compressor has no MoE load mapping for this architecture, so it saves experts as "
+                     "mlp.experts.N.*_proj, names transformers 5 reports UNEXPECTED (the experts would stay random)")
+_PHI3_CLASSIC = ("gptqmodel's defuser splits Phi-3's fused gate_up_proj and saves mlp.gate_proj/up_proj, which "
+                 "transformers does not load (gate_up_proj stays MISSING and the CPU kernel then fails in "
+                 "_build_ret_idx); use --format compressed-tensors, or quantkit gguf")
+# (model_type, method, format) -> reason, for dense architectures; MoE models follow the two rules in
+# unsupported_reason (classic: never; compressed-tensors: only where llm-compressor can load experts as 2-D).
+UNSUPPORTED: dict[tuple[str, str, str], str] = {
+    ("phi3", "gptq", "classic"): _PHI3_CLASSIC, ("phi3", "awq", "classic"): _PHI3_CLASSIC,
+}
+# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def moe_experts(config: dict) -> int:
+    """Number of routed experts per MoE layer (0 for a dense model)."""
+    cfg = config.get("text_config") or config
+    return max([int(cfg.get(k) or 0) for k in _EXPERT_KEYS] + [0])
+
+
+def _ct_loads_moe(model_type: str) -> bool:
+    """llm-compressor's own answer: can ``load_quantizable_moe`` load (and save back) this MoE as 2-D experts."""
+    from llmcompressor.modeling.moe.conversion_mappings import has_linearize_load_mappings
+
+    return has_linearize_load_mappings(model_type)
+
+
+def unsupported_reason(config: dict, method: str, fmt: str) -> str | None:
+    """Why ``method``/``fmt`` cannot make a loadable artifact of this model, or None."""
+    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+    if (mt, method, fmt) in UNSUPPORTED:
+        return UNSUPPORTED[(mt, method, fmt)]
+    if not moe_experts(config):
+        return None
+    if fmt == "classic":
+        return _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf" if _ct_loads_moe(mt)
+                               else "; use quantkit gguf")
+    if not _ct_loads_moe(mt):
+        return _CT_NO_MOE_LOADER + "; use quantkit gguf"
+    return None
+
+
+def check_architecture(config: dict, method: str, fmt: str) -> None:
+    """Refuse (one line) an architecture x method x format the engines cannot make a loadable artifact of."""
+    reason = unsupported_reason(config, method, fmt)
+    if reason:
+        mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+        raise QuantkitError(f"{method.upper()} --format {fmt} is not supported for {mt} models: {reason}")
+
+
+def moe_settings(config: dict) -> dict:
+    """What quantkit.json / quantkit-recipe.json record about a MoE model's calibration ({} for a dense one)."""
+    experts = moe_experts(config)
+    if not experts:
+        return {}
+    return {"experts": experts, "layers": moe_layers(config),
+            "calibration": "all experts (llm-compressor moe_calibrate_all_experts): every expert is fed "
+                           "every calibration token"}
+
+
+def moe_layers(config: dict) -> list[int]:
+    """Indices of the decoder layers that hold routed experts (DeepSeek's first_k_dense_replace, Qwen's
+    mlp_only_layers / decoder_sparse_step)."""
+    cfg = config.get("text_config") or config
+    n = int(cfg.get("num_hidden_layers") or 0)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    first = int(cfg.get("first_k_dense_replace") or 0)
+    step = int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1)
+    return [i for i in range(n) if i not in dense and i >= first and (i + 1) % step == 0]
+
+
+def expert_token_counts(moe: dict, token_count: int) -> dict:
+    """Per MoE layer, the calibration tokens its least / most fed expert saw (quantkit.json ``moe``)."""
+    per_layer = {str(i): {"min": token_count, "max": token_count} for i in moe["layers"]}
+    starved = [i for i, c in per_layer.items() if c["min"] == 0]
+    if starved:
+        print(f"warning: an expert got no calibration tokens in layer(s) {', '.join(starved)}", file=sys.stderr)
+    return {**moe, "expert_tokens": per_layer, "starved_layers": starved}
 
 
 # -- sizes and resources ------------------------------------------------------------------------
@@ -238,28 +337,6 @@ def engine_env_defaults() -> None:
 
 
 @contextlib.contextmanager
-def stdout_to_stderr():
-    """Send whatever the engines print (Python- and C-level) to stderr while they run."""
-    sys.stdout.flush()
-    try:
-        fd_saved = os.dup(1)
-    except OSError:  # no real stdout
-        fd_saved = None
-    if fd_saved is not None:
-        os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        try:
-            sys.stdout.flush()
-        finally:
-            if fd_saved is not None:
-                os.dup2(fd_saved, 1)
-                os.close(fd_saved)
-
-
-@contextlib.contextmanager
 def gptqmodel_logs_redirect():
     """gptqmodel writes ``./logs/<processor>_log_*.log`` into the current directory: send it to the cache."""
     from gptqmodel.looper import loop_processor
@@ -294,6 +371,25 @@ def llmcompressor_cpu_pin_memory_patch():
         IntermediatesCache.pin_memory = original
 
 
+@contextlib.contextmanager
+def transformers_patch_scan_guard():
+    """transformers 5.17's ``apply_patches`` (used by llm-compressor's MoE loader) calls ``dir()`` on every
+    ``transformers*`` module in ``sys.modules``; its lazy alias modules (e.g. ``image_processing_utils_fast``)
+    then import their target, which fails without torchvision. Such unimportable aliases hold no model classes:
+    they leave ``sys.modules`` while the loader runs and are put back afterwards."""
+    hidden = {}
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers") and mod is not None and getattr(mod, "__file__", "") is None:
+            try:
+                dir(mod)
+            except ImportError:
+                hidden[name] = sys.modules.pop(name)
+    try:
+        yield sorted(hidden)
+    finally:
+        sys.modules.update(hidden)
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -320,7 +416,8 @@ def _strip_temp_paths(folder: Path) -> None:
 
 # -- the engines --------------------------------------------------------------------------------
 
-def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str) -> dict:
+def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p: dict, device: str,
+                   max_shard_size: str = MAX_SHARD_SIZE) -> dict:
     engine_env_defaults()
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.quantization import AWQConfig, GPTQConfig
@@ -339,11 +436,12 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
                      **({"desc_act": p["act_order"], "sym": p["sym"], "damp_percent": p["damp"]}
                         if method == "gptq" else {"sym": False})},
             "quantize": {"calibration": f"{len(texts)} strings", "batch_size": 1,
-                         **({"backend": "AWQ_TORCH"} if kw else {})}}
+                         **({"backend": "AWQ_TORCH"} if kw else {})},
+            "save": {"max_shard_size": max_shard_size}}
     with gptqmodel_logs_redirect():
         model = GPTQModel.load(str(src_path), cfg, device=device)
         model.quantize(texts, batch_size=1, **kw)
-        model.save(str(work))
+        model.save(str(work), max_shard_size=max_shard_size)
     del model
     shutil.rmtree(offload_dir, ignore_errors=True)
     _strip_temp_paths(work)
@@ -370,7 +468,7 @@ def _ct_modifiers(method: str, p: dict):
 
 
 def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str], p: dict, tokenizer,
-                       offload: bool) -> dict:
+                       offload: bool, moe: bool = False, max_shard_size: str = MAX_SHARD_SIZE) -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -384,14 +482,23 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
         with load_offloaded_model():
             model = AutoModelForCausalLM.from_pretrained(src_path, device_map="auto_offload",
                                                          offload_folder=str(offload_dir), **load_kw)
+    elif moe:
+        # llm-compressor's own MoE loader: experts load as 2-D Linears and the model keeps a save mapping, so
+        # the saved names are the ones transformers' expert converters read back (a post-load linearisation
+        # saves `mlp.experts.N.gate_proj.*`, which transformers 5 reports UNEXPECTED)
+        from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+
+        with transformers_patch_scan_guard(), load_quantizable_moe():
+            model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
     recipe = _ct_modifiers(method, p)
     ds = Dataset.from_dict({"text": texts})
     with llmcompressor_cpu_pin_memory_patch() as patched:
         oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=p["seq_len"],
-                num_calibration_samples=len(texts), shuffle_calibration_samples=False)
-    model.save_pretrained(str(work), save_compressed=True)
+                num_calibration_samples=len(texts), shuffle_calibration_samples=False,
+                moe_calibrate_all_experts=moe)
+    model.save_pretrained(str(work), save_compressed=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(work))
     shutil.rmtree(work / ".offload", ignore_errors=True)
     del model
@@ -400,8 +507,9 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
     return {"load": {"model": str(src_path), "dtype": "auto", "device_map": "auto_offload" if offload else None},
             "oneshot": {"recipe": "recipe.yaml", "max_seq_length": p["seq_len"],
                         "num_calibration_samples": len(texts), "shuffle_calibration_samples": False,
+                        "moe_calibrate_all_experts": moe,
                         "dataset": f"{len(texts)} texts (column text)"},
-            "save_pretrained": {"save_compressed": True},
+            "save_pretrained": {"save_compressed": True, "max_shard_size": max_shard_size},
             "cpu_pin_memory_patch": patched}
 
 
@@ -466,11 +574,12 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         sym: bool = True, act_order: bool = True, damp: float = 0.01, calibration: str | None = None,
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
-        offload: bool = False) -> QuantResult:
-    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq."""
-    from quantkit.calibration import load_calibration, parse_spec
+        offload: bool = False, verify: bool = True, max_shard_size: str = MAX_SHARD_SIZE) -> QuantResult:
+    """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq. The
+    weights are saved in safetensors shards of at most ``max_shard_size`` (transformers' spelling); the folder is
+    then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped)."""
+    from quantkit.calibration import parse_spec
     from quantkit.hub import resolve_model
-    from quantkit.manifest import Manifest, file_record
     from quantkit.util import sha256_file
 
     m = HF_METHODS[method]  # what the method does not let a user choose comes from its row
@@ -481,9 +590,11 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
                  damp=damp_v)
     spec = parse_spec(calibration)  # fail on a malformed SPEC before any download
     _check_group_size_from_headers(model, revision, group_size)
-    n = 6
+    n = 7
     _stage(1, n, f"resolving {model}")
     src = resolve_model(model, revision, allow_pickle=allow_pickle)
+    check_architecture(src.config, method, fmt)
+    moe = moe_settings(src.config)
     name = variant_name(src.name, method, fmt, bits, group_size, sym)
     folder = Path(out).expanduser() if out else Path.cwd() / name
     folder = folder.absolute()
@@ -492,9 +603,23 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     params.update({k: v for k, v in (("act_order", act_order), ("damp", damp)) if k in m.options})
     if spec.path is not None:
         params["calibration_file_sha256"] = sha256_file(spec.path)
+    # one process builds a folder at a time; another one waits, then finds it cached
+    with file_lock(folder_lock_file(folder), what=f"{folder.name} is being built by another process"):
+        return _build(method, src, name, folder, params, spec, n, fmt=fmt, bits=bits, group_size=group_size,
+                      calibration=calibration, samples=samples, seq_len=seq_len, device=device, offload=offload,
+                      max_shard_size=max_shard_size, moe=moe, verify=verify)
+
+
+def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int, *, fmt: str, bits: int,
+           group_size: int, calibration, samples: int, seq_len: int, device: str, offload: bool,
+           max_shard_size: str, moe: dict, verify: bool) -> QuantResult:
+    from quantkit.calibration import load_calibration
+    from quantkit.manifest import Manifest, file_record
+
     cached = _cached(folder, name, params, src.sha)
     if cached is not None:
         _stage(n, n, f"{folder} already holds {name} (intact): nothing to do")
+        _verify(cached, name, src, bits, verify)
         return QuantResult(folder=folder, name=name, manifest=cached, cached=True)
 
     stats = weight_stats(src.path)
@@ -522,14 +647,16 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         engine_env_defaults()
         with Timer() as t, stdout_to_stderr():
             if fmt == "classic":
-                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used)
+                call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used, max_shard_size)
             else:
-                call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload)
+                call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload,
+                                          moe=bool(moe), max_shard_size=max_shard_size)
         _stage(4, n, f"quantised in {t.seconds:.1f} s; writing recipe, licence and manifest")
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,
                   "calibration": cal.as_dict(), "device": device_used, "offload": offload,
-                  "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists)}
+                  "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists),
+                  **({"moe": moe} if moe else {})}
         (work / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         _stage(5, n, "hashing files")
         files = [file_record(work, p) for p in _folder_files(work)]
@@ -551,6 +678,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
             "size": size,
             "params": params,
             "calibration": cal.as_dict(),
+            **({"moe": expert_token_counts(moe, cal.token_count)} if moe else {}),
             "tools": recipe["tools"],
             "device": device_used,
             "seconds": round(t.seconds, 2),
@@ -570,4 +698,15 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return QuantResult(folder=folder, name=name, manifest=Manifest.load(folder), cached=False)
+    manifest = Manifest.load(folder)
+    _verify(manifest, name, src, bits, verify)
+    return QuantResult(folder=folder, name=name, manifest=manifest, cached=False)
+
+
+def _verify(manifest, name: str, src, bits: int, enabled: bool) -> None:
+    """Check the finished (or re-used) folder in its engine against the base; exit 1 when it fails."""
+    if enabled and not (manifest.artifact(name).get("verify") or {}).get("passed"):
+        _stage(7, 7, f"verifying {name} in its engine against the base")
+    with stdout_to_stderr():
+        res = verify_recorded(manifest, name, src.path, bits=bits, enabled=enabled, base_sha=src.sha)
+    raise_if_failed({name: res}, manifest.folder)

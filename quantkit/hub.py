@@ -11,12 +11,15 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, hub_error, is_network_error
+
+log = logging.getLogger(__name__)
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -162,37 +165,8 @@ def _local_source(folder: Path, allow_pickle: bool) -> ModelSource:
 
 # -- the Hub ------------------------------------------------------------------------------------
 
-def _hub_error(e: Exception, repo_id: str, revision: str | None) -> QuantkitError:
-    from huggingface_hub import errors as hf_errors
-
-    if isinstance(e, hf_errors.GatedRepoError):
-        return QuantkitError(f"{repo_id} is gated: accept its terms on its Hub page with your account, then set "
-                             "HF_TOKEN or run `hf auth login` with a token of that account")
-    if isinstance(e, hf_errors.RevisionNotFoundError):
-        return QuantkitError(f"{repo_id} has no revision {revision!r} (give a branch, tag or commit SHA that exists)")
-    if isinstance(e, hf_errors.RepositoryNotFoundError):
-        return QuantkitError(f"{repo_id} was not found on the Hub, or it is private and your token cannot read it "
-                             "(check the id; for a private repo set HF_TOKEN or run `hf auth login`)")
-    if isinstance(e, hf_errors.HfHubHTTPError):
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        headers = getattr(getattr(e, "response", None), "headers", None) or {}
-        if status == 401 and "invalid credentials" in (headers.get("X-Error-Message") or "").lower():
-            return QuantkitError("the Hub rejected your token as invalid or expired: set HF_TOKEN to a valid "
-                                 "token or run `hf auth login` again")
-        if status in (401, 403):
-            return QuantkitError(f"not authorised to read {repo_id} (HTTP {status}): set HF_TOKEN or run "
-                                 "`hf auth login` with a token that can read it")
-        return QuantkitError(f"the Hub answered HTTP {status} for {repo_id}: {str(e).splitlines()[0]}")
-    return QuantkitError(f"cannot reach the Hub for {repo_id} ({type(e).__name__}): check your network "
-                         "or HF_ENDPOINT; a model downloaded before can be used offline with HF_HUB_OFFLINE=1")
-
-
-def _is_network_error(e: Exception) -> bool:
-    """By class name, so it holds for httpx (huggingface_hub >= 1.0) and requests alike, neither imported here."""
-    names = {type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None}
-    return bool(names & {"ConnectionError", "ConnectError", "Timeout", "ConnectTimeout", "ReadTimeout",
-                         "OfflineModeIsEnabled", "LocalEntryNotFoundError", "NameResolutionError"}) or \
-        isinstance(e, OSError)
+# plan.py and evaluate.py import this name; the translation itself is the table in quantkit.errors
+_hub_error = hub_error
 
 
 def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: str | None,
@@ -205,10 +179,11 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
     try:
         info = api.model_info(repo_id, revision=revision)
     except (hf_errors.GatedRepoError, hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as e:
-        raise _hub_error(e, repo_id, revision) from None
+        raise hub_error(e, repo_id, revision) from None
     except Exception as e:  # no network: fall back to what is cached
-        if not _is_network_error(e) and isinstance(e, hf_errors.HfHubHTTPError):
-            raise _hub_error(e, repo_id, revision) from None
+        if not is_network_error(e):
+            raise hub_error(e, repo_id, revision) from None
+        log.debug("no answer from the Hub for %s (%s); looking in the local cache", repo_id, type(e).__name__)
         path = None
         # the same file selection as the online pull, or the cache check calls the snapshot incomplete
         for extra in ([SAFETENSORS_PATTERNS] + ([PICKLE_PATTERNS] if allow_pickle else [])):
@@ -219,7 +194,7 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
             except Exception:
                 continue
         if path is None:
-            raise _hub_error(e, repo_id, revision) from None
+            raise hub_error(e, repo_id, revision) from None
         src = _local_source(path, allow_pickle=allow_pickle)
         src.id, src.revision = repo_id, revision
         src.sha = path.name  # snapshot folders are named by commit SHA
@@ -243,7 +218,7 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
         path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns,
                                       cache_dir=cache_dir, token=token))
     except Exception as e:
-        raise _hub_error(e, repo_id, revision) from None
+        raise hub_error(e, repo_id, revision) from None
     _remember_ref(path, revision or "main", info.sha)
     config = _read_config(path, repo_id)
     card = getattr(info, "card_data", None) or getattr(info, "cardData", None) or {}

@@ -32,36 +32,38 @@ Schema (``schema: 1``)::
       "history": [{"stage", "time", ...}]
     }
 The token is never written here.
+
+Several processes may share one folder (two ``quantkit gguf`` runs with different types, eval while a type is
+being added, parallel CI jobs): :meth:`Manifest.save` writes under an OS lock on ``.quantkit.json.lock`` and
+merges with what is on disk, so every process keeps the records it did not touch (see
+:func:`quantkit.util.merge_json_into`); :meth:`Manifest.update` holds the lock for a whole read-modify-write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.util import now_iso, sha256_file, write_json_atomic
+from quantkit.util import file_lock, lock_file_for, now_iso, save_json_merged, sha256_file
 
 MANIFEST_NAME = "quantkit.json"
 SCHEMA = 1
+_PARTS = {"base": {}, "artifacts": {}, "intermediates": {}, "evaluation": {}, "pushes": [], "history": []}
 
 
 class Manifest:
     def __init__(self, folder: str | os.PathLike, data: dict | None = None):
         self.folder = Path(folder)
-        self.data: dict[str, Any] = data or {
-            "schema": SCHEMA,
-            "quantkit_version": __version__,
-            "base": {},
-            "artifacts": {},
-            "intermediates": {},
-            "evaluation": {},
-            "pushes": [],
-            "history": [],
-        }
+        self.data: dict[str, Any] = data or {"schema": SCHEMA, "quantkit_version": __version__,
+                                             **copy.deepcopy(_PARTS)}
+        self._base = copy.deepcopy(self.data)  # what was on disk when read: save() merges against it
+        self._locked = False
 
     # -- io -------------------------------------------------------------------------------------
     @property
@@ -83,19 +85,45 @@ class Manifest:
             raise QuantkitError(f"{p} is not valid JSON ({e}); remove it to start that folder afresh") from None
         if data.get("schema") != SCHEMA:
             raise QuantkitError(f"{p} has schema {data.get('schema')!r}; this quantkit reads schema {SCHEMA}")
-        for key, default in (("artifacts", {}), ("intermediates", {}), ("evaluation", {}),
-                             ("pushes", []), ("history", []), ("base", {})):
-            data.setdefault(key, default)
+        for key, default in _PARTS.items():
+            data.setdefault(key, copy.deepcopy(default))
         return cls(folder, data)
 
     @classmethod
     def exists(cls, folder: str | os.PathLike) -> bool:
         return (Path(folder) / MANIFEST_NAME).exists()
 
+    @property
+    def lock_path(self) -> Path:
+        return lock_file_for(self.path)
+
     def save(self) -> None:
+        """Write under the folder's lock, merged with what other processes wrote since this one read it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.data["quantkit_version"] = __version__
-        write_json_atomic(self.path, self.data)
+        self._base = save_json_merged(self.path, self.data, self._base, locked=self._locked, defaults=_PARTS)
+
+    def refresh(self) -> None:
+        """Take in what other processes wrote since this one read the file (unsaved changes stay pending)."""
+        if self.path.exists():
+            self._base = save_json_merged(self.path, self.data, self._base, write=False, locked=self._locked,
+                                          defaults=_PARTS)
+
+    @classmethod
+    @contextlib.contextmanager
+    def update(cls, folder: str | os.PathLike, create: bool = False) -> Iterator["Manifest"]:
+        """Lock the folder's manifest, read it, let the block change it, write it (atomically), unlock.
+
+        Other processes' saves wait meanwhile, so nothing they write is lost; nothing is written when the block
+        raises."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True) if create else None
+        with file_lock(lock_file_for(folder / MANIFEST_NAME)):
+            m = cls.load(folder, create=create)
+            m._locked = True
+            yield m
+            m.save()
+            m._locked = False
 
     # -- accessors ------------------------------------------------------------------------------
     @property
@@ -119,8 +147,11 @@ class Manifest:
         return self.artifacts.get(name)
 
     def set_artifact(self, name: str, record: dict) -> dict:
+        """Add or replace an artifact's whole record (a rebuilt artifact drops what was measured on the old one,
+        also when another process saved meanwhile)."""
         record.setdefault("created", now_iso())
         self.artifacts[name] = record
+        self._base.get("artifacts", {}).pop(name, None)
         return record
 
     def update_artifact(self, name: str, **fields) -> dict:

@@ -22,6 +22,7 @@ passed are pushed (``publish.only_passing``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -29,7 +30,6 @@ import os
 import signal
 import sys
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -38,7 +38,7 @@ from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
 from quantkit.recipe import Recipe, Variant, load_recipe
 from quantkit.records import GATES, BenchScore, EvalScore, PushResult, QuantResult, Record, VariantResult
-from quantkit.util import dist_version, format_table, human_size, now_iso, write_json_atomic
+from quantkit.util import dist_version, format_table, human_size, now_iso, save_json_merged
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ def _engines(stage: str) -> dict:
 class RunLog:
     """``<out>/quantkit-run.json``: every stage's key and outcome, plus an append-only event list."""
 
+    _PARTS = {"stages": {}, "events": [], "runs": []}
+
     def __init__(self, out: Path, readonly: bool = False):
         self.readonly = readonly
         self.path = out / RUN_LOG
@@ -85,53 +87,24 @@ class RunLog:
                 self.data = json.loads(self.path.read_text())
             except json.JSONDecodeError:
                 pass  # a torn log only costs a re-run of the stages
-            for k, v in (("stages", {}), ("events", []), ("runs", [])):
-                self.data.setdefault(k, v)
+            for k, v in self._PARTS.items():
+                self.data.setdefault(k, copy.deepcopy(v))
+        self._base = copy.deepcopy(self.data)  # saves merge against it: concurrent runs keep every event
 
     def record(self, stage: str) -> dict | None:
         return self.data["stages"].get(stage)
 
     def event(self, stage: str, event: str, key: str, **extra) -> None:
-        def add(data):
-            data["events"].append({"stage": stage, "event": event, "key": key, "time": now_iso(), **extra})
-            if event in ("done", "failed", "reused"):
-                rec = {"key": key, "status": "failed" if event == "failed" else "done", "time": now_iso(), **extra}
-                data["stages"][stage] = rec
-
-        self.update(add)
-
-    def update(self, change: Callable[[dict], None]) -> None:
-        """Apply ``change`` to the log as it is on disk now, under a lock: several processes (cluster workers)
-        may write one run log, each adding its own stages."""
-        if self.readonly:
-            change(self.data)
-            return
-        with file_lock(self.path):
-            if self.path.is_file():
-                try:
-                    self.data = {**self.data, **json.loads(self.path.read_text())}
-                except json.JSONDecodeError:
-                    pass
-            change(self.data)
-            self.save()
+        self.data["events"].append({"stage": stage, "event": event, "key": key, "time": now_iso(), **extra})
+        if event in ("done", "failed", "reused"):
+            rec = {"key": key, "status": "failed" if event == "failed" else "done", "time": now_iso(), **extra}
+            self.data["stages"][stage] = rec
+        self.save()
 
     def save(self) -> None:
+        """Write under the log's lock, merged with what other processes recorded meanwhile."""
         if not self.readonly:
-            write_json_atomic(self.path, self.data)
-
-
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive ``flock`` on ``<path>.lock`` (processes on one machine, or NFS/CephFS nodes with locks)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            self._base = save_json_merged(self.path, self.data, self._base, defaults=self._PARTS)
 
 
 # -- results ---------------------------------------------------------------------------------------------
@@ -228,7 +201,8 @@ def _quantize_gguf(model: str, v: Variant, cal, out: Path, revision: str | None)
     from quantkit.gguf import quantize_gguf
 
     r = quantize_gguf(model, [v.params["type"]], out, revision=revision,
-                      calibration=cal.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"])
+                      calibration=cal.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"],
+                      split_max_size=v.params.get("split_max_size"))
     return bool(r.reused)
 
 
@@ -633,9 +607,10 @@ class Pipeline:
     def run(self) -> RunResult:
         self.out.mkdir(parents=True, exist_ok=True) if not self.dry_run else None
         if not self.dry_run:
-            self.runlog.update(lambda d: d["runs"].append({"time": now_iso(), "recipe": self.r.path,
-                                                           "variants": [v.name for v in self.variants],
-                                                           **({"part": self.part} if self.part != "all" else {})}))
+            self.runlog.data["runs"].append({"time": now_iso(), "recipe": self.r.path,
+                                             "variants": [v.name for v in self.variants],
+                                             **({"part": self.part} if self.part != "all" else {})})
+            self.runlog.save()
         if not self.dry_run and not self.r.model.startswith("builtin:") and \
                 not os.path.exists(os.path.expanduser(self.r.model)):
             self.check_machine() if self.part != "folders" else None  # before a big download

@@ -82,6 +82,7 @@ class Row:
     total_bytes: int
     fits: list[str]
     source: str = ""
+    shards: int = 1  # GGUF: files after splitting for the Hub (llama-gguf-split at the default size)
 
 
 @dataclass
@@ -147,6 +148,12 @@ class Plan:
                              ["quantise with", "disk GB", "RAM GB", "notes"])
         foot = ("total = weights + KV cache + runtime overhead (0.5 GiB + 5%). Apple: 75% of unified memory. "
                 "GGUF bits/weight: llama.cpp quantize.cpp (Llama-3-8B sizes) and ggml block sizes.")
+        split = [f"{r.name.removeprefix('GGUF ')} ({r.shards} files)" for r in p.rows if r.shards > 1]
+        if split:
+            from quantkit.gguf import DEFAULT_SPLIT_MAX_SIZE
+
+            foot += (f"\nSplit for the Hub's 50 GB file limit (GGUFs over {DEFAULT_SPLIT_MAX_SIZE}, llama-gguf-split): "
+                     + ", ".join(split) + ".")
         return f"{head}\n\n{t}\n\nQuantisation run needs:\n{needs}\n\n{foot}"
 
     # -- checks ---------------------------------------------------------------------------------
@@ -408,9 +415,12 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
         add(f"INT{bits} AWQ/GPTQ g{group_size}", "awq", linear * bpw / 8 + rest * 2,
             f"{bpw:.3f} bits/w on Linear layers (+fp16 scale and {bits}-bit zero per {group_size}), rest 16-bit",
             kinds=("nvidia",))
+    from quantkit.gguf import shard_count
+
     for t in GGUF_COMMON:
         bpw, src = GGUF_TYPES[t].bits_per_weight()
         add(f"GGUF {t}", "gguf", total * bpw / 8, src)
+        p.rows[-1].shards = shard_count(p.rows[-1].weight_bytes)
 
     dl = 0 if local else p.checkpoint_bytes
     f16 = total * 2

@@ -1,14 +1,17 @@
 """``quantkit push``: publish an output folder to a Hub repo in ONE commit, idempotently.
 
-Order of work: read the manifest and apply the licence rules (:mod:`quantkit.card`); find the token (never
-printed or written); check with ``whoami`` that it may write to the namespace; look at the remote repo (does it
-exist, is it private, what files does it hold at the target branch, is it ours); compare every local file with the
-remote one (LFS sha256 or git blob id) so unchanged files are neither hashed by the client nor uploaded; then
-``create_repo(exist_ok=True, private=...)`` and one ``create_commit`` with the card, a cleaned copy of
-``quantkit.json`` (no push records, no local paths), the artifacts and (for licences that require it) the base's
-licence files. A commit is all-or-nothing on the Hub, so a failed upload leaves the repo as it was and the same
-command resumes (LFS objects already uploaded are not sent again). Remote files no longer produced are deleted only
-with ``prune``. The push (repo, branch, commit, url, visibility) is recorded in ``quantkit.json``.
+Two steps. :func:`plan_push` changes nothing: it reads the manifest and applies the licence rules
+(:mod:`quantkit.card`); finds the token (never printed or written); checks with ``whoami`` that it may write to the
+namespace; looks at the remote repo (does it exist, is it private, what files does it hold at the target branch, is
+it ours); and diffs every local file against the remote one (:func:`diff_files`: LFS sha256 or git blob id; a local
+file is hashed when the remote one has the same size, and must match the sha256 quantkit.json recorded) into
+upload / unchanged / delete / keep. ``--dry-run`` shows exactly that plan. :func:`apply_push` hashes what it
+uploads (checked against quantkit.json too), then ``create_repo(exist_ok=True, private=...)`` and one
+``create_commit`` with the card, a cleaned copy of ``quantkit.json`` (no push records, no local paths), the
+artifacts and (for licences that require it) the base's licence files, and records the push (repo, branch, commit,
+url, visibility) in ``quantkit.json``. A commit is all-or-nothing on the Hub, so a failed upload leaves the repo as it
+was and the same command resumes (LFS objects already uploaded are not sent again). Remote files no longer produced
+are deleted only with ``prune``. :func:`push` is plan + apply.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, hub_error
 from quantkit.manifest import MANIFEST_NAME, Manifest
 from quantkit.util import PARTIAL_SUFFIX, human_size, now_iso, sha256_file
+
+log = logging.getLogger(__name__)
 
 SKIP_DIRS = {".quantkit-work", ".git", "__pycache__", ".cache", ".ipynb_checkpoints"}
 LICENSE_FILES = ("LICENSE", "LICENSE*", "LICENCE*", "USE_POLICY.md", "NOTICE*")
@@ -40,9 +46,27 @@ class FileAction:
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
+    @classmethod
+    def from_json(cls, d: dict) -> FileAction:
+        return cls(**{k: d[k] for k in ("path", "action", "size", "reason", "sha256") if k in d})
+
+
+class _Actions:
+    """What a list of :class:`FileAction` (``self.files``) will upload and delete."""
+
+    files: list[FileAction]
+
+    @property
+    def uploads(self) -> list[FileAction]:
+        return [f for f in self.files if f.action == "upload"]
+
+    @property
+    def deletes(self) -> list[FileAction]:
+        return [f for f in self.files if f.action == "delete"]
+
 
 @dataclass
-class PushResult:
+class PushResult(_Actions):
     repo: str
     revision: str
     private: bool
@@ -55,14 +79,6 @@ class PushResult:
     pr_url: str | None = None
     license: str | None = None
 
-    @property
-    def uploads(self) -> list[FileAction]:
-        return [f for f in self.files if f.action == "upload"]
-
-    @property
-    def deletes(self) -> list[FileAction]:
-        return [f for f in self.files if f.action == "delete"]
-
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "files"}
         d["files"] = [f.to_json() for f in self.files]
@@ -71,6 +87,12 @@ class PushResult:
         d["deleted"] = len(self.deletes)
         d["unchanged"] = sum(f.action == "unchanged" for f in self.files)
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> PushResult:
+        names = {f.name for f in fields(cls)} - {"files"}
+        return cls(files=[FileAction.from_json(f) for f in d.get("files") or []],
+                   **{k: v for k, v in d.items() if k in names})
 
 
 # -- local side ---------------------------------------------------------------------------------------------------------
@@ -141,58 +163,90 @@ def _git_blob_oid(path: Path | None = None, data: bytes | None = None) -> str:
     return h.hexdigest()
 
 
-def _same(remote, local: Path | bytes, recorded_sha256: str | None) -> tuple[bool, str | None]:
-    """Is the local content the remote file? Returns (same, sha256 if computed)."""
-    size = len(local) if isinstance(local, bytes) else local.stat().st_size
-    if remote is None or remote.size != size:
-        return False, None
-    if remote.lfs is not None:
-        sha = recorded_sha256 or (hashlib.sha256(local).hexdigest() if isinstance(local, bytes) else
-                                  sha256_file(local))
-        return sha == remote.lfs.sha256, sha
-    oid = _git_blob_oid(data=local) if isinstance(local, bytes) else _git_blob_oid(local)
-    return oid == remote.blob_id, None
+@dataclass
+class RemoteFile:
+    """What the Hub's tree listing says about one file of the target branch."""
+
+    path: str
+    size: int
+    blob_id: str | None = None
+    lfs_sha256: str | None = None  # set for LFS files
+
+    @classmethod
+    def from_repo_file(cls, f) -> RemoteFile:
+        """From huggingface_hub's ``RepoFile`` (``list_repo_tree``)."""
+        return cls(f.path, f.size, f.blob_id, f.lfs.sha256 if f.lfs is not None else None)
 
 
-# -- errors -------------------------------------------------------------------------------------------------------------
+@dataclass
+class LocalFile:
+    """One file the push puts in the repo: a file of the folder, or generated bytes (the card, the manifest)."""
 
-def _push_error(e: Exception, repo_id: str, what: str) -> QuantkitError:
-    from huggingface_hub import errors as hf_errors
+    path: str  # path in the repo
+    source: Path | bytes
+    recorded_sha256: str | None = None  # what quantkit.json says the file is
+    _sha256: str | None = field(default=None, repr=False)
 
-    resp = getattr(e, "response", None)
-    status = getattr(resp, "status_code", None)
-    headers = getattr(resp, "headers", None) or {}
-    server_msg = headers.get("X-Error-Message") or ""
-    if status == 401 and "invalid credentials" in server_msg.lower():
-        return QuantkitError("the Hub rejected your token as invalid or expired: set HF_TOKEN to a valid write "
-                             "token or run `hf auth login` again")
-    if isinstance(e, hf_errors.RepositoryNotFoundError) or status in (401, 403):
-        return QuantkitError(f"no write access to {repo_id}: your token cannot {what} there (use a write token of "
-                             f"a member of {repo_id.split('/')[0]!r}, or push to your own namespace)")
-    if isinstance(e, hf_errors.RevisionNotFoundError):
-        return QuantkitError(f"{repo_id} has no branch for this push ({server_msg or e}); check --revision")
-    names = {type(x).__name__ for x in (e, e.__cause__, e.__context__) if x is not None}
-    if names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
-                "RemoteProtocolError", "ConnectionError", "OfflineModeIsEnabled"}:
-        return QuantkitError(f"cannot reach the Hub to {what} {repo_id}: check your network or HF_ENDPOINT, then "
-                             "re-run (nothing was changed on the Hub)")
-    detail = server_msg or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-    if e.__cause__ is not None and not server_msg:
-        cause = getattr(getattr(e.__cause__, "response", None), "headers", {}) or {}
-        detail = f"{detail} ({cause.get('X-Error-Message') or str(e.__cause__).strip().splitlines()[0]})"
-    code = f"HTTP {status}: " if status else ""
-    return QuantkitError(f"could not {what} {repo_id} ({code}{detail}); nothing was changed on the Hub (a commit is "
-                         "all-or-nothing): re-run the same command to retry")
+    @property
+    def generated(self) -> bool:
+        return isinstance(self.source, bytes)
+
+    @property
+    def size(self) -> int:
+        return len(self.source) if self.generated else self.source.stat().st_size
+
+    def sha256(self) -> str:
+        """sha256 of the content, computed once; a file that no longer matches quantkit.json is refused."""
+        if self._sha256 is None:
+            sha = hashlib.sha256(self.source).hexdigest() if self.generated else sha256_file(self.source)
+            if self.recorded_sha256 and sha != self.recorded_sha256:
+                raise QuantkitError(f"{self.path} changed since quantkit made it (sha256 differs from quantkit.json); "
+                                    "rebuild it before pushing")
+            self._sha256 = sha
+        return self._sha256
+
+    def same_as(self, remote: RemoteFile | None) -> bool:
+        """Is the remote file this content? LFS files by sha256, small files by git blob id."""
+        if remote is None or remote.size != self.size:
+            return False
+        if remote.lfs_sha256 is not None:
+            return self.sha256() == remote.lfs_sha256
+        oid = _git_blob_oid(data=self.source) if self.generated else _git_blob_oid(self.source)
+        return oid == remote.blob_id
 
 
-# -- the push -----------------------------------------------------------------------------------------------------------
+def diff_files(local: dict[str, LocalFile], remote: dict[str, RemoteFile], *, prune: bool = False) -> list[FileAction]:
+    """Compare what the push would put in the repo with what the branch holds; no network.
+
+    Each local file is ``upload`` (new or changed) or ``unchanged``; each remote file that is no longer produced is
+    ``delete`` with ``prune``, else ``keep``. Local files are hashed only when the remote one has the same size.
+    """
+    actions = []
+    for rel in sorted(local, key=lambda r: (not local[r].generated, r)):
+        f = local[rel]
+        same = f.same_as(remote.get(rel))
+        state = "" if same else ("changed" if rel in remote else "new")
+        reason = ("generated" + (f" ({state})" if state else "")) if f.generated else state
+        actions.append(FileAction(rel, "unchanged" if same else "upload", f.size, reason,
+                                  None if f.generated else (f._sha256 or f.recorded_sha256)))
+    for rel in sorted(remote):
+        if rel in local or rel in IGNORED_REMOTE:
+            continue
+        if prune:
+            actions.append(FileAction(rel, "delete", remote[rel].size, "no longer produced"))
+        else:
+            actions.append(FileAction(rel, "keep", remote[rel].size, "not produced any more; --prune deletes it"))
+    return actions
+
+
+# -- the Hub side -------------------------------------------------------------------------------------------------------
 
 def _check_namespace(api, token: str, repo_id: str) -> str:
     """whoami: the token must be able to write in the repo's namespace. Returns the user name."""
     try:
         me = api.whoami(token=token)
     except Exception as e:
-        raise _push_error(e, repo_id, "check your token for") from None
+        raise hub_error(e, repo_id, what="check your token for", writing=True) from None
     name = me.get("name") or ""
     ns = repo_id.split("/")[0]
     orgs = [o.get("name") for o in me.get("orgs") or []]
@@ -207,7 +261,7 @@ def _check_namespace(api, token: str, repo_id: str) -> str:
 
 
 def _remote_state(api, repo_id: str, revision: str, token) -> tuple[bool, bool | None, str | None, dict, bool]:
-    """(exists, private, head sha of the branch or None, {path: RepoFile}, branch exists)."""
+    """(exists, private, head sha of the branch or None, {path: RemoteFile}, branch exists)."""
     from huggingface_hub import errors as hf_errors
     from huggingface_hub.hf_api import RepoFile
 
@@ -216,23 +270,24 @@ def _remote_state(api, repo_id: str, revision: str, token) -> tuple[bool, bool |
     except hf_errors.RepositoryNotFoundError:
         return False, None, None, {}, False
     except Exception as e:
-        raise _push_error(e, repo_id, "look at") from None
+        raise hub_error(e, repo_id, what="look at", writing=True) from None
     branch_exists = True
     try:
         head = api.model_info(repo_id, revision=revision, token=token).sha if revision != "main" else info.sha
     except hf_errors.RevisionNotFoundError:
         branch_exists, head = False, info.sha  # a new branch starts from main
     except Exception as e:
-        raise _push_error(e, repo_id, "look at") from None
+        raise hub_error(e, repo_id, revision, what="look at", writing=True) from None
     try:
-        files = {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, revision=head, token=token)
+        files = {f.path: RemoteFile.from_repo_file(f)
+                 for f in api.list_repo_tree(repo_id, recursive=True, revision=head, token=token)
                  if isinstance(f, RepoFile)}
     except Exception as e:
-        raise _push_error(e, repo_id, "list the files of") from None
+        raise hub_error(e, repo_id, what="list the files of", writing=True) from None
     return True, bool(info.private), head, files, branch_exists
 
 
-def _check_ownership(api, repo_id: str, head: str, remote: dict, manifest: Manifest, token) -> None:
+def _check_ownership(repo_id: str, head: str, remote: dict, manifest: Manifest, token) -> None:
     """Refuse to push into a repo that holds something else."""
     others = sorted(p for p in remote if p not in IGNORED_REMOTE and p != "README.md")
     if not others:
@@ -246,8 +301,9 @@ def _check_ownership(api, repo_id: str, head: str, remote: dict, manifest: Manif
 
         remote_manifest = json.loads(Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=head,
                                                           token=token)).read_text())
-    except Exception:
-        return  # unreadable remote manifest: the file comparison below still protects the content
+    except Exception as e:
+        log.debug("could not read %s of %s (%s); comparing files only", MANIFEST_NAME, repo_id, e)
+        return  # unreadable remote manifest: the file comparison still protects the content
     theirs = (remote_manifest.get("base") or {}).get("id")
     ours = manifest.base.get("id")
     if theirs and ours and theirs != ours:
@@ -255,30 +311,40 @@ def _check_ownership(api, repo_id: str, head: str, remote: dict, manifest: Manif
                             "--repo")
 
 
-def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, dry_run: bool = False,
-         create_pr: bool = False, revision: str | None = None, prune: bool = False, license: str | None = None,
-         accept_license_terms: bool = False, token: str | None = None, card: bool = True,
-         quantized_by: str | None = None) -> PushResult:
-    """``quantkit push OUTDIR --repo org/name``. See the module docstring; returns what was (or would be) done."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+# -- plan ---------------------------------------------------------------------------------------------------------------
 
-    from quantkit.card import check_license, license_info, render_card
-    from quantkit.hub import HUB_ID_RE
+@dataclass
+class PushPlan(_Actions):
+    """Everything a push will do, decided before the Hub changes: what ``--dry-run`` shows, what apply_push does."""
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QuantkitError(f"{folder} is not a folder (give a quantkit output folder holding quantkit.json)")
-    if not HUB_ID_RE.match(repo_id or ""):
-        raise QuantkitError(f"--repo {repo_id!r} is not a Hub repo id: give it as namespace/name (e.g. my-org/"
-                            f"Model-GGUF)")
-    m = Manifest.load(folder, create=False)
-    if not m.artifacts:
-        raise QuantkitError(f"{folder}/quantkit.json lists no artifacts: nothing to push")
-    revision = revision or "main"
-    if create_pr and revision.startswith("refs/pr/"):
-        raise QuantkitError("--create-pr opens a new pull request; give the branch it targets with --revision")
+    folder: Path
+    repo: str
+    revision: str
+    private: bool  # visibility after the push
+    exists: bool
+    remote_private: bool | None
+    head: str | None  # the branch's commit the diff was made against (parent of the new commit)
+    branch_exists: bool
+    create_pr: bool
+    license: str | None
+    files: list[FileAction]
+    warnings: list[str]
+    url: str
+    manifest: Manifest = field(repr=False)
+    local: dict[str, LocalFile] = field(repr=False, default_factory=dict)
+    card_text: str | None = field(repr=False, default=None)
+    set_private: bool | None = None  # change an existing repo's visibility to this
+    token: str | None = field(repr=False, default=None)
 
-    # files first: an artifact that changed after it was made must not be published under its old record
+    def result(self, *, dry_run: bool) -> PushResult:
+        return PushResult(repo=self.repo, revision=self.revision, private=self.private, dry_run=dry_run,
+                          created=not self.exists, files=list(self.files), warnings=list(self.warnings),
+                          license=self.license, url=self.url, commit=self.head)
+
+
+def _local_side(folder: Path, m: Manifest) -> tuple[dict[str, Path], dict[str, str]]:
+    """The folder's files for the repo and the sha256 quantkit.json recorded for them; refuses missing or resized
+    artifacts (an artifact that changed after it was made must not be published under its old record)."""
     files = local_files(folder, m)
     recorded: dict[str, str] = {}
     for name, rec in m.artifacts.items():
@@ -298,9 +364,41 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
                 raise QuantkitError(f"artifact {name}: {rel} changed since quantkit made it (size differs); "
                                     "rebuild it before pushing")
             recorded[rel] = f.get("sha256")
+    return files, recorded
 
+
+def plan_push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, dry_run: bool = False,
+              create_pr: bool = False, revision: str | None = None, prune: bool = False, license: str | None = None,
+              accept_license_terms: bool = False, token: str | None = None, card: bool = True,
+              quantized_by: str | None = None, allow_unverified: bool = False) -> PushPlan:
+    """Check the folder, the licence, the token and the remote repo, and diff local against remote files.
+
+    Reads the Hub, changes nothing (locally or remotely). Without a token only a dry run is possible: it compares
+    with what is publicly visible.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    from quantkit.card import check_license, license_info, render_card
+    from quantkit.hub import HUB_ID_RE
+    from quantkit.verify import check_publishable
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QuantkitError(f"{folder} is not a folder (give a quantkit output folder holding quantkit.json)")
+    if not HUB_ID_RE.match(repo_id or ""):
+        raise QuantkitError(f"--repo {repo_id!r} is not a Hub repo id: give it as namespace/name (e.g. my-org/"
+                            f"Model-GGUF)")
+    m = Manifest.load(folder, create=False)
+    if not m.artifacts:
+        raise QuantkitError(f"{folder}/quantkit.json lists no artifacts: nothing to push")
+    revision = revision or "main"
+    if create_pr and revision.startswith("refs/pr/"):
+        raise QuantkitError("--create-pr opens a new pull request; give the branch it targets with --revision")
+
+    files, recorded = _local_side(folder, m)
     lic = license_info(m.base, license)
     check_license(lic, repo_id, public=private is False, accept_terms=accept_license_terms)  # fail before any I/O
+    unverified_warnings = check_publishable(m, allow_unverified)
 
     token = token or get_token()
     api = HfApi(token=token if token else False)
@@ -314,18 +412,20 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
     exists, remote_private, head, remote, branch_exists = _remote_state(api, repo_id, revision,
                                                                         token if token else False)
     if exists:
-        _check_ownership(api, repo_id, head, remote, m, token if token else False)
+        _check_ownership(repo_id, head, remote, m, token if token else False)
     effective_private = private if private is not None else (remote_private if exists else True)
-
     warnings = check_license(lic, repo_id, public=not effective_private, accept_terms=accept_license_terms)
+    warnings += unverified_warnings
+    if not token:
+        warnings.append("no Hugging Face token: the dry run compared with what is publicly visible only")
 
-    # generated files: the card (for this repo and branch) and the public manifest
-    generated: dict[str, bytes] = {MANIFEST_NAME: public_manifest(m)}
-    rendered = None
+    # what goes into the commit: the generated card and public manifest, the folder's files, licence files
+    local = {MANIFEST_NAME: LocalFile(MANIFEST_NAME, public_manifest(m))}
+    card_text = None
     if card:
-        rendered = render_card(folder, repo_id=repo_id, revision=revision, license=license,
-                               quantized_by=quantized_by or m.data.get("quantized_by") or user, manifest=m)
-        generated["README.md"] = rendered.text.encode()
+        card_text = render_card(folder, repo_id=repo_id, revision=revision, license=license,
+                                quantized_by=quantized_by or m.data.get("quantized_by") or user, manifest=m).text
+        local["README.md"] = LocalFile("README.md", card_text.encode())
     elif (folder / "README.md").is_file():
         files["README.md"] = folder / "README.md"
     if lic.family in ("llama", "gemma") and m.base.get("local_path"):
@@ -334,79 +434,72 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
             for p in sorted(base_dir.iterdir()):
                 if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in LICENSE_FILES) and p.name not in files:
                     files[p.name] = p
+    local.update({rel: LocalFile(rel, p, recorded.get(rel)) for rel, p in files.items()})
 
-    # compare with the remote
-    actions: list[FileAction] = []
+    log.debug("%s: %d remote file(s) at %s (%s)", repo_id, len(remote), head or "-",
+              "exists" if exists else "new")
+    url = api.endpoint.rstrip("/") + f"/{repo_id}" + (f"/tree/{revision}" if revision != "main" else "")
+    return PushPlan(folder=folder, repo=repo_id, revision=revision, private=bool(effective_private), exists=exists,
+                    remote_private=remote_private, head=head, branch_exists=branch_exists, create_pr=create_pr,
+                    license=lic.id, files=diff_files(local, remote, prune=prune), warnings=warnings, url=url,
+                    manifest=m, local=local, card_text=card_text, token=token or None,
+                    set_private=private if exists and private is not None and remote_private != private else None)
+
+
+# -- apply --------------------------------------------------------------------------------------------------------------
+
+def apply_push(plan: PushPlan) -> PushResult:
+    """Make the planned push: write the card locally, create the repo/branch, ONE commit, record it in
+    quantkit.json. Every file to upload is hashed (and checked against quantkit.json) before the Hub changes."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    if not plan.token:
+        raise QuantkitError("no Hugging Face token found: set HF_TOKEN or run `hf auth login` with a token that "
+                            "has write access")
+    repo_id, revision, token, folder, m = plan.repo, plan.revision, plan.token, plan.folder, plan.manifest
+    api = HfApi(token=token)
     adds = []
-    for rel, data in sorted(generated.items()):
-        same, _ = _same(remote.get(rel), data, None)
-        actions.append(FileAction(rel, "unchanged" if same else "upload", len(data),
-                                  "generated" + ("" if same else (" (changed)" if rel in remote else " (new)"))))
-        if not same:
-            adds.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=data))
-    for rel, p in sorted(files.items()):
-        same, sha = _same(remote.get(rel), p, recorded.get(rel))
-        size = p.stat().st_size
-        if not same and not dry_run:
-            # hash once here: it proves the file is the one the manifest recorded, and the client re-uses it
-            sha = sha or sha256_file(p)
-            if recorded.get(rel) and sha != recorded[rel]:
-                raise QuantkitError(f"{rel} changed since quantkit made it (sha256 differs from quantkit.json); "
-                                    "rebuild it before pushing")
-        actions.append(FileAction(rel, "unchanged" if same else "upload", size,
-                                  "" if same else ("changed" if rel in remote else "new"), sha or recorded.get(rel)))
-        if not same:
-            op = CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p))
-            if sha:
-                op.upload_info.sha256 = bytes.fromhex(sha)
-            adds.append(op)
-    produced = set(generated) | set(files)
-    deletes = []
-    for rel in sorted(remote):
-        if rel in produced or rel in IGNORED_REMOTE:
+    for fa in plan.uploads:
+        f = plan.local[fa.path]
+        if f.generated:
+            adds.append(CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.source))
             continue
-        if prune:
-            actions.append(FileAction(rel, "delete", remote[rel].size, "no longer produced"))
-            deletes.append(CommitOperationDelete(path_in_repo=rel))
-        else:
-            actions.append(FileAction(rel, "keep", remote[rel].size, "not produced any more; --prune deletes it"))
-
-    if not token:
-        warnings.append("no Hugging Face token: the dry run compared with what is publicly visible only")
-    result = PushResult(repo=repo_id, revision=revision, private=bool(effective_private), dry_run=dry_run,
-                        created=not exists, files=actions, warnings=warnings, license=lic.id)
-    endpoint = api.endpoint.rstrip("/")
-    result.url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision != "main" else "")
-    if dry_run:
-        result.commit = head
-        return result
+        # hash once here: it proves the file is the one the manifest recorded, and the client re-uses it
+        fa.sha256 = f.sha256()
+        op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.source))
+        op.upload_info.sha256 = bytes.fromhex(fa.sha256)
+        adds.append(op)
+    deletes = [CommitOperationDelete(path_in_repo=fa.path) for fa in plan.deletes]
+    result = plan.result(dry_run=False)
 
     # -- from here on, the Hub changes ---------------------------------------------------------------------------
-    if rendered is not None and ((folder / "README.md").read_text(errors="replace")
-                                 if (folder / "README.md").is_file() else None) != rendered.text:
+    readme = folder / "README.md"
+    if plan.card_text is not None and (readme.read_text(errors="replace") if readme.is_file() else None) != \
+            plan.card_text:
         from quantkit.util import atomic_path
 
-        with atomic_path(folder / "README.md") as tmp:
-            tmp.write_text(rendered.text)
+        with atomic_path(readme) as tmp:
+            tmp.write_text(plan.card_text)
+    head = plan.head
     try:
-        api.create_repo(repo_id, private=bool(effective_private), exist_ok=True, token=token)
+        api.create_repo(repo_id, private=plan.private, exist_ok=True, token=token)
     except Exception as e:
-        raise _push_error(e, repo_id, "create") from None
-    if exists and private is not None and remote_private != private:
+        raise hub_error(e, repo_id, what="create", writing=True) from None
+    if plan.set_private is not None:
         try:
-            api.update_repo_settings(repo_id, private=private, token=token)
+            api.update_repo_settings(repo_id, private=plan.set_private, token=token)
         except Exception as e:
-            raise _push_error(e, repo_id, "change the visibility of") from None
-    if not exists:  # a fresh repo: its initial commit is the parent
+            raise hub_error(e, repo_id, what="change the visibility of", writing=True) from None
+    if not plan.exists:  # a fresh repo: its initial commit is the parent
         try:
             head = api.model_info(repo_id, token=token).sha
         except Exception as e:
-            raise _push_error(e, repo_id, "look at") from None
-    if revision != "main" and not branch_exists:
+            raise hub_error(e, repo_id, what="look at", writing=True) from None
+    if revision != "main" and not plan.branch_exists:
         try:
             api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
         except Exception as e:
-            raise _push_error(e, repo_id, f"create the branch {revision} in") from None
+            raise hub_error(e, repo_id, revision, what=f"create the branch {revision} in", writing=True) from None
 
     ops = adds + deletes
     if ops:
@@ -416,12 +509,14 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
                                             f"{n_del} deleted" if n_del else "") if x))
         description = (f"Base: {m.base.get('id') or 'local folder'} @ {m.base.get('sha') or '?'}\n"
                        f"Pushed with quantkit {m.data.get('quantkit_version')}.")
+        log.debug("uploading %d file(s), %s, to %s in one commit", n_up,
+                 human_size(sum(f.size or 0 for f in plan.uploads)), repo_id)
         try:
             info = api.create_commit(repo_id, ops, commit_message=summary, commit_description=description,
-                                     revision=revision, create_pr=create_pr, token=token,
-                                     parent_commit=None if create_pr else head)
+                                     revision=revision, create_pr=plan.create_pr, token=token,
+                                     parent_commit=None if plan.create_pr else head)
         except Exception as e:
-            raise _push_error(e, repo_id, "upload to") from None
+            raise hub_error(e, repo_id, revision, what="upload to", writing=True) from None
         result.commit = info.oid
         result.pr_url = info.pr_url
         if info.pr_url:
@@ -439,6 +534,17 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None
           deleted=len(result.deletes))
     m.save()
     return result
+
+
+def push(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, dry_run: bool = False,
+         create_pr: bool = False, revision: str | None = None, prune: bool = False, license: str | None = None,
+         accept_license_terms: bool = False, token: str | None = None, card: bool = True,
+         quantized_by: str | None = None, allow_unverified: bool = False) -> PushResult:
+    """``quantkit push OUTDIR --repo org/name``: :func:`plan_push`, then (unless ``dry_run``) :func:`apply_push`."""
+    plan = plan_push(folder, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
+                     prune=prune, license=license, accept_license_terms=accept_license_terms, token=token,
+                     card=card, quantized_by=quantized_by, allow_unverified=allow_unverified)
+    return plan.result(dry_run=True) if dry_run else apply_push(plan)
 
 
 def describe(result: PushResult) -> str:

@@ -229,7 +229,7 @@ _HF_VARIANT = {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "
 _HF_OPTIONS = {"sym": _BOOL, "act_order": _BOOL, "damp": _NUM}  # what a method's `options` may list
 VARIANT = {
     "gguf": {"method": _STR, "types": ((list, str), "a list of GGUF types"), "imatrix": _BOOL,
-             "outtype": _STR},
+             "outtype": _STR, "split_max_size": _STR},
     **{name: {**_HF_VARIANT, **{o: _HF_OPTIONS[o] for o in m.options}} for name, m in HF_METHODS.items()},
 }
 
@@ -435,6 +435,15 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
             if outtype not in ("auto", "f16", "bf16", "f32"):
                 chk.fail(path + ("outtype",), f"must be one of auto, f16, bf16, f32 (got {outtype!r})")
             imatrix = bool(e.get("imatrix", False))
+            split = {}
+            if e.get("split_max_size") is not None:
+                from quantkit.gguf import split_size_bytes
+
+                try:
+                    split_size_bytes(e["split_max_size"])
+                    split = {"split_max_size": str(e["split_max_size"]).strip().upper()}
+                except QuantkitError as err:
+                    chk.fail(path + ("split_max_size",), str(err))
             for j, t in enumerate(types):
                 try:
                     norm = gguf_type(t).name
@@ -443,7 +452,7 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
                 if GGUF_TYPES[norm].imatrix and not imatrix:
                     chk.fail(path + ("types", j), f"{norm} needs an importance matrix: add `imatrix: true`")
                 v = Variant(name=norm, method="gguf", entry=i, line=line,
-                            params={"type": norm, "imatrix": imatrix, "outtype": outtype})
+                            params={"type": norm, "imatrix": imatrix, "outtype": outtype, **split})
                 out.append(v)
         else:
             bits = e.get("bits", HF_METHODS[method].default_bits)

@@ -103,42 +103,90 @@ class BenchScore(Record):
     tg_tps_std: float | None = None
     size: int | None = None
     bits_per_weight: float | None = None
-    peak_memory: int | None = None  # bytes: peak RSS of the process that ran the model
+    peak_memory: int | None = None  # bytes the engine holds for the model + KV cache (see peak_memory_method)
+    peak_memory_method: str | None = None
+    memory_breakdown: dict | None = None
+    peak_rss: int | None = None  # the whole process's peak RSS, for reference
     peak_gpu_memory: int | None = None
     pp_gain: float | None = None
     tg_gain: float | None = None
     size_gain: float | None = None
-    base: dict | None = None
+    memory_gain: float | None = None
+    base: dict | None = None  # the base measured in the same engine (gains are relative to it)
+    reference: dict | None = None  # optional "what you would run otherwise" row (no gains against it)
+    load_avg_1m: float | None = None
+    warnings: list = field(default_factory=list)
     hardware: dict | None = None
     time: str | None = None
     extra: dict = field(default_factory=dict)
 
+    #: what a base/reference row keeps (bench.py measures it; the card and report show it)
+    BASE_FIELDS = ("name", "label", "role", "engine", "device", "path", "pp_tps", "pp_tps_std", "tg_tps",
+                   "tg_tps_std", "size", "bits_per_weight", "peak_memory", "peak_memory_method", "measured_at",
+                   "measurement_id", "cached", "load_avg_1m")
+    #: (gain key, row key, lower is better)
+    GAINS = (("pp_gain", "pp_tps", False), ("tg_gain", "tg_tps", False), ("size_gain", "size", True),
+             ("memory_gain", "peak_memory", True))
+
     @classmethod
-    def from_row(cls, row: dict, context: dict, base: dict | None) -> "BenchScore":
-        """From one of ``bench()``'s variant rows, its context and the base row (the one place keys are mapped)."""
+    def from_row(cls, row: dict, context: dict, base: dict | None, reference: dict | None = None,
+                 warnings: list | None = None) -> "BenchScore":
+        """From one of ``bench()``'s variant rows, its context, the base row (same engine) and the optional
+        reference row: the one place those keys are mapped."""
         c = context
+
+        def keep(b):
+            return {k: b.get(k) for k in cls.BASE_FIELDS} if b else None
+
         return cls(engine=row["engine"], device=row["device"], prompt_tokens=c["prompt_tokens"],
                    gen_tokens=c["gen_tokens"], repeats=c["repeats"], threads=c["threads"], pp_tps=row["pp_tps"],
                    pp_tps_std=row["pp_tps_std"], tg_tps=row["tg_tps"], tg_tps_std=row["tg_tps_std"],
                    size=row["size"], bits_per_weight=row["bits_per_weight"], peak_memory=row["peak_memory"],
-                   peak_gpu_memory=row["peak_gpu_memory"], pp_gain=row.get("pp_gain"), tg_gain=row.get("tg_gain"),
-                   size_gain=row.get("size_gain"),
-                   base={"name": base["name"], "engine": base["engine"], "pp_tps": base["pp_tps"],
-                         "tg_tps": base["tg_tps"], "size": base["size"], "peak_memory": base["peak_memory"]}
-                   if base else None, hardware=c["hardware"], time=c["time"])
+                   peak_memory_method=row.get("peak_memory_method"), memory_breakdown=row.get("memory_breakdown"),
+                   peak_rss=row.get("peak_rss"), peak_gpu_memory=row.get("peak_gpu_memory"),
+                   **{g: row.get(g) for g, _, _ in cls.GAINS}, base=keep(base), reference=keep(reference),
+                   load_avg_1m=c.get("load_avg_1m"),
+                   warnings=[w for w in (warnings or []) if w.startswith(f"{row['name']}:")],
+                   hardware=c["hardware"], time=c["time"])
 
 
 @dataclass
 class VerifyResult(Record):
-    """A built artifact checked against its base right after it was made (``artifacts[name].verify``)."""
+    """A built artifact checked against its base right after it was made (``artifacts[name].verify``;
+    :mod:`quantkit.verify` makes it)."""
 
+    passed: bool | None = None
     engine: str | None = None
-    tokens: int | None = None
+    tokens: int = 0
     kld: float | None = None
     top1: float | None = None
-    passed: bool | None = None
+    bits: int | None = None
     bound: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    skipped: bool = False
+    time: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """Short form for summary tables: ``KLD 0.0712 ok``, ``skipped``, ``FAILED``."""
+        if self.skipped:
+            return "skipped"
+        if not self.passed:
+            return "FAILED"
+        return f"KLD {self.kld:.4f} ok"
+
+    def problem(self) -> str | None:
+        """What failed, in words (None when it passed)."""
+        if self.passed:
+            return None
+        if self.skipped:
+            return "not verified (built with --no-verify)"
+        if self.error:
+            return self.error
+        return (f"mean KLD {self.kld:.4g} to the base is above {self.bound:g}, the bound for {self.bits}-bit "
+                f"({self.tokens} tokens): its outputs are far from the base's")
 
 
 @dataclass

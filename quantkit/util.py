@@ -68,6 +68,117 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+# -- files shared between processes ---------------------------------------------------------------------
+
+def lock_file_for(path: str | os.PathLike) -> Path:
+    """The lock file that guards ``path``: hidden, beside it (never pushed)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+def folder_lock_file(folder: str | os.PathLike) -> Path:
+    """A lock file for a folder that is replaced as a whole (built beside it, renamed into place): kept in
+    quantkit's cache, keyed by the folder's absolute path, so the user's directory gets no extra file."""
+    key = hashlib.sha256(str(Path(folder).absolute()).encode()).hexdigest()[:32]
+    return cache_home() / "locks" / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str | None = None) -> Iterator[bool]:
+    """Hold an exclusive OS lock (``fcntl.flock``) on the file ``path`` (created if missing) for the block.
+
+    Yields True when the lock was free, False when this process had to wait for another holder (then it says so
+    on stderr, naming ``what``). The OS drops the lock when the holder dies, so a crash never leaves it held.
+    flock locks belong to an open file: do not nest two locks on one path in one process.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        free = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            free = False
+            if what:
+                print(f"waiting for another process: {what}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield free
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+_MISSING = object()
+
+
+def merge_json_into(ours: dict, base: dict, theirs: dict) -> dict:
+    """Three-way merge, in place: keep what this process changed in ``ours`` since it read ``base``, and take
+    everything else from ``theirs`` (what is on disk now, written by other processes meanwhile).
+
+    Dicts merge key by key (a key both sides added: ours wins); a list that this process only appended to
+    gets its new items appended to theirs (events, history); anything else this process changed wins.
+    Containers in ``ours`` keep their identity, so references held by callers stay valid.
+    """
+    for k in list(ours):
+        if k in base and k not in theirs and ours[k] == base[k]:
+            del ours[k]  # deleted by them, untouched by us
+    for k, tv in theirs.items():
+        bv = base.get(k, _MISSING)
+        if k not in ours:
+            if bv is _MISSING:
+                ours[k] = tv  # added by them
+            continue  # else deleted by us
+        ov = ours[k]
+        if bv is _MISSING:
+            continue  # added by both: ours
+        if isinstance(ov, dict) and isinstance(bv, dict) and isinstance(tv, dict):
+            merge_json_into(ov, bv, tv)
+        elif isinstance(ov, list) and isinstance(bv, list) and isinstance(tv, list) and ov[:len(bv)] == bv:
+            ov[:] = tv + ov[len(bv):]
+        elif ov == bv:
+            ours[k] = tv
+    return ours
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``, or None when the file is missing (JSON errors propagate)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    return json.loads(text)
+
+
+def save_json_merged(path: str | os.PathLike, data: dict, base: dict | None, *, write: bool = True,
+                     locked: bool = False, defaults: dict | None = None) -> dict:
+    """Write ``data`` to ``path`` under the file's lock, merged with what other processes wrote since this
+    process read ``base`` (see :func:`merge_json_into`); ``data`` is updated in place to the merged content.
+
+    Returns the new base (a deep copy of what is now on disk). ``write=False`` only merges the disk's news
+    into ``data`` (the caller's own changes stay pending). ``locked``: the caller already holds the lock.
+    ``defaults``: top-level parts the caller's reader adds to an older file, added to the disk's copy too.
+    """
+    import copy
+
+    path = Path(path)
+    with (contextlib.nullcontext() if locked else file_lock(lock_file_for(path))):
+        try:
+            theirs = read_json(path)
+        except json.JSONDecodeError:
+            theirs = None  # a torn or hand-broken file: ours replaces it
+        if theirs is not None:
+            for k, v in (defaults or {}).items():
+                theirs.setdefault(k, copy.deepcopy(v))
+            merge_json_into(data, base if base is not None else {}, theirs)
+        if not write:
+            return copy.deepcopy(theirs if theirs is not None else (base or {}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+        return copy.deepcopy(data)
+
+
 def progress(iterable: Iterable | None = None, **kw) -> tqdm:
     """A progress bar on stderr. ``QUANTKIT_NO_PROGRESS=1`` turns every bar off."""
     if os.environ.get("QUANTKIT_NO_PROGRESS"):
@@ -75,6 +186,39 @@ def progress(iterable: Iterable | None = None, **kw) -> tqdm:
     kw.setdefault("file", sys.stderr)
     kw.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kw)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever is printed meanwhile (Python, C libraries, child processes: fd 1) to stderr."""
+    sys.stdout.flush()
+    try:
+        fd_saved = os.dup(1)
+    except OSError:  # no real stdout
+        fd_saved = None
+    if fd_saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        try:
+            sys.stdout.flush()
+            _flush_c_stdio()
+        finally:
+            if fd_saved is not None:
+                os.dup2(fd_saved, 1)
+                os.close(fd_saved)
+
+
+def _flush_c_stdio() -> None:
+    """fflush(NULL): what a C library left in its stdout buffer belongs to the redirected fd, not the real one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to flush (not POSIX)
+        pass
 
 
 def quiet_third_party_logs() -> None:

@@ -57,7 +57,7 @@ def _tokenizer_for(arch: str):
 
         v = llamacpp.vocab_file("qwen2")
         return AutoTokenizer.from_pretrained(v.parent, gguf_file=v.name)
-    if arch == "mistral":
+    if arch in ("mistral", "spm"):
         spec = importlib.util.find_spec("mistral_common")
         model_file = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
         d = Path(tempfile.mkdtemp(prefix="mistral-tok-"))
@@ -69,10 +69,15 @@ def _tokenizer_for(arch: str):
     raise ValueError(arch)
 
 
-def build_tiny(arch: str, seed: int = 0) -> Path:
-    """A 2-layer random ``arch`` model with a real tokenizer, cached under the test cache."""
+def build_tiny(arch: str, seed: int = 0, **overrides) -> Path:
+    """A 2-layer random ``arch`` model with a real tokenizer, cached under the test cache.
+
+    ``arch`` is llama/qwen2/mistral or a key of ``TINY_ARCHS`` (MoE and fused-layer architectures built as the
+    real models are); ``overrides`` change config values (e.g. ``tie_word_embeddings=True``)."""
     from quantkit.demo import repair_bytelevel_tokenizer
 
+    if arch in TINY_ARCHS:
+        return _build_tiny_arch(arch, seed, overrides)
     final = TEST_CACHE / f"tiny-{arch}-s{seed}-v{FIXTURE_VERSION}"
     if (final / "config.json").is_file():
         repair_bytelevel_tokenizer(final)  # llama.cpp must see SmolLM2's vocab as gpt2/smollm (see there)
@@ -102,6 +107,94 @@ def build_tiny(arch: str, seed: int = 0) -> Path:
     tok.save_pretrained(tmp)
     repair_bytelevel_tokenizer(tmp)
     if arch == "mistral":  # keep the SentencePiece model too, as Mistral repos do (llama.cpp's converter reads it)
+        shutil.copy(Path(tok.name_or_path) / "tokenizer.model", tmp / "tokenizer.model")
+    (tmp / "README.md").write_text(f"---\nlicense: apache-2.0\npipeline_tag: text-generation\n---\n# tiny {arch}\n")
+    return _publish_dir(tmp, final)
+
+
+# -- tiny MoE / fused-layer models (issue 9) -----------------------------------------------------------
+# Each row: transformers model_type, architecture, tokenizer ("llama" SmolLM2 BPE, "qwen2" llama.cpp's Qwen2
+# vocab, "spm" mistral-common's SentencePiece model) and the config values that make it look like the real
+# model family (router settings, shared experts, untied embeddings where the real models are untied).
+_MOE_DIMS = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=1024)
+TINY_ARCHS = {
+    # Mixtral-8x7B: 8 experts, top-2, untied, no sliding window
+    "mixtral": dict(model_type="mixtral", architecture="MixtralForCausalLM", tokenizer="spm",
+                    config=dict(_MOE_DIMS, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
+                                sliding_window=None, tie_word_embeddings=False)),
+    # Qwen1.5-MoE-A2.7B: routed experts top-4 without renormalisation, one shared expert 4x wider, untied
+    "qwen2_moe": dict(model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM", tokenizer="qwen2",
+                      config=dict(_MOE_DIMS, intermediate_size=512, moe_intermediate_size=256,
+                                  shared_expert_intermediate_size=1024, num_experts=8, num_experts_per_tok=4,
+                                  norm_topk_prob=False, decoder_sparse_step=1, use_sliding_window=False,
+                                  tie_word_embeddings=False)),
+    # Qwen3-30B-A3B: routed experts with renormalised top-k, no shared expert, untied
+    "qwen3_moe": dict(model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", tokenizer="qwen2",
+                      config=dict(_MOE_DIMS, head_dim=64, intermediate_size=512, moe_intermediate_size=256,
+                                  num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                  decoder_sparse_step=1, use_sliding_window=False, tie_word_embeddings=False)),
+    # DeepSeek-V2-Lite: MLA attention (no q LoRA), first layer dense, 2 shared experts, greedy top-k routing
+    "deepseek_v2": dict(model_type="deepseek_v2", architecture="DeepseekV2ForCausalLM", tokenizer="llama",
+                        config=dict(_MOE_DIMS, num_key_value_heads=4, intermediate_size=512,
+                                    moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=2,
+                                    num_experts_per_tok=2, first_k_dense_replace=1, moe_layer_freq=1,
+                                    topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                                    routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=256,
+                                    qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, head_dim=64,
+                                    tie_word_embeddings=False)),
+    # Phi-3-mini: fused qkv_proj / gate_up_proj, Llama SentencePiece vocab + <|endoftext|> (vocab 32064), untied
+    "phi3": dict(model_type="phi3", architecture="Phi3ForCausalLM", tokenizer="spm", vocab_size=32064,
+                 added_tokens=["<|endoftext|>"],
+                 config=dict(TINY_DIMS, pad_token_id=32000, tie_word_embeddings=False)),
+    # Gemma-2: SentencePiece vocab, tied embeddings, query_pre_attn_scalar == head_dim (else logits diverge
+    # from llama.cpp's), soft-capping as the real configs
+    "gemma2": dict(model_type="gemma2", architecture="Gemma2ForCausalLM", tokenizer="spm",
+                   config=dict(TINY_DIMS, head_dim=64, query_pre_attn_scalar=64, tie_word_embeddings=True,
+                               attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=512)),
+}
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")
+
+
+def tiny_arch_available(arch: str) -> bool:
+    """transformers knows this model_type (Qwen3-MoE / DeepSeek-V2 arrived late)."""
+    from transformers import CONFIG_MAPPING
+
+    return TINY_ARCHS[arch]["model_type"] in CONFIG_MAPPING
+
+
+def _build_tiny_arch(arch: str, seed: int, overrides: dict) -> Path:
+    from quantkit.demo import repair_bytelevel_tokenizer
+
+    row = TINY_ARCHS[arch]
+    tag = "".join(f"-{k}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(overrides.items()))
+    final = TEST_CACHE / f"tiny-{arch}{tag}-s{seed}-v{FIXTURE_VERSION}"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = _tokenizer_for(row["tokenizer"])
+    if row.get("added_tokens"):
+        tok.add_special_tokens({"additional_special_tokens": row["added_tokens"]})
+    kw = dict(row["config"], vocab_size=row.get("vocab_size", len(tok)),
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    kw.update(overrides)
+    cfg = AutoConfig.for_model(row["model_type"], **kw)
+    cfg.architectures = [row["architecture"]]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # wider-than-default init, as build_tiny; 3-D fused expert weights too
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08 if "embed" in name else 0.05)
+        model.tie_weights()
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=TEST_CACHE))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    repair_bytelevel_tokenizer(tmp)
+    if row["tokenizer"] == "spm":  # keep the SentencePiece model, as these repos do (llama.cpp's converter reads it)
         shutil.copy(Path(tok.name_or_path) / "tokenizer.model", tmp / "tokenizer.model")
     (tmp / "README.md").write_text(f"---\nlicense: apache-2.0\npipeline_tag: text-generation\n---\n# tiny {arch}\n")
     return _publish_dir(tmp, final)

@@ -18,6 +18,9 @@ import numpy as np
 from quantkit.manifest import Manifest, file_record
 
 BASE_SHA = "0123456789abcdef0123456789abcdef01234567"
+#: what quantkit.verify records for an artifact that passed its check (engines verify every build)
+VERIFY_PASSED = {"passed": True, "engine": "test", "tokens": 255, "kld": 0.01, "top1": 0.95, "bits": 4,
+                 "bound": 0.5, "seconds": 1.0, "error": None, "skipped": False}
 LAYERS, HEADS, KV_HEADS, HIDDEN = 2, 4, 2, 64
 
 
@@ -59,7 +62,7 @@ def _write_gguf(path: Path, name: str, ftype: int, seed: int, n_tensors: int = 3
 
 def make_gguf_set(out: Path, *, model_name: str = "TinyLlama-Chat", base_id: str = "acme/TinyLlama-Chat",
                   license: str | None = "apache-2.0", types=("Q8_0", "Q4_K_M"), evaluated: bool = False,
-                  license_meta: str = "") -> Path:
+                  license_meta: str = "", verified: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     base = _base_folder(out.parent / f"{out.name}-base", license, license_meta)
     m = Manifest(out)
@@ -93,6 +96,8 @@ def make_gguf_set(out: Path, *, model_name: str = "TinyLlama-Chat", base_id: str
             "tools": {"quantkit": "0.1.0", "llama-cpp-python": "0.3.36", "gguf": "0.19.0"},
             "seconds": 1.5,
         }
+        if verified:
+            rec["verify"] = dict(VERIFY_PASSED)
         rec["size"] = sum(f["size"] for f in rec["files"])
         if evaluated:
             ppl = 12.0 * (1 + 0.01 * (i + 1))
@@ -110,7 +115,7 @@ def make_gguf_set(out: Path, *, model_name: str = "TinyLlama-Chat", base_id: str
 
 
 def make_awq_folder(out: Path, *, model_name: str = "TinyLlama-Chat", base_id: str = "acme/TinyLlama-Chat",
-                    license: str | None = "apache-2.0") -> Path:
+                    license: str | None = "apache-2.0", verified: bool = True) -> Path:
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +147,8 @@ def make_awq_folder(out: Path, *, model_name: str = "TinyLlama-Chat", base_id: s
            "calibration": {"source": "builtin:calibration", "samples": 64, "max_seq_len": 512, "sha256": "ef" * 32},
            "tools": {"quantkit": "0.1.0", "gptqmodel": "7.6.0", "torch": "2.13.0", "transformers": "5.17.0"},
            "seconds": 12.0}
+    if verified:
+        rec["verify"] = dict(VERIFY_PASSED)
     m.set_artifact("awq-w4g128", rec)
     m.log("awq", bits=4)
     m.save()

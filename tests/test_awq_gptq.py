@@ -89,6 +89,8 @@ def _check_variant(res, method, fmt, bits, group, base_folder, sym=True, max_kl=
     assert {f["path"] for f in a["files"]} >= {"config.json", "model.safetensors", "tokenizer.json"}
     assert m["base"]["sha"].startswith("local-") and a["seconds"] > 0
     assert res.manifest.artifact_is_intact(res.name)
+    v = a["verify"]  # verified on build, in transformers with the format's kernel
+    assert v["passed"] and v["engine"].startswith("transformers") and v["bits"] == bits and v["kld"] < v["bound"]
     # loads with plain transformers on CPU, logits close to the base's on held-out text
     ids, base_logits = _base(str(base_folder))
     model, q_logits = _logits(str(folder), ids)

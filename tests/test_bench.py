@@ -1,50 +1,143 @@
-"""quantkit bench on SmolLM2-135M: a real GGUF in llama.cpp and the base in transformers, each in its own
-process. Tiny sizes (speed numbers are not asserted, only that they were measured and recorded)."""
+"""quantkit bench on a tiny 2-layer Llama (49k vocabulary): the variant in llama.cpp against the unquantised GGUF
+in llama.cpp, the base checkpoint in transformers, each in its own process. Tiny token counts: speeds are not
+asserted beyond being measured and used for the gains; memory and sizes are."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
-from eval_fixtures import gguf_path, smollm2_gguf_set  # noqa: F401 (fixture)
+import pytest
+
+from quantkit.manifest import Manifest
 
 THREADS = 1
+TOKENS = dict(prompt_tokens=16, gen_tokens=4, repeats=2, threads=THREADS)
 
 
-def test_bench_gguf_vs_base_records_results(smollm2_hf, smollm2_gguf_set):
+@pytest.fixture(scope="module")
+def tiny_gguf_set(tiny_llama, tmp_path_factory):
+    """A quantkit GGUF folder: Q4_K_M + the F32 intermediate in .quantkit-work/."""
+    from quantkit.gguf import quantize_gguf
+
+    out = tmp_path_factory.mktemp("bench") / "llama"
+    quantize_gguf(str(tiny_llama), ["Q4_K_M"], out, threads=2)
+    return out
+
+
+@pytest.fixture()
+def bench_cache(tmp_path, monkeypatch):
+    """A private quantkit cache, so the base-bench cache starts empty (children inherit the environment)."""
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "qk-cache"))
+    return tmp_path / "qk-cache"
+
+
+def _intermediate(folder):
+    return folder / Manifest.load(folder, create=False).data["intermediates"]["convert"]["path"]
+
+
+def test_gguf_base_in_llamacpp_gains_memory_and_cache(tiny_gguf_set, bench_cache, tmp_path):
     from quantkit.bench import bench
 
-    q4 = gguf_path(smollm2_gguf_set, "Q4_K_M")
-    # base=None: taken from the variant's quantkit.json (base.local_path is the smollm2_hf folder)
-    rep = bench([str(q4)], prompt_tokens=32, gen_tokens=8, repeats=2, threads=THREADS)
-    assert rep.base is not None and rep.base["engine"].startswith("transformers")
-    assert rep.base["bits_per_weight"] == 32.0
+    folder = tmp_path / "set"
+    shutil.copytree(tiny_gguf_set, folder)
+    f32 = _intermediate(folder)
+    rep = bench([str(folder)], **TOKENS)
+    (b,) = rep.bases
+    assert b["role"] == "base" and b["engine"].startswith("llama.cpp") and b["path"] == str(f32)
+    assert b["bits_per_weight"] == pytest.approx(32, abs=0.5) and b["cached"] is False
     (r,) = rep.rows
-    assert r["engine"].startswith("llama.cpp") and r["device"] == "cpu"
-    assert len(r["pp_runs"]) == 2 and len(r["tg_runs"]) == 2
-    assert r["pp_tps"] > 0 and r["tg_tps"] > 0 and r["pp_tps_std"] >= 0
-    assert 4.5 < r["bits_per_weight"] < 7.5
-    assert r["size"] == q4.stat().st_size and r["size_gain"] > 3
-    assert r["peak_memory"] > r["size"] // 2 and rep.base["peak_memory"] > r["peak_memory"]
-    assert r["pp_gain"] == r["pp_tps"] / rep.base["pp_tps"]
-    hw = rep.context["hardware"]
-    assert hw["cpu"] and hw["threads"] == THREADS
-    assert "±" in rep.table() and "(base)" in rep.table()
-    data = json.loads((smollm2_gguf_set / "quantkit.json").read_text())
-    b = data["artifacts"][r["artifact"]]["bench"]
-    assert b["tg_tps"] == r["tg_tps"] and b["base"]["name"] == rep.base["name"] and b["hardware"]["cpu"]
-    assert b["prompt_tokens"] == 32 and b["gen_tokens"] == 8 and b["repeats"] == 2
+    assert r["engine"].startswith("llama.cpp") and r["base"] == b["name"]
+    assert r["pp_gain"] == r["pp_tps"] / b["pp_tps"] and r["tg_gain"] == r["tg_tps"] / b["tg_tps"]
+    assert r["size"] == (folder / Manifest.load(folder, create=False).artifacts[r["artifact"]]["path"]).stat().st_size
+    assert r["size_gain"] == b["size"] / r["size"] > 4
+    # memory = what llama.cpp holds: its model, KV and compute buffers; the 4-bit model buffer is >4x smaller
+    for row in (b, r):
+        assert row["peak_memory_method"].startswith("llama.cpp buffers")
+        assert {"model", "KV", "compute"} <= set(row["memory_breakdown"])
+        assert row["peak_memory"] == sum(row["memory_breakdown"].values())
+    assert r["memory_breakdown"]["model"] * 4 < b["memory_breakdown"]["model"]
+    assert r["peak_memory"] < b["peak_memory"] and r["memory_gain"] == b["peak_memory"] / r["peak_memory"] > 2
+    assert isinstance(rep.context["load_avg_1m"], float)
+    assert "(base, llama.cpp)" in rep.table() and "mem gain" in rep.table()
+    rec = Manifest.load(folder, create=False).artifacts[r["artifact"]]["bench"]
+    assert rec["base"]["engine"].startswith("llama.cpp") and rec["base"]["measured_at"]
+    assert rec["tg_gain"] == r["tg_gain"] and rec["memory_gain"] == r["memory_gain"]
+    assert rec["peak_memory_method"] == r["peak_memory_method"] and rec["load_avg_1m"] is not None
+
+    # same base, engine, threads and token counts: the cached base row is reused, not measured again
+    rep2 = bench([str(folder)], write_manifest=False, **TOKENS)
+    assert rep2.base["cached"] is True and rep2.base["measurement_id"] == b["measurement_id"]
+    assert rep2.base["tg_tps"] == b["tg_tps"] and rep2.rows[0]["tg_gain"] == rep2.rows[0]["tg_tps"] / b["tg_tps"]
+
+    # other settings -> measured again; a deleted intermediate is converted again from the base on disk
+    shutil.rmtree(f32.parent)
+    rep3 = bench([str(folder)], write_manifest=False, **{**TOKENS, "gen_tokens": 5})
+    assert rep3.base["cached"] is False and rep3.base["measurement_id"] != b["measurement_id"]
+    assert f32.is_file() and rep3.base["path"] == str(f32)
 
 
-def test_bench_cli_json_without_base(run_cli, smollm2_gguf_set):
-    q8 = gguf_path(smollm2_gguf_set, "Q8_0")
-    code, out, err = run_cli("bench", q8, "--no-base", "--prompt-tokens", 16, "--gen-tokens", 4, "--repeats", 1,
+def test_hf_base_as_labelled_reference_row(tiny_gguf_set, tiny_llama, bench_cache):
+    """--base HF_MODEL with GGUF variants: the gains stay vs the llama.cpp base; transformers is a reference row."""
+    from quantkit.bench import bench
+
+    q4 = next(tiny_gguf_set.glob("*.gguf"))
+    rep = bench([str(q4)], base=str(tiny_llama), write_manifest=False, **TOKENS)
+    base, ref = rep.bases
+    assert base["role"] == "base" and base["engine"].startswith("llama.cpp")
+    assert ref["role"] == "reference" and ref["label"] == "reference: base in transformers"
+    assert ref["engine"].startswith("transformers") and ref["peak_memory_method"].startswith("transformers")
+    assert ref["memory_breakdown"]["weights"] > 0 and ref["memory_breakdown"]["KV"] > 0
+    (r,) = rep.rows
+    assert r["base"] == base["name"] and r["tg_gain"] == r["tg_tps"] / base["tg_tps"]
+    assert "reference: base in transformers" in rep.table()
+
+
+def test_hf_variant_against_base_checkpoint_in_transformers(tiny_llama, bench_cache, tmp_path):
+    """An HF-format variant (here an fp32 copy, as a quantkit folder) is compared with the base in transformers."""
+    from quantkit.bench import bench, safetensors_stats
+
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_llama, variant)
+    m = Manifest(variant)
+    m.set_base(local_path=str(tiny_llama), sha="local-test")
+    m.set_artifact("tiny-copy", {"path": ".", "format": "hf", "method": "copy", "type": "F32"})
+    m.save()
+    rep = bench([str(variant)], **TOKENS)
+    (b,) = rep.bases
+    (r,) = rep.rows
+    assert b["role"] == "base" and b["engine"].startswith("transformers") and b["path"] == str(tiny_llama)
+    assert r["engine"].startswith("transformers") and r["base"] == b["name"]
+    # memory = the tensors transformers holds: fp32 weights (as in the safetensors) + small buffers (rotary
+    # frequencies) + a non-empty KV cache
+    weights = safetensors_stats(tiny_llama)[1]
+    assert weights <= b["memory_breakdown"]["weights"] < weights + 4096 and b["memory_breakdown"]["KV"] > 0
+    assert r["peak_memory"] == b["peak_memory"] and r["memory_gain"] == 1.0 and r["size_gain"] == 1.0
+    assert r["tg_gain"] == r["tg_tps"] / b["tg_tps"]
+    assert Manifest.load(variant, create=False).artifacts["tiny-copy"]["bench"]["base"]["engine"].startswith(
+        "transformers")
+
+
+def test_spread_warning():
+    from quantkit.bench import _spread_warnings
+
+    steady = {"name": "a", "pp_tps": 100.0, "pp_tps_std": 5.0, "tg_tps": 10.0, "tg_tps_std": 0.5}
+    noisy = {"name": "b", "pp_tps": 100.0, "pp_tps_std": 30.0, "tg_tps": 10.0, "tg_tps_std": 0.5}
+    assert _spread_warnings([steady]) == []
+    (w,) = _spread_warnings([steady, noisy])
+    assert w.startswith("b: prompt") and "--threads 1" in w and "30%" in w
+
+
+def test_bench_cli_json_without_base(run_cli, tiny_gguf_set):
+    q4 = next(tiny_gguf_set.glob("*.gguf"))
+    code, out, err = run_cli("bench", q4, "--no-base", "--prompt-tokens", 16, "--gen-tokens", 4, "--repeats", 1,
                              "--threads", THREADS, "--json", "--no-write")
     assert code == 0, err
     data = json.loads(out)
-    assert data["base"] is None
+    assert data["base"] is None and data["bases"] == []
     (r,) = data["variants"]
     assert r["tg_tps"] > 0 and r["tg_tps_std"] == 0 and "pp_gain" not in r
-    assert 8 < r["bits_per_weight"] < 9.5
+    assert 4.5 < r["bits_per_weight"] < 7.5
 
 
 def test_bench_user_error(run_cli, tmp_path):

@@ -329,3 +329,120 @@ def test_token_from_hf_auth_login_file(hub_server, tmp_path, run_cli, monkeypatc
     assert code == 0, err
     assert hub_server.token not in stdout + err
     assert "model.safetensors" in hub_server.files("alice/Tiny-AWQ")
+
+
+# -- the diff (no network) ----------------------------------------------------------------------------------------------
+
+def _git_blob_id(data: bytes) -> str:
+    """git's own answer (the Hub lists small files by it)."""
+    import subprocess
+
+    return subprocess.run(["git", "hash-object", "--stdin"], input=data, capture_output=True,
+                          check=True).stdout.decode().strip()
+
+
+def test_diff_files_actions_without_network(tmp_path):
+    from quantkit.publish import LocalFile, RemoteFile, diff_files
+
+    big = tmp_path / "model.gguf"
+    big.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    big_sha = _sha(big)
+    other_big = tmp_path / "other.gguf"
+    other_big.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)  # same size, other bytes
+    grown = tmp_path / "grown.gguf"
+    grown.write_bytes(b"GGUF" + bytes(range(256)) * 65)
+    card = b"---\nlicense: mit\n---\n# card\n"
+    new = tmp_path / "new.txt"
+    new.write_text("hello")
+
+    local = {
+        "README.md": LocalFile("README.md", card),  # generated, identical to remote
+        "quantkit.json": LocalFile("quantkit.json", b'{"a": 2}\n'),  # generated, same size, other content
+        "model.gguf": LocalFile("model.gguf", big, big_sha),  # LFS, identical
+        "other.gguf": LocalFile("other.gguf", other_big),  # LFS, same size, changed
+        "grown.gguf": LocalFile("grown.gguf", grown),  # LFS, other size: no hashing needed
+        "new.txt": LocalFile("new.txt", new),
+    }
+    remote = {
+        "README.md": RemoteFile("README.md", len(card), _git_blob_id(card)),
+        "quantkit.json": RemoteFile("quantkit.json", 9, _git_blob_id(b'{"a": 1}\n')),
+        "model.gguf": RemoteFile("model.gguf", big.stat().st_size, "x", big_sha),
+        "other.gguf": RemoteFile("other.gguf", other_big.stat().st_size, "x", big_sha),
+        "grown.gguf": RemoteFile("grown.gguf", big.stat().st_size, "x", big_sha),
+        "old.gguf": RemoteFile("old.gguf", 10, "x", "ab" * 32),
+        ".gitattributes": RemoteFile(".gitattributes", 5, "y"),
+    }
+    got = {f.path: (f.action, f.reason) for f in diff_files(local, remote)}
+    assert got == {
+        "README.md": ("unchanged", "generated"),
+        "quantkit.json": ("upload", "generated (changed)"),
+        "model.gguf": ("unchanged", ""),
+        "other.gguf": ("upload", "changed"),
+        "grown.gguf": ("upload", "changed"),
+        "new.txt": ("upload", "new"),
+        "old.gguf": ("keep", "not produced any more; --prune deletes it"),
+    }
+    assert local["grown.gguf"]._sha256 is None  # a size change is enough: not hashed in the plan
+    pruned = {f.path: f.action for f in diff_files(local, remote, prune=True)}
+    assert pruned["old.gguf"] == "delete" and ".gitattributes" not in pruned
+    sizes = {f.path: f.size for f in diff_files(local, remote)}
+    assert sizes["grown.gguf"] == grown.stat().st_size and sizes["old.gguf"] == 10
+
+
+def test_local_file_against_remote_lfs_is_hashed_and_checked(tmp_path):
+    """Same size as the remote LFS file: the local bytes are hashed, never taken from quantkit.json's record."""
+    from quantkit.errors import QuantkitError
+    from quantkit.publish import LocalFile, RemoteFile, diff_files
+
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUF" + bytes(1000))
+    recorded = _sha(p)
+    remote = {"m.gguf": RemoteFile("m.gguf", p.stat().st_size, "x", recorded)}
+    p.write_bytes(b"GGUF" + bytes(999) + b"\x01")  # modified after the manifest was written, same size
+    with pytest.raises(QuantkitError, match="m.gguf changed since quantkit made it"):
+        diff_files({"m.gguf": LocalFile("m.gguf", p, recorded)}, remote)
+
+
+def test_modified_artifact_is_refused_when_the_remote_has_the_original(hub_server, tmp_path, run_cli):
+    repo = "alice-org/Tiny-GGUF"
+    out = make_gguf_set(tmp_path / "gguf")
+    assert run_cli("push", out, "--repo", repo)[0] == 0
+    head = hub_server.head(repo)
+    before = json.loads((out / "quantkit.json").read_text())["pushes"]
+
+    data = bytearray((out / "TinyLlama-Chat-Q4_K_M.gguf").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: quantkit.json's sha256 and the remote LFS oid are both stale
+    (out / "TinyLlama-Chat-Q4_K_M.gguf").write_bytes(bytes(data))
+    for extra in ((), ("--dry-run",)):
+        line = _one_line_error(*run_cli("push", out, "--repo", repo, *extra), hub_server.token)
+        assert "changed since quantkit made it" in line and "TinyLlama-Chat-Q4_K_M.gguf" in line
+    assert hub_server.head(repo) == head
+    assert json.loads((out / "quantkit.json").read_text())["pushes"] == before  # no push recorded
+
+
+def test_plan_then_apply_is_the_push_and_the_dry_run_shows_the_plan(hub_server, tmp_path, run_cli):
+    from quantkit.publish import PushResult, apply_push, describe, plan_push
+
+    repo = "alice-org/Tiny-GGUF"
+    out = make_gguf_set(tmp_path / "gguf")
+    plan = plan_push(out, repo)
+    assert repo not in hub_server.state.repos and not (out / "README.md").exists()  # planning changed nothing
+    assert plan.token == hub_server.token and hub_server.token not in repr(plan)
+    planned = [(f.path, f.action) for f in plan.files]
+    assert planned == [("README.md", "upload"), ("quantkit.json", "upload"),
+                       ("TinyLlama-Chat-Q4_K_M.gguf", "upload"), ("TinyLlama-Chat-Q8_0.gguf", "upload")]
+
+    code, stdout, err = run_cli("push", out, "--repo", repo, "--dry-run")
+    assert code == 0, err
+    assert stdout.strip() == describe(plan.result(dry_run=True)).strip()
+
+    res = apply_push(plan)
+    assert [(f.path, f.action) for f in res.files] == planned and res.commit == hub_server.head(repo)
+    for f in res.files:
+        if f.path.endswith(".gguf"):
+            assert f.sha256 == _sha(out / f.path)
+    assert PushResult.from_json(res.to_json()) == res
+    assert json.loads((out / "quantkit.json").read_text())["pushes"][-1]["commit"] == res.commit
+
+    again = plan_push(out, repo)
+    assert {f.action for f in again.files} == {"unchanged"} and again.head == res.commit

@@ -1,0 +1,165 @@
+"""Verify on build: a variant is done only when its own engine loads it and it stays close to its base.
+
+Right after ``quantkit gguf`` / ``awq`` / ``gptq`` write an artifact, :func:`verify_artifact` loads it in the
+engine it is made for (llama.cpp for a GGUF; transformers with the format's kernel for classic AWQ/GPTQ and
+compressed-tensors) and scores a short fixed prompt set against the base, with :mod:`quantkit.evaluate`'s own
+machinery (token stream, cached base distribution, KLD estimator, scorers): the first ``VERIFY_TOKENS`` tokens
+of the built-in evaluation text, one window. It passes when the artifact loads, its logits are all finite, and
+its mean KL divergence to the base is under :func:`kld_bound` for its bit width: bounds that a healthy
+quantisation never crosses (measured on SmolLM2-135M and the tiny test models; README, design: verify), far
+below what a broken artifact scores (wrong or random weights: several nats).
+
+The result (:class:`VerifyResult`) is recorded on the artifact in ``quantkit.json`` as ``verify``; a failed
+check keeps the files (for inspection) but leaves them marked ``verify.passed: false``, and ``quantkit push``
+refuses to publish an artifact without a passed check unless ``--allow-unverified`` (the card then says so).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+from quantkit.records import VerifyResult
+from quantkit.util import now_iso
+
+#: Context of the verify window and the text tokens scored: one window at the start of the built-in evaluation
+#: text, of which only the first VERIFY_CHARS characters are tokenised (far more than VERIFY_TOKENS need).
+VERIFY_CTX = 256
+VERIFY_TOKENS = 256
+VERIFY_CHARS = 16 * VERIFY_TOKENS
+#: Bound on the mean KLD (nats/token) to the base, by nominal bits per weight: the first row whose bits are at
+#: most the artifact's applies. Healthy variants measure far below (README, design: verify).
+KLD_BOUNDS: tuple[tuple[int, float], ...] = ((8, 0.05), (6, 0.15), (5, 0.3), (4, 0.75), (3, 1.0), (2, 2.0),
+                                             (0, 4.0))
+
+
+class VerifyFailed(QuantkitError):
+    """An artifact was built but failed its check: the files stay, marked unverified."""
+
+    exit_code = 1
+
+
+def verify_status(record: dict) -> str:
+    """The summary-table cell of an artifact record: its check's status, or "-" when it has none."""
+    v = record.get("verify")
+    return VerifyResult.from_json(v).status if isinstance(v, dict) else "-"
+
+
+def gguf_bits(gtype: str) -> int:
+    """Nominal bits of a llama.cpp type from its name: Q4_K_M -> 4, IQ2_XXS -> 2, MXFP4_MOE -> 4, F16 -> 16."""
+    m = re.search(r"\d+", gtype)
+    if not m:
+        raise QuantkitError(f"cannot tell the bit width of GGUF type {gtype!r}")
+    return int(m.group())
+
+
+def kld_bound(bits: int) -> float:
+    """Highest mean KLD to the base that a healthy ``bits``-bit quantisation reaches (see KLD_BOUNDS)."""
+    return next(bound for b, bound in KLD_BOUNDS if bits >= b)
+
+
+def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, base_sha: str | None = None,
+                    threads: int | None = None) -> VerifyResult:
+    """Load ``artifact`` (a .gguf file, or an AWQ/GPTQ/compressed-tensors folder) in its engine and score
+    ``VERIFY_TOKENS`` tokens of the built-in evaluation text against the base at ``base_path`` (an HF folder).
+
+    Never raises for a broken artifact: a load or run failure comes back as ``passed=False`` with ``error``."""
+    from transformers import AutoTokenizer
+
+    from quantkit.evaluate import DEFAULT_TOP_K, Variant, _hf_format, _score_variant, base_cache, load_text, make_stream
+    from quantkit.texts import text_sha256
+
+    t0 = time.perf_counter()
+    base_path, artifact = Path(base_path), Path(artifact)
+    if base_sha is None:
+        from quantkit.hub import resolve_model
+
+        base_sha = resolve_model(str(base_path)).sha
+    bound = kld_bound(bits)
+    text = load_text("builtin")[0][:VERIFY_CHARS]
+    stream = make_stream(AutoTokenizer.from_pretrained(base_path), text, VERIFY_CTX, VERIFY_TOKENS)
+    cache, _, _ = base_cache(base_path, base_sha, text_sha256(text), stream, VERIFY_TOKENS, DEFAULT_TOP_K, threads)
+    if artifact.suffix == ".gguf":
+        v = Variant(artifact.stem, "gguf", artifact, "gguf", str(artifact))
+    else:
+        v = Variant(artifact.name, "hf", artifact, _hf_format(artifact), str(artifact))
+    res = VerifyResult(passed=False, bits=bits, bound=bound, time=now_iso())
+    try:
+        row = _score_variant(v, stream, cache, text, threads)
+    except Exception as e:  # it does not load or run in its engine: that is the finding
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        res.error = msg if isinstance(e, QuantkitError) else f"{type(e).__name__}: {msg}"[:300]
+        res.seconds = round(time.perf_counter() - t0, 2)
+        return res
+    res.engine, res.tokens = row["engine"], row["tokens"]
+    res.kld, res.top1 = _finite(row["kld_mean"]), _finite(row["top1"])
+    if row.get("nonfinite_logits"):
+        res.error = f"{row['nonfinite_logits']} NaN/inf values in its logits"
+    elif res.kld is None:
+        res.error = "its KLD to the base is not a number (NaN/inf in its outputs)"
+    elif isinstance(row.get("tokenizer_first_mismatch"), str):  # the artifact's own tokenizer fails
+        res.error = row["tokenizer_first_mismatch"]
+    res.passed = res.error is None and res.kld <= bound
+    res.seconds = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def _finite(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def verify_recorded(manifest, name: str, base_path: str | Path, *, bits: int, enabled: bool = True,
+                    base_sha: str | None = None, threads: int | None = None) -> VerifyResult:
+    """Verify artifact ``name`` of ``manifest`` (or record it as skipped when not ``enabled``), store the result
+    as ``verify`` on the artifact and save. A re-run re-uses a passed record (or a skipped one when still not
+    ``enabled``); the engines replace the whole record when they rebuild an artifact, so a stored result always
+    belongs to the files on disk."""
+    rec = manifest.artifact(name)
+    prev = VerifyResult.from_json(rec["verify"]) if isinstance(rec.get("verify"), dict) else None
+    if prev is not None and (prev.passed or (prev.skipped and not enabled)):
+        return prev
+    if enabled:
+        res = verify_artifact(base_path, manifest.folder / rec.get("path", "."), bits=bits, base_sha=base_sha,
+                              threads=threads)
+    else:
+        res = VerifyResult(passed=False, skipped=True, bits=bits, time=now_iso())
+    manifest.update_artifact(name, verify=res.to_json())
+    manifest.log("verify", artifact=name, passed=res.passed, skipped=res.skipped, kld=res.kld,
+                 seconds=res.seconds)
+    manifest.save()
+    return res
+
+
+def raise_if_failed(results: dict[str, VerifyResult], folder: str | Path) -> None:
+    """One line naming every artifact whose check failed (exit 1); skipped ones are not failures here."""
+    bad = {n: r for n, r in results.items() if not r.passed and not r.skipped}
+    if bad:
+        what = "; ".join(f"{n}: {r.problem()}" for n, r in bad.items())
+        raise VerifyFailed(f"verify failed: {what} (files kept in {folder}, marked verify.passed: false in "
+                           "quantkit.json; push refuses them)")
+
+
+def unverified(manifest) -> dict[str, str]:
+    """Artifacts of ``manifest`` without a passed check -> why."""
+    out = {}
+    for name, rec in manifest.artifacts.items():
+        v = rec.get("verify")
+        if not isinstance(v, dict):
+            out[name] = "never verified (re-running the command that made it verifies it)"
+        elif not v.get("passed"):
+            out[name] = VerifyResult.from_json(v).problem()
+    return out
+
+
+def check_publishable(manifest, allow_unverified: bool = False) -> list[str]:
+    """Refuse (QuantkitError) to publish a folder holding an artifact without a passed check, unless
+    ``allow_unverified``; then return one warning per such artifact."""
+    bad = unverified(manifest)
+    if bad and not allow_unverified:
+        what = "; ".join(f"{n}: {why}" for n, why in bad.items())
+        raise QuantkitError(f"not publishing unverified artifacts ({what}); fix or rebuild them, or pass "
+                            "--allow-unverified (the card then says they are unverified)")
+    return [f"publishing {n} unverified: {why}" for n, why in bad.items()]

@@ -1,0 +1,209 @@
+"""quantkit eval --tasks: lm-eval task scores and recovery, each variant scored by its own engine (offline).
+
+The task is examples/own-eval/own_eval.yaml: 50 self-written multiple-choice questions read from a local JSONL
+(CC0). Default run: a tiny random 2-layer Llama and its Q8_0/Q2_K GGUFs (mechanics: llama.cpp's numbers, exact
+self-recovery, gate, manifest, errors). Slow: SmolLM2-135M base vs its Q8_0/Q2_K GGUFs (quality ordering).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from eval_fixtures import build_gguf_set, gguf_path, smollm2_gguf_set  # noqa: F401 (fixture)
+
+pytest.importorskip("lm_eval")
+
+TASK_YAML = Path(__file__).resolve().parents[1] / "examples" / "own-eval" / "own_eval.yaml"
+TASK = "own_eval_mc"
+THREADS = 1
+LIMIT = 12
+
+REQUESTS = [  # (context, continuation): shared contexts exercise the adapter's KV prefix reuse
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: What is the capital of France?\nAnswer:", " Berlin"),
+    ("Question: What is the capital of France?\nAnswer:", " a large city in Europe"),
+    ("Question: What is 2 + 2?\nAnswer:", " 4"),
+    ("The quick brown fox", " jumps over the lazy dog."),
+    ("def add(a, b):\n    return", " a + b"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_set(tiny_llama) -> Path:
+    return build_gguf_set(tiny_llama, name="tiny-llama-tasks-gguf", types=["Q8_0", "Q2_K"])
+
+
+def llama_cpp_scores(path: Path, requests, add_bos: bool):
+    """llama.cpp's own log-likelihood of each continuation, computed here without quantkit: tokenise with its
+    tokenizer, evaluate context + continuation from an empty cache, sum the continuation's log-softmax."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=THREADS, verbose=False)
+    out = []
+    for ctx, cont in requests:
+        whole = llm.tokenize((ctx + cont).encode(), add_bos=add_bos, special=True)
+        n_ctx = len(llm.tokenize(ctx.encode(), add_bos=add_bos, special=True))
+        target = whole[n_ctx:]
+        llm.reset()
+        llm.eval(whole[:-1])
+        logits = np.array(llm.scores[n_ctx - 1:len(whole) - 1], dtype=np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        out.append((float(sum(logp[i, t] for i, t in enumerate(target))),
+                    bool(all(logits[i].argmax() == t for i, t in enumerate(target)))))
+    llm.close()
+    return out
+
+
+def adapter_scores(path: Path, tokenizer, requests):
+    from quantkit.tasks import gguf_lm
+
+    lm = gguf_lm(path, tokenizer, max_length=256, threads=THREADS)
+    try:
+        return lm.loglikelihood([SimpleNamespace(args=r) for r in requests], disable_tqdm=True)
+    finally:
+        lm.close()
+
+
+def _check_equal_to_llama_cpp(gguf: Path, hf_folder: Path):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_folder)
+    add_bos = len(tok("x").input_ids) > len(tok("x", add_special_tokens=False).input_ids)
+    vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    for ctx, cont in REQUESTS:  # the base tokenizer and llama.cpp's give the same ids on these strings
+        assert tok(ctx + cont).input_ids == vocab.tokenize((ctx + cont).encode(), add_bos=add_bos, special=True)
+    vocab.close()
+    ref = llama_cpp_scores(gguf, REQUESTS, add_bos)
+    for got in (adapter_scores(gguf, tok, REQUESTS), adapter_scores(gguf, None, REQUESTS)):
+        for (ll, greedy), (ll_ref, greedy_ref) in zip(got, ref):
+            assert ll < 0 and ll == pytest.approx(ll_ref, abs=2e-3, rel=1e-4)
+            assert greedy == greedy_ref
+    return ref
+
+
+def test_gguf_loglikelihoods_equal_llama_cpp(tiny_gguf_set, tiny_llama):
+    ref = _check_equal_to_llama_cpp(gguf_path(tiny_gguf_set, "Q2_K"), tiny_llama)
+    assert len({round(ll, 3) for ll, _ in ref}) == len(ref)  # distinct numbers, not a constant
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_llama, tiny_gguf_set):
+    from quantkit.tasks import eval_tasks
+
+    # the base itself as a variant (transformers) and the two GGUFs (llama.cpp)
+    return eval_tasks(str(tiny_llama), [str(tiny_llama), str(tiny_gguf_set)], str(TASK_YAML), limit=LIMIT,
+                      threads=THREADS)
+
+
+def _row(rep, variant):
+    (r,) = [r for r in rep.rows if r["variant"] == variant]
+    return r
+
+
+def test_recovery_rows_and_self_recovery_is_exactly_one(tiny_report, tiny_llama):
+    rep = tiny_report
+    b = rep.base["tasks"][TASK]
+    assert b["n"] == LIMIT and b["shots"] == 0 and b["metric"] == "acc_norm" and 0 < b["score"] <= 1
+    assert b["stderr"] == pytest.approx(math.sqrt(b["score"] * (1 - b["score"]) / (LIMIT - 1)), rel=1e-6)
+    self_row = _row(rep, tiny_llama.name)
+    assert self_row["engine"].startswith("transformers")
+    assert self_row["score"] == b["score"] and self_row["recovery"] == 1.0 and self_row["recovery_se"] == 0.0
+    for t in ("Q8_0", "Q2_K"):
+        r = next(r for r in rep.rows if r["type"] == t)
+        assert r["engine"].startswith("llama.cpp") and r["engine_short"] == "llama.cpp"
+        assert r["requests_sha256"] == b["requests_sha256"] and r["n"] == LIMIT
+        assert r["recovery"] == pytest.approx(r["score"] / b["score"])
+        assert r["recovery_se"] is not None and r["recovery_se"] >= 0
+    table = rep.table()
+    assert TASK in table and "recovery" in table and "llama.cpp" in table
+    out = rep.to_json()
+    json.dumps(out)
+    assert {r["variant"] for r in out["tasks"]} == {r["variant"] for r in rep.rows} and out["passed"]
+
+
+def test_results_written_into_quantkit_json(tiny_report, tiny_gguf_set):
+    data = json.loads((tiny_gguf_set / "quantkit.json").read_text())
+    for rec in data["artifacts"].values():
+        t = rec["tasks"][TASK]
+        row = next(r for r in tiny_report.rows if r["type"] == rec["type"])
+        assert t["score"] == row["score"] and t["recovery"] == row["recovery"] and t["limit"] == LIMIT
+        assert t["requests_sha256"] == tiny_report.base["tasks"][TASK]["requests_sha256"]
+    assert data["history"][-1]["stage"] == "tasks"
+
+
+def test_recovery_uncertainty():
+    from quantkit.tasks import recovery
+
+    base = {"score": 0.5, "stderr": 0.1, "higher_is_better": True, "per_doc": {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}}
+    var = {"score": 0.25, "stderr": 0.1, "higher_is_better": True, "per_doc": {0: 1.0, 1: 0.0, 2: 0.0, 3: 0.0}}
+    r, se = recovery(base, var)
+    # paired: d = var_i - 0.5 * base_i = [0.5, 0, -0.5, 0]; sd = sqrt(1/6); se = sd / (2 * 0.5)
+    assert r == 0.5 and se == pytest.approx(math.sqrt(1 / 6) / 1.0)
+    r2, se2 = recovery({**base, "per_doc": None}, {**var, "per_doc": None})  # independent propagation
+    assert r2 == 0.5 and se2 == pytest.approx(0.5 * math.sqrt(0.4 ** 2 + 0.2 ** 2))
+    ppl_b = {"score": 10.0, "stderr": None, "higher_is_better": False, "per_doc": None}
+    assert recovery(ppl_b, {**ppl_b, "score": 12.5})[0] == pytest.approx(0.8)  # lower is better: base / variant
+    assert recovery({**base, "score": 0.0}, var) == (None, None)
+
+
+def test_min_recovery_gate_fails_with_marked_cells(run_cli, tiny_llama):
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--tasks", TASK_YAML, "--limit", LIMIT,
+                             "--min-recovery", "101%", "--threads", THREADS, "--no-write")
+    assert code == 1, err
+    assert "100.0% ± 0.0 !" in out
+    line = err.strip().splitlines()[-1]
+    assert "1 quality gate(s) failed" in line and "--min-recovery 101%" in line and "Traceback" not in err
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--tasks", TASK_YAML, "--limit", LIMIT,
+                             "--min-recovery", "0.97", "--threads", THREADS, "--no-write", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["passed"] and data["tasks"][0]["recovery"] == 1.0 and data["gates"]["recovery"]["limit"] == 0.97
+
+
+def test_bad_task_name_and_bad_yaml_one_line(run_cli, tiny_llama, tmp_path):
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--tasks", "arc_easyy", "--no-write")
+    assert code != 0 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "arc_easyy" in line and "arc_easy" in line.split("close:")[1]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: broken\ndoc_to_text: [unclosed\n")
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--tasks", bad, "--no-write")
+    assert code != 0 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(bad) in line and "not valid" in line
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(TASK_YAML.read_text())  # its data file is not next to this copy
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--tasks", missing, "--no-write")
+    line = err.strip().splitlines()[-1]
+    assert code != 0 and "own_eval.jsonl does not exist" in line and "Traceback" not in err
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--min-recovery", "0.9", "--no-write")
+    assert code != 0 and "need --tasks" in err
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2 (slow)
+@pytest.mark.slow
+def test_smollm2_gguf_equal_to_llama_cpp(smollm2_gguf_set, smollm2_hf):
+    _check_equal_to_llama_cpp(gguf_path(smollm2_gguf_set, "Q8_0"), smollm2_hf)
+
+
+@pytest.mark.slow
+def test_smollm2_q2k_recovers_less_than_q8(smollm2_hf, smollm2_gguf_set):
+    from quantkit.tasks import eval_tasks
+
+    q8, q2 = gguf_path(smollm2_gguf_set, "Q8_0"), gguf_path(smollm2_gguf_set, "Q2_K")
+    rep = eval_tasks(str(smollm2_hf), [str(q8), str(q2)], str(TASK_YAML), threads=THREADS, min_recovery=0.9,
+                     write_manifest=False)
+    b = rep.base["tasks"][TASK]
+    assert b["n"] == 50 and b["score"] > 0.4  # well above chance (25%) on these easy questions
+    r8 = next(r for r in rep.rows if r["type"] == "Q8_0")
+    r2 = next(r for r in rep.rows if r["type"] == "Q2_K")
+    assert r2["recovery"] < r8["recovery"] and r8["recovery"] >= 0.9
+    assert [f["variant"] for f in rep.failed] == [r2["variant"]]
