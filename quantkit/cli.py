@@ -17,6 +17,7 @@ import click
 from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats import DEFAULT_GROUP_SIZE, DEFAULT_HF_FORMAT, HF_FORMATS, HF_METHODS
+from quantkit.pipeline import PARTS
 
 log = logging.getLogger("quantkit.cli")  # not __name__: that is "__main__" under `python -m quantkit.cli`
 
@@ -412,7 +413,8 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
 def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_id, accept_license_terms,
          no_card, allow_unverified, as_json):
     """Publish OUTDIR (files + card + quantkit.json) to a Hub repo in one commit; re-pushing uploads only changes."""
-    from quantkit.publish import describe, push as do_push
+    from quantkit.publish import describe
+    from quantkit.publish import push as do_push
 
     res = do_push(outdir, repo_id, private=private, dry_run=dry_run, create_pr=create_pr, revision=revision,
                   prune=prune, license=license_id, accept_license_terms=accept_license_terms, card=not no_card,
@@ -478,27 +480,34 @@ def recipe_init(model):
 
 
 @cli.command("run")
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a recipe field, e.g. eval.max_kld=0.03.")
 @click.option("--only", "only", multiple=True, metavar="VARIANT",
               help="Run only these variants (repeatable), e.g. Q4_K_M.")
 @click.option("--dry-run", is_flag=True, help="Print the stages and what is cached; run nothing.")
 @click.option("--no-push", is_flag=True, help="Skip the push stage.")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Run the variants as tasks on a Ray cluster: local, auto or ray://HOST:PORT.")
+@click.option("--part", type=click.Choice(PARTS), default="all", hidden=True)  # cluster workers / driver
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def run_cmd(recipe, overrides, only, dry_run, no_push, as_json):
-    """Run RECIPE: pull, quantise each variant, evaluate, write cards and report, push the passing ones.
+def run_cmd(recipes, overrides, only, dry_run, no_push, ray_address, part, as_json):
+    """Run RECIPE(s): pull, quantise each variant, evaluate, write cards and report, push the passing ones.
 
     Each stage is keyed by its inputs; a re-run redoes only what changed or did not finish.
     Exit 0 when every variant passed, 1 when a variant missed its gate or failed.
     """
-    from quantkit.pipeline import run_recipe
+    from quantkit.cluster import run_recipes
 
-    res = run_recipe(recipe, overrides=overrides, only=only, dry_run=dry_run, push=not no_push,
-                     progress=not as_json)
-    emit_json(res.to_json()) if as_json else click.echo(res.table())
-    if res.exit_code:
-        sys.exit(res.exit_code)
+    res = run_recipes(recipes, ray=ray_address, overrides=overrides, only=only, dry_run=dry_run, push=not no_push,
+                      progress=not as_json, part=part)
+    if as_json:
+        emit_json(res[0].to_json() if len(res) == 1 else [r.to_json() for r in res])
+    else:
+        click.echo("\n\n".join(r.table() for r in res))
+    code = max(r.exit_code for r in res)
+    if code:
+        sys.exit(code)
 
 
 @cli.command("demo-model")

@@ -53,6 +53,11 @@ ENGINES = {
     "card": ("huggingface_hub",),
     "push": ("huggingface_hub",),
 }
+#: which stages a run does: all; only the variant stages (a cluster worker); only the folder stages (report, card,
+#: push) after the workers, restoring every variant stage from the run log and never redoing one
+PARTS = ("all", "variants", "folders")
+#: set by a cluster task (quantkit.cluster) for its subprocess: the node named in the run log's "started" events
+NODE_ENV = "QUANTKIT_NODE"
 #: test hook: ``QUANTKIT_CRASH_AT=quantize:Q4_K_M`` kills the process (SIGKILL) when that stage starts
 CRASH_ENV = "QUANTKIT_CRASH_AT"
 
@@ -237,8 +242,11 @@ QUANTIZERS: dict[str, Callable[..., bool]] = {"gguf": _quantize_gguf, "awq": _qu
 # -- the pipeline ----------------------------------------------------------------------------------------
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, *, only=(), dry_run=False, push=True):
+    def __init__(self, recipe: Recipe, *, only=(), dry_run=False, push=True, part: str = "all"):
+        if part not in PARTS:
+            raise QuantkitError(f"part {part!r} is not one of {', '.join(PARTS)}")
         self.r = recipe
+        self.part = part
         self.dry_run = dry_run
         self.push_enabled = push and recipe.publish.enabled
         self.out = Path(recipe.out).expanduser()
@@ -291,10 +299,15 @@ class Pipeline:
             done = Done(result=st.record.from_json(rec["result"]) if st.record else None)
             self._settle(st, scope, key, members, "cached", done)
             return "cached", done
-        log.info("[%s] running", stage)
-        self.runlog.event(stage, "started", key)
-        if os.environ.get(CRASH_ENV) == stage:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.part == "folders" and st.step:  # a worker's stage that did not finish: report it, never redo it
+            why = rec.get("error") if rec.get("status") == "failed" and rec.get("key") == key else "did not finish"
+            work = _fails(f"not done on the cluster: {why}")
+        else:
+            log.info("[%s] running", stage)
+            where = {"node": os.environ[NODE_ENV]} if NODE_ENV in os.environ else {}
+            self.runlog.event(stage, "started", key, **where)
+            if os.environ.get(CRASH_ENV) == stage:
+                os.kill(os.getpid(), signal.SIGKILL)
         try:
             done = work()
         except Exception as e:
@@ -648,15 +661,16 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True) if not self.dry_run else None
         if not self.dry_run:
             self.runlog.data["runs"].append({"time": now_iso(), "recipe": self.r.path,
-                                             "variants": [v.name for v in self.variants]})
+                                             "variants": [v.name for v in self.variants],
+                                             **({"part": self.part} if self.part != "all" else {})})
             self.runlog.save()
         if not self.dry_run and not self.r.model.startswith("builtin:") and \
                 not os.path.exists(os.path.expanduser(self.r.model)):
-            self.check_machine()  # before a big download
+            self.check_machine() if self.part != "folders" else None  # before a big download
             self.pull()
         else:
             self.pull()
-            if not self.dry_run:
+            if not self.dry_run and self.part != "folders":
                 self.check_machine()
         res = RunResult(recipe=self.r.path, model=self.r.model, out=str(self.out), base_sha=self.base_sha,
                         variants=[self.results[v.name] for v in self.variants], dry_run=self.dry_run)
@@ -674,6 +688,9 @@ class Pipeline:
         for r in self.results.values():
             if r.status == "pending":
                 r.status = "cached" if all(s == "cached" for s in r.stages.values()) and r.stages else "done"
+        if self.part == "variants":
+            res.stages = self.plan_rows
+            return res
         if not self.dry_run:
             try:
                 res.report = self.report()
@@ -690,6 +707,13 @@ class Pipeline:
         return res
 
 
+def _fails(msg: str) -> Callable[[], Done]:
+    def work() -> Done:
+        raise QuantkitError(msg)
+
+    return work
+
+
 def _file_sig(spec: str | None) -> dict | None:
     """Identity of a file named by a SPEC (size + sha256), so an edited calibration/eval file changes keys."""
     if not spec or spec == "builtin" or spec.startswith(("hub:", "builtin:")):
@@ -703,19 +727,19 @@ def _file_sig(spec: str | None) -> dict | None:
 
 
 def run_recipe(path: str | os.PathLike, *, overrides=(), only=(), dry_run: bool = False, push: bool = True,
-               progress: bool = False) -> RunResult:
+               progress: bool = False, part: str = "all") -> RunResult:
     """Run (or with ``dry_run`` only plan) the recipe at ``path``; see the module docstring.
 
     Progress goes to ``logging`` (INFO, logger ``quantkit.pipeline``); ``progress=True`` shows it on stderr
-    when no logging handler is configured."""
+    when no logging handler is configured. ``part`` is one of :data:`PARTS`."""
     recipe = load_recipe(path, overrides=overrides)
     if not progress or log.hasHandlers():
-        return Pipeline(recipe, only=only, dry_run=dry_run, push=push).run()
+        return Pipeline(recipe, only=only, dry_run=dry_run, push=push, part=part).run()
     handler, level = _StderrHandler(), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        return Pipeline(recipe, only=only, dry_run=dry_run, push=push).run()
+        return Pipeline(recipe, only=only, dry_run=dry_run, push=push, part=part).run()
     finally:
         log.removeHandler(handler)
         log.setLevel(level)

@@ -1,0 +1,192 @@
+"""quantkit run --ray on a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster, CPU only, one
+CPU per node, a logical GPU on the second node for placement): byte-identical artifacts to the sequential run,
+a killed worker ends in a completed run with no stage done twice, a variant no node can hold fails up front."""
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from quantkit.cluster import MARKER, run_on_ray, variant_resources  # noqa: E402
+from quantkit.errors import QuantkitError  # noqa: E402
+from quantkit.pipeline import RUN_LOG, run_recipe  # noqa: E402
+from quantkit.recipe import load_recipe  # noqa: E402
+
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "object_store_memory": 100 * 2**20, "memory": 6 * GiB}
+    c = Cluster(initialize_head=True, connect=True, head_node_args={**node, "include_dashboard": False})
+    c.add_node(**node, num_gpus=1)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def recipe(tmp_path: Path, model, name: str, out: Path, types=("Q8_0", "Q4_K_M"), extra: str = "") -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(f"""\
+quantkit: 1
+model: {model}
+out: {out}
+variants:
+  - method: gguf
+    types: [{', '.join(types)}]
+eval:
+  ctx: 128
+  max_tokens: 256
+  max_kld: 0.5
+  bench:
+    enabled: false
+publish:
+  enabled: false
+{extra}""")
+    return p
+
+
+def events(out: Path) -> list[dict]:
+    return json.loads((out / RUN_LOG).read_text())["events"]
+
+
+def done_counts(out: Path) -> Counter:
+    return Counter(e["stage"] for e in events(out) if e["event"] == "done")
+
+
+def ggufs(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*.gguf")) if "/." not in p.relative_to(out).as_posix()}
+
+
+def test_two_recipes_on_two_nodes_match_the_sequential_run(tmp_path, cluster, tiny_llama, tiny_qwen2):
+    seq, par = tmp_path / "seq", tmp_path / "ray"
+    for model, name in ((tiny_llama, "llama"), (tiny_qwen2, "qwen2")):
+        res = run_recipe(recipe(tmp_path, model, f"{name}-seq", seq / name))
+        assert res.exit_code == 0, res.table()
+    paths = [str(recipe(tmp_path, m, f"{n}-ray", par / n)) for m, n in ((tiny_llama, "llama"), (tiny_qwen2, "qwen2"))]
+    run = run_on_ray(paths, cluster.address)
+    assert run.exit_code == 0, "\n".join(r.table() for r in run.results)
+    assert [[(v.name, v.status) for v in r.variants] for r in run.results] == [
+        [("Q8_0", "done"), ("Q4_K_M", "done")]] * 2
+    assert all(v.eval and v.eval.kld_mean is not None for r in run.results for v in r.variants)
+    assert all(r.report for r in run.results)  # report and cards ran on the driver
+    for name in ("llama", "qwen2"):
+        want, got = ggufs(seq / name), ggufs(par / name)
+        assert len([k for k in want if "Q4_K_M" in k or "Q8_0" in k]) == 2
+        assert got == want  # byte-identical artifacts (and intermediates) to the sequential run
+        counts = done_counts(par / name)
+        assert counts["quantize:Q8_0"] == counts["eval:Q4_K_M"] == 1 and all(n == 1 for n in counts.values())
+        started = [e for e in events(par / name) if e["event"] == "started" and ":Q" in e["stage"]]
+        assert started and all(e.get("node") for e in started)  # stages ran in the workers, not the driver
+        assert list((par / name).glob("*/README.md"))  # the card
+        assert not (par / name / MARKER).exists()
+    # two recipes, one CPU per node: both nodes did work
+    nodes = {e["node"] for n in ("llama", "qwen2") for e in events(par / n) if e.get("node")}
+    assert len(nodes) == 2, nodes
+
+
+def _worker_of(variant: str, stage: str, out: Path, timeout: float = 300):
+    """The Ray worker process whose subprocess is running ``stage`` of ``variant`` (once the run log says so)."""
+    import psutil
+
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            ev = events(out)
+        except (OSError, json.JSONDecodeError):
+            ev = []
+        if any(e["stage"] == f"{stage}:{variant}" and e["event"] == "started" for e in ev):
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = p.info["cmdline"] or []
+                if "--part" in cmd and "variants" in cmd and variant in cmd:
+                    return p.parent()
+        time.sleep(0.05)
+    raise AssertionError(f"{stage}:{variant} never started")
+
+
+def test_killed_worker_is_retried_and_resumes(tmp_path, cluster, tiny_llama):
+    out = tmp_path / "out"
+    path = recipe(tmp_path, tiny_llama, "kill", out, types=("Q8_0",))
+    got = {}
+    t = threading.Thread(target=lambda: got.update(run=run_on_ray([str(path)], cluster.address)))
+    t.start()
+    worker = _worker_of("Q8_0", "eval", out)
+    os.kill(worker.pid, signal.SIGKILL)  # the node "loses" the task mid-eval
+    t.join(600)
+    run = got["run"]
+    assert run.exit_code == 0, run.results[0].table()
+    ev = [e for e in events(out) if e["stage"] in ("quantize:Q8_0", "eval:Q8_0")]
+    assert [e["event"] for e in ev if e["stage"] == "eval:Q8_0"][:2] == ["started", "started"]
+    assert "cached" in [e["event"] for e in ev if e["stage"] == "quantize:Q8_0"]  # the retry resumed
+    assert all(n == 1 for n in done_counts(out).values()), done_counts(out)  # no stage done twice
+
+
+def test_variant_no_node_can_hold_fails_up_front(tmp_path, cluster):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "config.json").write_text((Path(__file__).parent / "data" / "llama-3.3-70b-instruct.config.json")
+                                        .read_text())
+    r = tmp_path / "big.yaml"
+    r.write_text(f"quantkit: 1\nmodel: {folder}\nout: {tmp_path / 'o'}\nvariants:\n  - method: awq\n")
+    with pytest.raises(QuantkitError, match=r"needs 1 CPU, 2 GPU and 143.3 GB RAM .*no node of the cluster"):
+        run_on_ray([str(r)], cluster.address)
+    assert not (tmp_path / "o").exists()  # nothing pulled, nothing written
+
+
+def test_gpu_variant_is_placed_on_the_gpu_node(cluster, tiny_llama, tmp_path):
+    from quantkit.plan import plan
+
+    r = tmp_path / "g.yaml"
+    r.write_text(f"quantkit: 1\nmodel: {tiny_llama}\nout: {tmp_path / 'o'}\nvariants:\n  - method: gptq\n"
+                 "  - method: gguf\n    types: [Q8_0]\n")
+    p = plan(str(tiny_llama))
+    gptq, gguf = (variant_resources(p, v, cluster_gpus=1) for v in load_recipe(r).variants)
+    assert gptq["num_gpus"] == 1 and "num_gpus" not in gguf and gptq["memory"] == p.needs["gptq"].ram_bytes
+    assert "num_gpus" not in variant_resources(p, load_recipe(r).variants[0], cluster_gpus=0)
+    gpu_node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
+    where = ray.remote(lambda: ray.get_runtime_context().get_node_id())
+    assert {ray.get(where.options(**gptq).remote()) for _ in range(3)} == {gpu_node}
+
+
+def test_storage_a_node_cannot_see_stops_with_the_path(cluster, tmp_path):
+    from quantkit.cluster import check_storage
+
+    check_storage(ray, [str(tmp_path)])
+    with pytest.raises(QuantkitError, match=r"cannot see .*nowhere.*HF_HOME"):
+        check_storage(ray, [str(tmp_path / "nowhere")])
+
+
+def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama):
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "out"
+    path = recipe(tmp_path, tiny_llama, "int", out, types=("Q8_0",))
+    p = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "run", str(path), "--ray", cluster.address],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker = _worker_of("Q8_0", "quantize", out)
+        stage_proc = worker.children()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 2 and "interrupted: cancelled 1 running variant task(s)" in err, err[-2000:]
+    assert "Traceback" not in err
+    gone, alive = psutil.wait_procs(stage_proc + [worker], timeout=30)
+    assert not alive  # the task's worker and its quantkit subprocess are gone
+    assert not (out / MARKER).exists()
