@@ -143,9 +143,13 @@ def raise_if_failed(results: dict[str, VerifyResult], folder: str | Path) -> Non
 
 
 def unverified(manifest) -> dict[str, str]:
-    """Artifacts of ``manifest`` without a passed check -> why."""
+    """Artifacts of ``manifest`` without a passed check -> why. A LoRA adapter (``format: gguf-lora``) is not a
+    quantised model and has no check of its own: what it does on a quantised base is measured by
+    ``quantkit eval BASE+ADAPTER VARIANT+ADAPTER`` (its card's table)."""
     out = {}
     for name, rec in manifest.artifacts.items():
+        if rec.get("format") == "gguf-lora":
+            continue
         v = rec.get("verify")
         if not isinstance(v, dict):
             out[name] = "never verified (re-running the command that made it verifies it)"
