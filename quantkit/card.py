@@ -27,6 +27,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES
 from quantkit.manifest import Manifest
 from quantkit.records import BenchScore, EvalScore, TaskScore
+from quantkit.report import bench_notes, bench_rows, gain
 from quantkit.util import atomic_path, human_size
 from quantkit.verify import unverified
 
@@ -349,8 +350,16 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
             "top1": (f"{e.top1 * 100:.2f}%" if isinstance(e.top1, (int, float)) else "—"),
             "pp": _fmt_num(b.pp_tps, ".1f"), "tg": _fmt_num(b.tg_tps, ".1f"),
             "peak": human_size(peak) if isinstance(peak, (int, float)) else "—",
+            "tg_gain": gain(b.tg_gain, "—"), "mem_gain": gain(b.memory_gain, "—"),
             "measured": bool(r["eval"] or r["bench"]),
         })
+    scores = [r["bench"] for r in rows if r["bench"]]
+    bases, refs = bench_rows(scores)
+    base_rows = [{"name": f"{x.get('name')} ({x.get('label')})",
+                  "pp": _fmt_num(x.get("pp_tps"), ".1f"), "tg": _fmt_num(x.get("tg_tps"), ".1f"),
+                  "peak": human_size(x["peak_memory"]) if isinstance(x.get("peak_memory"), (int, float)) else "—",
+                  "gain": "1.00x" if is_base else "—"}
+                 for x, is_base in [(b, True) for b in bases] + [(b, False) for b in refs]]
     first_eval = next((r["eval"] for r in rows if r["eval"]), None) or EvalScore()
     first_bench = next((r["bench"] for r in rows if r["bench"]), None) or BenchScore()
     ev = {**{k: getattr(first_eval, k) for k in ("text", "text_sha256", "ctx", "tokens", "base_ppl")},
@@ -371,8 +380,6 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
     text = ev.get("text")
     if isinstance(text, dict):
         text = text.get("name") or text.get("source") or json.dumps(text, sort_keys=True)
-    bench_ctx = {k.replace("_", " "): getattr(first_bench, k) for k in
-                 ("engine", "device", "prompt_tokens", "gen_tokens", "repeats", "threads") if getattr(first_bench, k)}
     tasks = [{"name": r["path"] if not r["folder"] else f"{r['type'] or r['format']} (folder)", "s": s}
              for r in rows for s in r["tasks"]]
     return {"any": bool(measured or tasks), "rows": table, "any_eval": any(r["eval"] for r in rows),
@@ -380,7 +387,7 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
             "any_bench": any(r["bench"] for r in rows), "text": text,
             "text_sha256": (ev.get("text_sha256") or "")[:16] or None, "ctx": ev.get("ctx"),
             "tokens": ev.get("tokens"), "base_ppl": _fmt_num(ev.get("base_ppl"), ".4f", None),
-            "hardware": hardware, "bench": bench_ctx,
+            "hardware": hardware, "bench_notes": bench_notes(scores), "base_rows": base_rows,
             "unmeasured": [t["name"] for t in table if not t["measured"]]}
 
 

@@ -143,6 +143,8 @@ class RunResult:
             rows = [(s["stage"], s["status"], s.get("key", "")[:12], s.get("detail", "")) for s in self.stages]
             return (f"dry run of {self.recipe} ({self.model} @ {(self.base_sha or 'unresolved')[:12]}), "
                     f"out {self.out}\n" + format_table(rows, ["stage", "status", "key", "detail"]))
+        from quantkit.report import bench_rows, gain
+
         rows = []
         for v in self.variants:
             e = v.eval
@@ -150,11 +152,17 @@ class RunResult:
             dppl = f"{e.ppl_increase * 100:+.2f}%" if e and e.ppl_ratio is not None else ""
             top1 = f"{e.top1 * 100:.1f}%" if e and e.top1 is not None else ""
             tps = v.tokens_per_second
+            b = v.bench
             rows.append((v.name, v.method, v.status, human_size(v.size) if v.size else "", kld, dppl, top1,
-                         f"{tps:.1f}" if tps else "", v.pushed or "", (v.error or "")[:90]))
-        t = format_table(rows, ["variant", "method", "status", "size", "KLD", "dPPL", "top-1", "tok/s", "pushed",
-                                "error"])
+                         f"{tps:.1f}" if tps else "", gain(b and b.tg_gain, ""), gain(b and b.memory_gain, ""),
+                         v.pushed or "", (v.error or "")[:90]))
+        t = format_table(rows, ["variant", "method", "status", "size", "KLD", "dPPL", "top-1", "tok/s", "tg x",
+                                "mem x", "pushed", "error"])
         lines = [t]
+        for b in bench_rows([v.bench for v in self.variants])[0]:  # what "tg x" / "mem x" are relative to
+            lines.append(f"x vs {b.get('name')} ({b.get('label')}{', cached' if b.get('cached') else ''}): "
+                         f"{b.get('tg_tps') or 0:.1f} tok/s, peak mem "
+                         f"{human_size(b['peak_memory']) if b.get('peak_memory') else '?'}")
         if self.report:
             lines.append(f"report: {self.report.get('markdown')} ({self.report.get('image')})")
         for e in self.errors:
@@ -545,21 +553,27 @@ class Pipeline:
 
     # -- bench ------------------------------------------------------------------------------------------
     def _bench(self, v: Variant) -> Done:
+        """The variant and its base in the same engine: for GGUF the folder's unquantised GGUF in llama.cpp, for
+        HF formats the pulled base in transformers. bench() caches the base row (same base, engine, threads,
+        token counts), so the base is measured once, not once per variant, and its record holds the gains."""
         from quantkit.bench import bench
 
-        b = self.r.eval.bench
-        rep = bench([self.results[v.name].path], prompt_tokens=b.prompt_tokens, gen_tokens=b.gen_tokens,
-                    repeats=b.repeats, threads=b.threads, base=False)
-        return Done(result=BenchScore.from_row(rep.rows[0], rep.context, rep.base))
+        b, res = self.r.eval.bench, self.results[v.name]
+        bench([res.path], prompt_tokens=b.prompt_tokens, gen_tokens=b.gen_tokens, repeats=b.repeats,
+              threads=b.threads, base=None if v.method == "gguf" else str(self.src.path))
+        rec = (Manifest.load(self.out / v.folder).artifact(res.artifact) or {}).get("bench")
+        if not rec:
+            raise QuantkitError(f"bench recorded nothing for {res.artifact} in {v.folder}/quantkit.json")
+        return Done(result=BenchScore.from_json(rec))  # as bench() wrote it into quantkit.json
 
     def bench(self, v: Variant) -> None:
         b = self.r.eval.bench
         if not (self.r.eval.enabled and b.enabled):
             return
         key = _key(stage="bench", quantize=self.keys.get(f"quantize:{v.name}"), params=vars(b),
-                   engines=_engines("bench"))
-        self.run_stage("bench", v.name, key, f"{b.prompt_tokens} prompt + {b.gen_tokens} generated tokens",
-                       lambda: self._bench(v), members=[self.results[v.name]])
+                   base=self.base_sha, vs="base in the same engine", engines=_engines("bench"))
+        self.run_stage("bench", v.name, key, f"{b.prompt_tokens} prompt + {b.gen_tokens} generated tokens, "
+                       "and the base in the same engine", lambda: self._bench(v), members=[self.results[v.name]])
 
     # -- report, card, push -----------------------------------------------------------------------------
     def report(self) -> dict | None:

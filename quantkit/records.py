@@ -146,7 +146,8 @@ class BenchScore(Record):
                    peak_rss=row.get("peak_rss"), peak_gpu_memory=row.get("peak_gpu_memory"),
                    **{g: row.get(g) for g, _, _ in cls.GAINS}, base=keep(base), reference=keep(reference),
                    load_avg_1m=c.get("load_avg_1m"),
-                   warnings=[w for w in (warnings or []) if w.startswith(f"{row['name']}:")],
+                   warnings=[w for w in (warnings or []) if w.startswith(tuple(
+                       f"{r['name']}:" for r in (row, base) if r))],  # the variant's and its base's
                    hardware=c["hardware"], time=c["time"])
 
 

@@ -1,8 +1,11 @@
 """The comparison report of a recipe: one Markdown table and one PNG chart over every variant.
 
 ``quantkit-report.md`` lists each variant's size, bits per weight, KL divergence to the base, perplexity
-change, same-top-token rate, speed and gate outcome; ``quantkit-report.png`` plots quality loss (mean KLD, or
-the perplexity increase when no KLD was measured) against size, each point labelled with its tok/s. Both are
+change, same-top-token rate, speed, peak memory, the gains vs the base measured in the same engine (``tg x``,
+``mem x``; the base's row first, an optional reference row labelled as such) and gate outcome;
+``quantkit-report.png`` plots quality loss (mean KLD, or the perplexity increase when no KLD was measured)
+against size, each point labelled with its tok/s, and, when benchmarked, generation tok/s against peak memory
+with the base's point. Both are
 written in the recipe's ``out`` folder and into each output folder (so each pushed repo carries them and its
 card links to them).
 """
@@ -19,11 +22,73 @@ REPORT_MD = "quantkit-report.md"
 REPORT_PNG = "quantkit-report.png"
 
 
+def bench_rows(scores) -> tuple[list[dict], list[dict]]:
+    """The distinct base rows (gains are relative to them) and reference rows of some :class:`BenchScore` s, in
+    order of first appearance (one base per engine used; each measurement once, however many variants used it)."""
+    bases: dict = {}
+    refs: dict = {}
+    for b in scores:
+        if not b:
+            continue
+        for row, into in ((b.base, bases), (b.reference, refs)):
+            if row:
+                into.setdefault(row.get("measurement_id") or (row.get("name"), row.get("engine")), row)
+    return list(bases.values()), list(refs.values())
+
+
+def gain(x, dash: str = "-") -> str:
+    """A gain as the report, card and run table show it: ``3.52x``, or ``dash`` when not measured."""
+    return f"{x:.2f}x" if isinstance(x, (int, float)) and x else dash
+
+
+def bench_notes(scores) -> list[str]:
+    """Sentences on how speed and memory were measured, what the gains are relative to, the machine's load, and
+    the benchmark's warnings (for the report and the card)."""
+    scores = [b for b in scores if b]
+    if not scores:
+        return []
+    b = scores[0]
+    bases, refs = bench_rows(scores)
+    hw = b.hardware or {}
+    lines = [f"Speed and memory: `quantkit bench` with {b.engine or '?'} on {b.device or '?'}"
+             + (f" ({hw.get('cpu')})" if hw.get("cpu") else "")
+             + f", {b.threads} thread(s), a {b.prompt_tokens}-token prompt then {b.gen_tokens} generated tokens, "
+             f"{b.repeats} timed repeats after a warm-up (mean ± stddev)."]
+    if bases:
+        lines.append("Gains (x) are relative to the base measured in the same engine ("
+                     + "; ".join(f"{r.get('name')}, {r.get('label')}" for r in bases)
+                     + "): tok/s variant / base, size and memory base / variant.")
+    if refs:
+        lines.append("The reference row is what you would run otherwise ("
+                     + "; ".join(f"{r.get('name')}, {r.get('label')}" for r in refs)
+                     + "): shown for comparison, no gain is computed against it.")
+    methods = dict.fromkeys(m for m in [b.peak_memory_method for b in scores] + [r.get("peak_memory_method")
+                                                                                  for r in bases + refs] if m)
+    if methods:
+        lines.append("Peak mem: " + "; ".join(methods) + ".")
+    loads = [x.load_avg_1m for x in scores if x.load_avg_1m is not None]
+    if loads:
+        cpus = hw.get("cpu_count")
+        busy = cpus and max(loads) > 0.5 * cpus
+        lines.append(f"Load average (1 min) at the start of the benchmarks: {min(loads):.2f}"
+                     + (f" to {max(loads):.2f}" if max(loads) - min(loads) >= 0.01 else "")
+                     + (f" on {cpus} CPUs" if cpus else "")
+                     + (": a busy machine, so the speeds are low and noisy" if busy else "") + ".")
+    for r in bases:
+        if r.get("measured_at"):
+            lines.append(f"Base row measured {r['measured_at']}"
+                         + (f" (load average {r['load_avg_1m']:.2f})" if r.get("load_avg_1m") is not None else "")
+                         + (", reused from the bench cache" if r.get("cached") else "") + ".")
+    lines += [f"Warning: {w}" for w in dict.fromkeys(w for x in scores for w in x.warnings or [])]
+    return lines
+
+
 def markdown(recipe, results, *, base_sha: str | None = None, image: str = REPORT_PNG) -> str:
     """The Markdown report (deterministic for the same inputs: no timestamps)."""
     e = recipe.eval
     gates = [g.rule(getattr(e, g.name)) for g in GATES if getattr(e, g.name) is not None]
     base_ppl = next((r.eval.base_ppl for r in results if r.eval and r.eval.base_ppl), None)
+    scores = [r.bench for r in results if r.bench]
     lines = [
         f"# Quantisation report: {recipe.model_name}",
         "",
@@ -36,25 +101,38 @@ def markdown(recipe, results, *, base_sha: str | None = None, image: str = REPOR
         "",
         f"![quality vs size]({image})",
         "",
-        "| variant | method | size | bits/weight | KLD | PPL change | top-1 | tok/s | result |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | method | size | bits/weight | KLD | PPL change | top-1 | tok/s | tg x | peak mem | mem x "
+        "| result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    size = lambda x: human_size(x) if x else "-"  # noqa: E731
+    bases, refs = bench_rows(scores)
+    for row in bases + refs:
+        base = row.get("role") != "reference"
+        bpw = f"{row['bits_per_weight']:.2f}" if row.get("bits_per_weight") else "-"
+        lines.append(f"| {row.get('name')} | {row.get('label')} | "
+                     f"{size(row.get('size'))} | {bpw} | - | - | - | {_tps(row.get('tg_tps'), row.get('tg_tps_std'))} "
+                     f"| {'1.00x' if base else '-'} | {size(row.get('peak_memory'))} | {'1.00x' if base else '-'} "
+                     f"| {'base' if base else 'reference, no gain'} |")
     for r in results:
-        ev = r.eval
+        ev, b = r.eval, r.bench
         kld = f"{ev.kld_mean:.5f}" if ev and ev.kld_mean is not None else "-"
         dppl = f"{ev.ppl_increase * 100:+.2f}%" if ev and ev.ppl_ratio is not None else "-"
         top1 = f"{ev.top1 * 100:.2f}%" if ev and ev.top1 is not None else "-"
-        tps = r.tokens_per_second
+        tps = _tps(b.tg_tps, b.tg_tps_std) if b and b.tg_tps else (f"{r.tokens_per_second:.1f}"
+                                                                   if r.tokens_per_second else "-")
         status = {"gate failed": "**gate failed**", "failed": "**failed**"}.get(r.status, "passed")
         if r.status == "failed" and r.error:
             status += f" ({r.error[:60]})"
         bpw = f"{r.bits_per_weight:.2f}" if r.bits_per_weight else "-"
-        lines.append(f"| {r.name} | {r.method} | {human_size(r.size) if r.size else '-'} | {bpw} | {kld} | {dppl} "
-                     f"| {top1} | {f'{tps:.1f}' if tps else '-'} | {status} |")
+        lines.append(f"| {r.name} | {r.method} | {size(r.size)} | {bpw} | {kld} | {dppl} | {top1} | {tps} "
+                     f"| {gain(b and b.tg_gain)} | {size(b and b.peak_memory)} "
+                     f"| {gain(b and b.memory_gain)} | {status} |")
+    if scores:
+        lines += ["", "tok/s: generation speed.", ""] + [f"- {n}" for n in bench_notes(scores)]
+    elif any(r.eval for r in results):
+        lines += ["", "tok/s: scoring throughput during the evaluation (no benchmark was run)."]
     lines += _task_lines(recipe, results)
-    speed = _speed_note(results)
-    if speed:
-        lines += ["", speed]
     lines += ["", "Made with `quantkit run` (quantkit-llm)."]
     return "\n".join(lines) + "\n"
 
@@ -82,18 +160,15 @@ def _task_lines(recipe, results) -> list[str]:
     return lines
 
 
-def _speed_note(results) -> str | None:
-    b = next((r.bench for r in results if r.bench), None)
-    if b:
-        return (f"tok/s: generation speed measured by `quantkit bench` on {b.device or '?'} with "
-                f"{b.engine or '?'}; it depends on the machine and its load.")
-    if any(r.eval for r in results):
-        return "tok/s: scoring throughput during the evaluation (no benchmark was run)."
-    return None
+def _tps(mean, sd) -> str:
+    if not mean:
+        return "-"
+    return f"{mean:.1f}" + (f" ± {sd:.1f}" if sd else "")
 
 
 def chart(path: str | os.PathLike, recipe, results) -> bool:
-    """Write the PNG: quality loss (KLD, else PPL increase) against size; False when nothing was measured."""
+    """Write the PNG: quality loss (KLD, else PPL increase) against size, and, when benchmarked, generation
+    speed against peak memory with the base's point; False when nothing was measured."""
     pts = [r for r in results if r.eval and r.size]
     if not pts:
         return False
@@ -102,10 +177,15 @@ def chart(path: str | os.PathLike, recipe, results) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    benched = [r for r in results if r.bench and r.bench.tg_tps and r.bench.peak_memory]
+    bases, refs = bench_rows([r.bench for r in benched])
     use_kld = all(r.eval.kld_mean is not None for r in pts)
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    fig, axes = plt.subplots(1, 2 if benched else 1, figsize=(12.5 if benched else 7.5, 4.6), dpi=110,
+                             squeeze=False)
+    ax = axes[0][0]
     colors = {"gguf": "#1f77b4", "awq": "#d62728", "gptq": "#2ca02c"}
-    scale, unit = (1e9, "GB") if max(r.size for r in pts) > 2e9 else (1e6, "MB")
+    sizes = [r.size for r in pts] + [b["size"] for b in bases if b.get("size")]
+    scale, unit = (1e9, "GB") if max(sizes) > 2e9 else (1e6, "MB")
     for method in dict.fromkeys(r.method for r in pts):
         sel = [r for r in pts if r.method == method]
         xs = [r.size / scale for r in sel]
@@ -118,6 +198,9 @@ def chart(path: str | os.PathLike, recipe, results) -> bool:
             if r.status == "gate failed":
                 label += "\n(gate failed)"
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for b in bases:  # the base has no loss against itself: its size is a line
+        if b.get("size"):
+            ax.axvline(b["size"] / scale, color="#555", lw=1, ls=":", label=f"base {b.get('name')}")
     if use_kld:
         ax.set_yscale("log")
         ax.set_ylabel("mean KL divergence to base (log, lower is better)")
@@ -131,13 +214,40 @@ def chart(path: str | os.PathLike, recipe, results) -> bool:
     ax.set_title(f"{recipe.model_name}: quality vs size", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    xs_all = [r.size / scale for r in pts]
-    ax.set_xlim(min(xs_all) * 0.85, max(xs_all) * 1.3)
+    ax.set_xlim(min(sizes) / scale * 0.85, max(sizes) / scale * 1.3)
+    if benched:
+        _speed_panel(axes[0][1], benched, bases, refs, colors)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
     return True
+
+
+def _speed_panel(ax, benched, bases, refs, colors) -> None:
+    """Generation tok/s against peak memory: the variants, the base (same engine) and any reference row."""
+    mems = [r.bench.peak_memory for r in benched] + [b["peak_memory"] for b in bases + refs if b.get("peak_memory")]
+    scale, unit = (1e9, "GB") if max(mems) > 2e9 else (1e6, "MB")
+    for r in benched:
+        b = r.bench
+        x, y = b.peak_memory / scale, b.tg_tps
+        ax.errorbar(x, y, yerr=b.tg_tps_std or 0, fmt="o", ms=6, color=colors.get(r.method, "#555"), zorder=3)
+        ax.annotate(r.name + (f"\n{b.tg_gain:.2f}x tok/s, {b.memory_gain:.2f}x mem" if b.tg_gain and b.memory_gain
+                              else ""), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for row, marker, color in [(b, "*", "black") for b in bases] + [(b, "s", "#888") for b in refs]:
+        if not (row.get("peak_memory") and row.get("tg_tps")):
+            continue
+        x, y = row["peak_memory"] / scale, row["tg_tps"]
+        ax.errorbar(x, y, yerr=row.get("tg_tps_std") or 0, fmt=marker, ms=11 if marker == "*" else 7, color=color,
+                    zorder=4)
+        ax.annotate(f"{row.get('name')}\n({row.get('label')})", (x, y), textcoords="offset points",
+                    xytext=(6, -14), fontsize=8)
+    ax.set_xlabel(f"peak memory of the model in its engine ({unit})")
+    ax.set_ylabel("generation tok/s (higher is better)")
+    ax.set_title("speed vs memory, with the base (star)", fontsize=11)
+    ax.set_xlim(0, max(mems) / scale * 1.35)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
 
 
 def write_report(folder: str | os.PathLike, recipe, results, *, base_sha: str | None = None,

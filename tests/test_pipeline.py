@@ -155,6 +155,64 @@ def test_recipe_end_to_end_with_push(tmp_path, tiny_llama, converted_tiny, hub_s
     assert not any(k.endswith(("Q8_0", "Q4_K_M")) for k in new), new
 
 
+def test_bench_stage_measures_the_base_in_the_same_engine_once(tmp_path, tiny_llama, converted_tiny, run_cli,
+                                                                monkeypatch):
+    """`quantkit run` with bench: each variant's bench record holds the base measured in llama.cpp (the folder's
+    unquantised GGUF) and non-null gains; the base is measured once (bench's cache), not per variant or per run;
+    the report, the card and the run table show the base row and the gains."""
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "qk-cache"))  # an empty bench cache
+    r = tiny_recipe(tmp_path, tiny_llama, bench=True, max_tokens=128)
+    out = tmp_path / "out"
+    seed(converted_tiny, out)
+    folder = out / converted_tiny.name
+    code, stdout, err = run_cli("run", r, "--json")
+    assert code == 0, (stdout + err)[-3000:]
+    m = json.loads((folder / "quantkit.json").read_text())
+    inter = m["intermediates"]["convert"]["path"]
+    stages = json.loads((out / RUN_LOG).read_text())["stages"]
+    ids = set()
+    for v in json.loads(stdout)["variants"]:
+        rec = m["artifacts"][v["artifact"]]["bench"]
+        assert rec == stages[f"bench:{v['name']}"]["result"] == v["bench"]  # quantkit.json = run log = result
+        base = rec["base"]
+        assert base["engine"].startswith("llama.cpp") and rec["engine"].startswith("llama.cpp")
+        assert base["path"] == str((folder / inter).resolve()) and base["label"] == "base, llama.cpp"
+        for g in ("pp_gain", "tg_gain", "size_gain", "memory_gain"):
+            assert rec[g] is not None and rec[g] > 0, (g, rec)
+        assert rec["tg_gain"] == pytest.approx(rec["tg_tps"] / base["tg_tps"])
+        assert rec["size_gain"] == pytest.approx(base["size"] / rec["size"]) and rec["size_gain"] > 3
+        assert rec["memory_gain"] == pytest.approx(base["peak_memory"] / rec["peak_memory"])
+        assert rec["memory_gain"] > 1
+        ids.add(base["measurement_id"])
+    assert len(ids) == 1  # one base measurement for both variants
+    base_rows = [a["bench"]["base"] for a in m["artifacts"].values()]
+    assert sorted(b["cached"] for b in base_rows) == [False, True]  # measured for the first, reused for the next
+    first = next(b for b in base_rows if not b["cached"])
+
+    # the run table, the report and the card show the base row and the gains
+    code, table, err = run_cli("run", r)
+    assert code == 0 and "tg x" in table and "mem x" in table and "(base, llama.cpp" in table, table
+    md = (out / "quantkit-report.md").read_text()
+    assert f"| {first['name']} | base, llama.cpp |" in md and "| tg x |" in md and "| mem x |" in md
+    q4 = m["artifacts"]["tiny-llama-s0-v1-Q4_K_M.gguf"]["bench"]
+    assert f"| {q4['tg_gain']:.2f}x |" in md and f"| {q4['memory_gain']:.2f}x |" in md
+    assert "Gains (x) are relative to the base measured in the same engine" in md
+    card = (folder / "README.md").read_text()
+    assert f"| {first['name']} (base, llama.cpp) |" in card and "Gen vs base" in card
+    assert f"{q4['tg_gain']:.2f}x" in card and f"{q4['memory_gain']:.2f}x" in card
+    assert "Load average (1 min) at the start" in card
+
+    # a new variant in a later run: its bench runs, the base comes from the cache (same measurement)
+    before = done_counts(out)
+    code, stdout, err = run_cli("run", r, "--set", "variants.0.types=[Q8_0, Q4_K_M, Q6_K]", "--json")
+    assert code == 0, (stdout + err)[-3000:]
+    after = done_counts(out)
+    assert after["bench:Q6_K"] == 1 and after["bench:Q8_0"] == before["bench:Q8_0"] == 1
+    q6 = next(v for v in json.loads(stdout)["variants"] if v["name"] == "Q6_K")["bench"]
+    assert q6["base"]["measurement_id"] == first["measurement_id"] and q6["base"]["cached"] is True
+    assert q6["base"]["measured_at"] == first["measured_at"] and q6["tg_gain"] is not None
+
+
 def test_crash_mid_stage_then_resume(tmp_path, tiny_llama, converted_tiny):
     """SIGKILL while quantising Q4_K_M; the re-run finishes and no stage is done twice."""
     r = tiny_recipe(tmp_path, tiny_llama, max_tokens=256)
@@ -230,7 +288,7 @@ def test_demo_recipe_smollm2_end_to_end(tmp_path, hub_server, run_cli, monkeypat
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli("run", RECIPES / "demo-smollm2.yaml", "--set", "publish.enabled=true",
                              "--set", "publish.repo=alice-org/{model_name}-{method}", "--json")
-    assert code == 0, (stdout + err)[-3000:]
+    assert code == 0, (out + err)[-3000:]
     res = json.loads(out)
     assert [v["status"] for v in res["variants"]] == ["done", "done", "done"]
     files = set(hub_server.files("alice-org/SmolLM2-135M-Instruct-GGUF"))
