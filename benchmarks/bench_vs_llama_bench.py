@@ -146,7 +146,8 @@ def main() -> None:
     md = (f"# quantkit bench vs llama-bench and a plain transformers loop\n\n"
           f"Made by `python3 benchmarks/bench_vs_llama_bench.py --threads {args.threads} --prompt {args.prompt} "
           f"--gen {args.gen} --repeats {args.repeats}"
-          f"{''.join(' --llama-bench-arg=' + a for a in args.llama_bench_arg)}` on {time.strftime('%Y-%m-%d', time.gmtime())}.\n\n{head}\n\n"
+          f"{''.join(' --llama-bench-arg=' + a for a in args.llama_bench_arg)}` on "
+          f"{time.strftime('%Y-%m-%d', time.gmtime())}.\n\n{head}\n\n"
           f"```\n{table}\n```\n\n{verdict}\n")
     OUT_MD.write_text(md)
     OUT_JSON.write_text(json.dumps({"context": {"prompt_tokens": args.prompt, "gen_tokens": args.gen,

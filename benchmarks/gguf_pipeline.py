@@ -78,15 +78,15 @@ def build_synthetic(work: Path, layers: int, hidden: int) -> Path:
     final = work / f"synthetic-llama-{layers}x{hidden}"
     if (final / "config.json").is_file():
         return final
+    import fixtures_models as fm
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    import fixtures_models as fm
 
     smol = fm.build_smollm2_hf()
     tok = AutoTokenizer.from_pretrained(str(smol))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
+                      num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                      num_key_value_heads=max(1, hidden // 512),
                       max_position_embeddings=2048, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg.architectures = ["LlamaForCausalLM"]

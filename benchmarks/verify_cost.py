@@ -67,6 +67,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import fixtures_models as fm
+
     from quantkit.hub import resolve_model
 
     base = Path(a.model) if a.model else fm.build_smollm2_hf()

@@ -38,12 +38,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.records import BenchScore
 from quantkit.errors import QuantkitError
-from quantkit.evaluate import (Variant, _hf_format, _weights_size, default_threads, gguf_tokenize, hardware,
-                               resolve_variants)
-from quantkit.util import (cache_home, dist_version, format_table, human_size, now_iso, safetensors_tensors,
-                           write_json_atomic)
+from quantkit.evaluate import (
+    Variant,
+    _hf_format,
+    _weights_size,
+    default_threads,
+    gguf_tokenize,
+    hardware,
+    resolve_variants,
+)
+from quantkit.records import BenchScore
+from quantkit.util import (
+    cache_home,
+    dist_version,
+    format_table,
+    human_size,
+    now_iso,
+    safetensors_tensors,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +167,7 @@ def llama_buffers(log_text: str) -> dict[str, int]:
     """llama.cpp's load log -> bytes per buffer kind (``model``, ``KV``, ``compute``, ``output``, ``RS``), summed over
     devices (CPU, CPU_Mapped, CPU_REPACK, CUDA0, ...)."""
     out: dict[str, int] = {}
-    for dev, kind, mib in _BUFFER_LINE.findall(log_text):
+    for _dev, kind, mib in _BUFFER_LINE.findall(log_text):
         out[kind] = out.get(kind, 0) + round(float(mib) * 1024 * 1024)
     return out
 
@@ -352,7 +366,8 @@ class BenchReport:
         c = self.context
         hw = c["hardware"]
         head = (f"prompt {c['prompt_tokens']} tokens, generate {c['gen_tokens']} tokens, {c['repeats']} repeats "
-                f"after a warm-up; {hw['cpu']} ({hw['threads']} threads)" + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
+                f"after a warm-up; {hw['cpu']} ({hw['threads']} threads)"
+                + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
                 + (f"; load average {c['load_avg_1m']:.2f} at the start" if c.get("load_avg_1m") is not None else ""))
         lines = [head, "", format_table(rows, headers)]
         methods = sorted({r["peak_memory_method"] for r in self.bases + self.rows if r.get("peak_memory_method")})

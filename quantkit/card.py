@@ -69,7 +69,7 @@ OPEN_IDS = {
     "pddl", "lgpl-lr", "unknown", "other", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama4",
     "gemma", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0",
     "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "cc-by-nd-4.0", "apple-amlr", "deepfloyd-if-license",
-    "fair-noncommercial-research-license", "mit-0", "cc-by-sa-2.0", "bigscience-bloom-rail-1.0",
+    "fair-noncommercial-research-license", "mit-0", "cc-by-sa-2.0",
 }
 KNOWN_IDS = OPEN_IDS
 

@@ -21,7 +21,7 @@ from quantkit.pipeline import PARTS
 
 log = logging.getLogger("quantkit.cli")  # not __name__: that is "__main__" under `python -m quantkit.cli`
 
-# -- output: results on stdout, everything else through logging on stderr -----------------------------------------------
+# -- output: results on stdout, everything else through logging on stderr ----------------------------------------------
 _JSON_OUT = "quantkit.json_out"  # click context meta: JSON texts held back until stdout is the real one again
 
 

@@ -47,8 +47,17 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 from quantkit.records import GATE_BY_KEY, GATES, EvalScore
-from quantkit.util import (atomic_path, cache_home, default_threads, dist_version, format_table, human_size,
-                           now_iso, progress, sha256_bytes)
+from quantkit.util import (
+    atomic_path,
+    cache_home,
+    default_threads,
+    dist_version,
+    format_table,
+    human_size,
+    now_iso,
+    progress,
+    sha256_bytes,
+)
 
 DEFAULT_TOP_K = 64
 #: Tail tokens sampled per position (with replacement, from the base distribution outside the top k).
@@ -658,7 +667,8 @@ class EvalReport:
                    "tokenizer"]
         b = self.base
         rows = [[b["name"] + " (base)", b["engine_short"], human_size(b["size"]) if b.get("size") else "",
-                 f"{b['ppl']:.4f}", "", "", "", "", f"{b['tokens_per_second']:.0f}" if b.get("tokens_per_second") else "",
+                 f"{b['ppl']:.4f}", "", "", "", "",
+                 f"{b['tokens_per_second']:.0f}" if b.get("tokens_per_second") else "",
                  "base"]]
         for r in self.rows:
             rows.append([
@@ -766,7 +776,8 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         "ppl_ratio_se": float(ratio * d.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         "kld_mean": float(kld.mean()), "kld_se": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
         "kld_p99": _pct(kld, 99), "kld_median": _pct(kld, 50), "kld_max": float(kld.max()),
-        "top1": float(top1.mean()), "nonfinite_logits": nonfinite, "tokens": n, "windows": stream.n_windows, "ctx": stream.ctx,
+        "top1": float(top1.mean()), "nonfinite_logits": nonfinite, "tokens": n, "windows": stream.n_windows,
+        "ctx": stream.ctx,
         "engine": engine, "engine_short": engine.split(" (")[0].split(" ")[0] if v.kind == "hf" else "llama.cpp",
         "tokenizer_match": tokenizer_match, "tokenizer_first_mismatch": mismatch_at,
         "load_seconds": round(load_s, 2), "seconds": round(seconds, 2),

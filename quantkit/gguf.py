@@ -40,8 +40,19 @@ from quantkit import gguf_mix
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES, file_type_name, gguf_spec, quant_size
 from quantkit.manifest import Manifest, file_record
-from quantkit.util import (PARTIAL_SUFFIX, Timer, atomic_path, default_threads, file_lock, format_table,
-                           human_size, now_iso, progress, sha256_file, versions)
+from quantkit.util import (
+    PARTIAL_SUFFIX,
+    Timer,
+    atomic_path,
+    default_threads,
+    file_lock,
+    format_table,
+    human_size,
+    now_iso,
+    progress,
+    sha256_file,
+    versions,
+)
 from quantkit.verify import gguf_bits, raise_if_failed, verify_recorded, verify_status
 
 OUTTYPES = ("f32", "f16", "bf16", "auto")
@@ -717,7 +728,8 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
         if dataset:
             kvs.insert(1, ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(dataset)))
         if meta.get("chunk_count"):
-            kvs.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(meta["chunk_count"])))
+            kvs.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT,
+                        int(meta["chunk_count"])))
         ov = (llama_cpp.llama_model_kv_override * (len(kvs) + 1))()
         for i, (key, tag, val) in enumerate(kvs):
             ov[i].key = key.encode()
@@ -761,8 +773,8 @@ def quantize_file(src: str | os.PathLike, dest: str | os.PathLike, gtype: str, *
 
 def _restore_llama_log() -> None:
     try:
-        from llama_cpp import _logger
         import llama_cpp
+        from llama_cpp import _logger
 
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     except Exception:  # pragma: no cover

@@ -19,7 +19,8 @@ def quantize_gptq(model: str, *, bits: int = 4, group_size: int = 128, act_order
                   damp: float = 0.01, sym: bool = True, calibration: str | None = None, samples: int = 128,
                   seq_len: int = 2048, fmt: str = DEFAULT_FORMAT, out: str | os.PathLike | None = None,
                   revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
-                  offload: bool = False, verify: bool = True, adapter: str | None = None, adapter_revision: str | None = None) -> QuantResult:
+                  offload: bool = False, verify: bool = True, adapter: str | None = None,
+                  adapter_revision: str | None = None) -> QuantResult:
     """Quantise MODEL (Hub id or local folder) with GPTQ into ``out`` (default ``./<Model>-GPTQ-INT4-g128``,
     ``-asym`` appended for --asym; ``W4A16``/``W8A16`` for compressed-tensors). Re-running on an intact
     folder is a no-op."""

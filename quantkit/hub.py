@@ -82,7 +82,8 @@ class ModelSource:
 
 
 def is_local(model: str) -> bool:
-    return os.path.exists(os.path.expanduser(model)) or model.startswith(("./", "../", "/", "~")) or not HUB_ID_RE.match(model)
+    return (os.path.exists(os.path.expanduser(model)) or model.startswith(("./", "../", "/", "~"))
+            or not HUB_ID_RE.match(model))
 
 
 def resolve_model(model: str, revision: str | None = None, *, allow_pickle: bool = False,

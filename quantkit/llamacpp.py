@@ -134,5 +134,6 @@ def tool(name: str) -> tuple[Path, dict]:
 
     lib = Path(llama_cpp.__file__).resolve().parent / "lib"
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), str(d.parent / "lib"), env.get("LD_LIBRARY_PATH")]))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), str(d.parent / "lib"),
+                                                           env.get("LD_LIBRARY_PATH")]))
     return d / name, env

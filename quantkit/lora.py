@@ -27,9 +27,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantkit.demo import _publish_dir
 from quantkit.errors import QuantkitError
 from quantkit.hub import ModelSource
-from quantkit.demo import _publish_dir
 from quantkit.util import cache_home, safetensors_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -95,7 +95,7 @@ class PushResult(_Actions):
                    **{k: v for k, v in d.items() if k in names})
 
 
-# -- local side ---------------------------------------------------------------------------------------------------------
+# -- local side --------------------------------------------------------------------------------------------------------
 
 def local_files(folder: Path, manifest: Manifest) -> dict[str, Path]:
     """Files of the output folder that belong in the repo (path in repo -> local path).
@@ -239,7 +239,7 @@ def diff_files(local: dict[str, LocalFile], remote: dict[str, RemoteFile], *, pr
     return actions
 
 
-# -- the Hub side -------------------------------------------------------------------------------------------------------
+# -- the Hub side ------------------------------------------------------------------------------------------------------
 
 def _check_namespace(api, token: str, repo_id: str) -> str:
     """whoami: the token must be able to write in the repo's namespace. Returns the user name."""
@@ -311,7 +311,7 @@ def _check_ownership(repo_id: str, head: str, remote: dict, manifest: Manifest, 
                             "--repo")
 
 
-# -- plan ---------------------------------------------------------------------------------------------------------------
+# -- plan --------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class PushPlan(_Actions):
@@ -446,7 +446,7 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, private: bool | None =
                     set_private=private if exists and private is not None and remote_private != private else None)
 
 
-# -- apply --------------------------------------------------------------------------------------------------------------
+# -- apply -------------------------------------------------------------------------------------------------------------
 
 def apply_push(plan: PushPlan) -> PushResult:
     """Make the planned push: write the card locally, create the repo/branch, ONE commit, record it in

@@ -13,9 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import fixtures_models as fm
+import pytest
 
 TYPES = ["Q8_0", "Q4_K_M", "Q2_K"]
 SET_VERSION = "1"

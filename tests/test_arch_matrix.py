@@ -9,9 +9,9 @@ is marked slow. The README's architecture table is this matrix's result.
 
 from pathlib import Path
 
+import fixtures_models as fm
 import pytest
 
-import fixtures_models as fm
 from quantkit.errors import QuantkitError
 
 DENSE = ["llama", "qwen2", "mistral", "gemma2", "phi3"]

@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 import pytest
-
 from eval_fixtures import build_gguf_set, gguf_path, smollm2_gguf_set  # noqa: F401 (fixture)
+
 from quantkit.errors import QuantkitError
 
 CTX = 256
@@ -56,7 +56,7 @@ def test_quality_orders_q8_q4_q2(report):
 
 def test_results_written_into_quantkit_json(report, smollm2_gguf_set):
     data = json.loads((smollm2_gguf_set / "quantkit.json").read_text())
-    for name, rec in data["artifacts"].items():
+    for rec in data["artifacts"].values():
         ev = rec["eval"]
         for key in ("ppl", "base_ppl", "ppl_ratio", "delta_ppl", "kld_mean", "kld_p99", "top1", "tokens",
                     "windows", "ctx", "text", "text_sha256", "engine", "tokenizer_match", "time"):
@@ -113,8 +113,18 @@ def test_kld_cache_within_stated_error_of_exact(smollm2_hf, smollm2_gguf_set):
     import torch
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import (DEFAULT_TOP_K, TAIL_SAMPLES, TOPK_P99_REL_ERROR, TOPK_REL_ERROR, GGUFScorer,
-                                   exact_kld, kld_vs_topk, load_hf_model, make_stream, topk_cache_from_logits)
+    from quantkit.evaluate import (
+        DEFAULT_TOP_K,
+        TAIL_SAMPLES,
+        TOPK_P99_REL_ERROR,
+        TOPK_REL_ERROR,
+        GGUFScorer,
+        exact_kld,
+        kld_vs_topk,
+        load_hf_model,
+        make_stream,
+        topk_cache_from_logits,
+    )
     from quantkit.texts import builtin_eval_text
 
     torch.set_num_threads(THREADS)

@@ -18,8 +18,15 @@ import pytest
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES
-from quantkit.gguf import (WORK_DIR, artifact_name, imatrix_method, load_imatrix,
-                           normalize_types, quantize_gguf, read_gguf_info)
+from quantkit.gguf import (
+    WORK_DIR,
+    artifact_name,
+    imatrix_method,
+    load_imatrix,
+    normalize_types,
+    quantize_gguf,
+    read_gguf_info,
+)
 from quantkit.manifest import Manifest
 from quantkit.util import sha256_file
 

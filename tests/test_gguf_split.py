@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.gguf import (DEFAULT_SPLIT_MAX_SIZE, artifact_name, gguf_entry_points, quantize_file, quantize_gguf,
-                           shard_count, shard_name, split_size_bytes)
+from quantkit.gguf import (
+    DEFAULT_SPLIT_MAX_SIZE,
+    artifact_name,
+    gguf_entry_points,
+    quantize_file,
+    quantize_gguf,
+    shard_count,
+    shard_name,
+    split_size_bytes,
+)
 from quantkit.manifest import Manifest
 from quantkit.util import sha256_file
 

@@ -10,10 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
+import fixtures_models as fm
 import numpy as np
 import pytest
-
-import fixtures_models as fm
 from test_gguf import SENTENCE, gguf_logits, hf_logits, mean_kl, rel_err
 
 LORA_VERSION = "2"

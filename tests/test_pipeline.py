@@ -243,8 +243,10 @@ def test_one_failing_variant_keeps_the_others(tmp_path, tiny_llama, converted_ti
     cal = tmp_path / "cal.txt"
     cal.write_text("some calibration text\n" * 50)
     r = tiny_recipe(tmp_path, tiny_llama, types=("Q8_0",),
-                    extra=f"calibration:\n  spec: {cal}\n").read_text().replace("  ctx: 128", "  enabled: false\n  ctx: 128")
-    r = r.replace("    types: [Q8_0]\n", "    types: [Q8_0]\n  - method: gguf\n    types: [IQ4_XS]\n    imatrix: true\n")
+                    extra=f"calibration:\n  spec: {cal}\n").read_text()
+    r = r.replace("  ctx: 128", "  enabled: false\n  ctx: 128")
+    r = r.replace("    types: [Q8_0]\n",
+                  "    types: [Q8_0]\n  - method: gguf\n    types: [IQ4_XS]\n    imatrix: true\n")
     path = tmp_path / "two.yaml"
     path.write_text(r)
     seed(converted_tiny, tmp_path / "out")

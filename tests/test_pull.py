@@ -6,7 +6,6 @@ import json
 import socket
 
 import numpy as np
-import pytest
 
 
 def _model_folder(path, *, safetensors=True, pickle=False, extras=True, license="apache-2.0"):

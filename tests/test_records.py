@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from quantkit.records import (GATE_BY_KEY, GATES, BenchScore, EvalScore, PushResult, QuantResult, VariantResult,
-                              VerifyResult)
+from quantkit.records import (
+    GATE_BY_KEY,
+    GATES,
+    BenchScore,
+    EvalScore,
+    PushResult,
+    QuantResult,
+    VariantResult,
+    VerifyResult,
+)
 
 pytestmark = pytest.mark.unit  # records, gates and keys: no model, no llama.cpp
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from eval_fixtures import build_gguf_set, gguf_path, smollm2_gguf_set  # noqa: F401 (fixture)
 from test_pipeline import converted_tiny  # noqa: F401 (fixture)
 

@@ -7,9 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+import fixtures_models as fm
 import pytest
 
-import fixtures_models as fm
 from quantkit.verify import VerifyResult, gguf_bits, kld_bound, verify_artifact
 
 
