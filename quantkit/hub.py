@@ -98,15 +98,21 @@ def resolve_model(model: str, revision: str | None = None, *, allow_pickle: bool
 
 # -- local folders ------------------------------------------------------------------------------
 
+def read_json_file(path: Path, what: str, missing: str) -> dict:
+    """A JSON file that ``what`` must hold (a config): one-line errors when it is missing (``missing`` says what
+    that means) or not valid JSON."""
+    if not path.is_file():
+        raise QuantkitError(f"{what} has no {path.name}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"{path} is not valid JSON ({e})") from None
+
+
 def _read_config(folder: Path, what: str) -> dict:
     cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise QuantkitError(f"{what} has no config.json: it is not a Hugging Face model folder "
-                            "(give a folder made by save_pretrained, or a Hub id like org/name)")
-    try:
-        config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantkitError(f"{cfg} is not valid JSON ({e})") from None
+    config = read_json_file(cfg, what, "it is not a Hugging Face model folder (give a folder made by "
+                                       "save_pretrained, or a Hub id like org/name)")
     if not (config.get("architectures") or config.get("model_type")):
         raise QuantkitError(f"{cfg} names no architectures/model_type: cannot tell what model this is")
     return config

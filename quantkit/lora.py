@@ -92,14 +92,11 @@ def _content_sha(folder: Path) -> str:
 
 
 def _check_adapter_folder(folder: Path, what: str) -> dict:
+    from quantkit.hub import read_json_file
+
     cfg = folder / ADAPTER_CONFIG
-    if not cfg.is_file():
-        raise QuantkitError(f"{what} has no {ADAPTER_CONFIG}: it is not a PEFT adapter folder "
-                            "(give a folder written by PeftModel.save_pretrained, or a Hub id)")
-    try:
-        config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantkitError(f"{cfg} is not valid JSON ({e})") from None
+    config = read_json_file(cfg, what, "it is not a PEFT adapter folder (give a folder written by "
+                                       "PeftModel.save_pretrained, or a Hub id)")
     kind = str(config.get("peft_type") or "").upper()
     if kind != "LORA":
         raise QuantkitError(f"{what} is a {config.get('peft_type') or 'untyped'} adapter: quantkit merges and "
