@@ -69,7 +69,7 @@ def bench_notes(scores) -> list[str]:
     loads = [x.load_avg_1m for x in scores if x.load_avg_1m is not None]
     if loads:
         cpus = hw.get("cpu_count")
-        busy = cpus and max(loads) > 0.5 * cpus
+        busy = cpus and max(loads) > cpus  # as bench's own warning: more runnable work than cores
         lines.append(f"Load average (1 min) at the start of the benchmarks: {min(loads):.2f}"
                      + (f" to {max(loads):.2f}" if max(loads) - min(loads) >= 0.01 else "")
                      + (f" on {cpus} CPUs" if cpus else "")
