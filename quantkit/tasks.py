@@ -580,10 +580,10 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
                    "engine_short": "llama.cpp" if v.kind == "gguf" else "transformers",
                    "seconds": round(secs, 2), "gates": {}}
             if g.key in gates:
-                limit = gates[g.key]["limit"]
-                row["gates"][g.key] = ok = rec is not None and g.passes(rec, limit)
+                floor = gates[g.key]["limit"]
+                row["gates"][g.key] = ok = rec is not None and g.passes(rec, floor)
                 if not ok:
-                    failed.append({"variant": v.name, "task": task, "gate": g.key, "value": rec, "limit": limit,
+                    failed.append({"variant": v.name, "task": task, "gate": g.key, "value": rec, "limit": floor,
                                    "shown": f"{g.shown(rec)} ({task})", "limit_shown": gates[g.key]["shown"]})
             rows.append(row)
     context = {"tasks": taskset.names, "task_names": list(base_scores), "limit": limit, "num_fewshot": num_fewshot,

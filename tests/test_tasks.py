@@ -95,12 +95,23 @@ def test_gguf_loglikelihoods_equal_llama_cpp(tiny_gguf_set, tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def tiny_report(tiny_llama, tiny_gguf_set):
+def tiny_gptq(tiny_llama, tmp_path_factory) -> Path:
+    from quantkit.gptq import quantize_gptq
+
+    out = tmp_path_factory.mktemp("tasks-gptq") / "gptq"
+    return quantize_gptq(str(tiny_llama), fmt="classic", out=out, samples=4, seq_len=64, group_size=32,
+                         device="cpu").folder
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_llama, tiny_gguf_set, tiny_gptq):
     from quantkit.tasks import eval_tasks
 
-    # the base itself as a variant (transformers) and the two GGUFs (llama.cpp)
-    return eval_tasks(str(tiny_llama), [str(tiny_llama), str(tiny_gguf_set)], str(TASK_YAML), limit=LIMIT,
-                      threads=THREADS)
+    # the base itself as a variant (transformers), the two GGUFs (llama.cpp) and a GPTQ folder (transformers);
+    # a recovery gate too: every variant, not only the first, must still get `limit` documents (a gate once
+    # overwrote the limit, and the variants after the first were scored on a fraction of the task)
+    return eval_tasks(str(tiny_llama), [str(tiny_llama), str(tiny_gguf_set), str(tiny_gptq)], str(TASK_YAML),
+                      limit=LIMIT, threads=THREADS, min_recovery="1%")
 
 
 def _row(rep, variant):
@@ -122,6 +133,11 @@ def test_recovery_rows_and_self_recovery_is_exactly_one(tiny_report, tiny_llama)
         assert r["requests_sha256"] == b["requests_sha256"] and r["n"] == LIMIT
         assert r["recovery"] == pytest.approx(r["score"] / b["score"])
         assert r["recovery_se"] is not None and r["recovery_se"] >= 0
+    (g,) = [r for r in rep.rows if r["format"] == "gptq"]
+    assert g["engine_short"] == "transformers" and g["engine"].startswith("transformers")
+    assert g["requests_sha256"] == b["requests_sha256"] and g["n"] == LIMIT
+    assert g["recovery"] == pytest.approx(g["score"] / b["score"]) and all(r["gates"]["recovery"] for r in rep.rows)
+    assert rep.context["limit"] == LIMIT and len(rep.rows) == 4
     table = rep.table()
     assert TASK in table and "recovery" in table and "llama.cpp" in table
     out = rep.to_json()
