@@ -298,15 +298,26 @@ def test_smollm2_gguf_equal_to_llama_cpp(smollm2_gguf_set, smollm2_hf):
 
 
 @pytest.mark.slow
-def test_smollm2_q2k_recovers_less_than_q8(smollm2_hf, smollm2_gguf_set):
+def test_smollm2_q2k_recovers_less_than_q8(smollm2_hf, smollm2_gguf_set, tmp_path):
+    from quantkit.gptq import quantize_gptq
     from quantkit.tasks import eval_tasks
 
     q8, q2 = gguf_path(smollm2_gguf_set, "Q8_0"), gguf_path(smollm2_gguf_set, "Q2_K")
-    rep = eval_tasks(str(smollm2_hf), [str(q8), str(q2)], str(TASK_YAML), threads=THREADS, min_recovery=0.9,
-                     write_manifest=False)
+    gptq = quantize_gptq(str(smollm2_hf), fmt="classic", out=tmp_path / "gptq", samples=32, seq_len=256,
+                         group_size=64, device="cpu").folder  # 576 = 9 x 64
+    rep = eval_tasks(str(smollm2_hf), [str(q8), str(q2), str(gptq)], str(TASK_YAML), threads=THREADS,
+                     min_recovery=0.9, write_manifest=False)
+    print(rep.table())
     b = rep.base["tasks"][TASK]
     assert b["n"] == 50 and b["score"] > 0.4  # well above chance (25%) on these easy questions
+    for r in rep.rows:  # every variant, scored by its own engine, on the base's 50 requests
+        assert r["n"] == 50 and r["requests_sha256"] == b["requests_sha256"]
     r8 = next(r for r in rep.rows if r["type"] == "Q8_0")
     r2 = next(r for r in rep.rows if r["type"] == "Q2_K")
+    rg = next(r for r in rep.rows if r["format"] == "gptq")
     assert r2["recovery"] < r8["recovery"] and r8["recovery"] >= 0.9
-    assert [f["variant"] for f in rep.failed] == [r2["variant"]]
+    # measured: base 60.0%; Q8_0 100.0%, Q2_K 76.7% +- 7.8, GPTQ-4 g64 (32 x 256 calibration) 80.0% +- 8.5
+    assert rg["engine_short"] == "transformers" and rg["recovery"] > 0.6  # chance is 25% / 60% = 0.42
+    failed = [f["variant"] for f in rep.failed]
+    assert r2["variant"] in failed and r8["variant"] not in failed
+    assert sorted(failed) == sorted(r["variant"] for r in rep.rows if r["recovery"] < 0.9)
