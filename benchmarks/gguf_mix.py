@@ -66,6 +66,8 @@ def run(name: str, budgets: list[str], work: Path, tokens: int) -> list[dict]:
             "sensitivity_seconds": mix["search"]["sensitivity_seconds"], "fallback": mix["fallback"],
             "check": mix["search"]["check"], "tensor_types": mix["tensor_types"], "total_seconds": total,
             "eval_tokens": rep.context["tokens"], "eval_text": rep.context["text"],
+            # the unit the search cost is stated in: one quantisation of the preset plus one scoring of it
+            "preset_quantize_seconds": p["seconds"], "preset_eval_seconds": rp.get("seconds"),
         })
     return rows
 
@@ -85,10 +87,12 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="eval tokens (held-out builtin eval text)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "quantkit-bench" / "gguf_mix"))
     a = ap.parse_args(argv)
-    rows = []
     res = ROOT / "benchmarks"
-    for m in a.models.split(","):  # results written after each model
-        rows += run(m.strip(), a.budgets.split(","), Path(a.work), a.tokens)
+    models = [m.strip() for m in a.models.split(",")]
+    old = res / "gguf_mix.json"  # rows of models not run now are kept
+    rows = [r for r in json.loads(old.read_text()) if r["model"] not in models] if old.is_file() else []
+    for m in models:  # results written after each model
+        rows += run(m, a.budgets.split(","), Path(a.work), a.tokens)
         text = table(rows)
         (res / "gguf_mix.json").write_text(json.dumps(rows, indent=1, default=str))
         (res / "gguf_mix.md").write_text(text + "\n")

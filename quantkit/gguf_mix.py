@@ -20,7 +20,9 @@ standard ggml type to every weight tensor from measurements on *this* model and 
    to ``general.alignment``.
 3. **Check** (:func:`build`): the mix and the preset (same imatrix) are both scored against the HF base on the
    calibration text (never the eval text); when the mix's mean KLD is not lower, or its file is larger, the
-   preset's own assignment is used instead (``fallback`` in the record says so).
+   preset's own assignment is used instead (``fallback`` in the record says so). For ``auto:4.5bpw`` /
+   ``auto:3.2GB`` the preset is the largest K mix whose file fits the budget (up to :data:`PRESET_TRIES` are
+   quantised to find it; none: the mix stands alone).
 
 Search cost (once per model + calibration): one quantisation per candidate (6), a read-back of a row sample, one
 Q8_0-speed pass + one short eval per tensor category (~8); per budget: two quantisations (preset + mix) and
@@ -55,6 +57,7 @@ _SPEC = re.compile(r"^([0-9]*\.?[0-9]+)\s*(bpw|gb|gib|mb|mib)$", re.I)
 # the K mixes an auto: spec may name, and the file type a size budget borrows (largest whose size fits)
 _MIX_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 SEARCH_VERSION = 1
+PRESET_TRIES = 4        # presets quantised to find the comparator of an auto:BPW / auto:SIZE budget
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class AutoSpec:
 def _size_label(n: int) -> str:
     for unit, f in (("GB", 1e9), ("MB", 1e6)):
         if n >= f:
-            return f"{n / f:g}{unit}"
+            return f"{n / f:.9f}".rstrip("0").rstrip(".") + unit  # exact: the label is parsed again
     return f"{n}B"
 
 
@@ -116,7 +119,7 @@ def parse_auto(spec: str) -> AutoSpec:
             if not 2.0 <= value <= 8.5:
                 raise QuantkitError(f"bad GGUF type {raw!r}: bits per weight must be between 2 and 8.5; {how}")
             return AutoSpec(bpw=value)
-        return AutoSpec(size=int(value * _UNITS[unit]))
+        return AutoSpec(size=round(value * _UNITS[unit]))
     try:
         row = gguf_type(body) if body else None
     except QuantkitError:
@@ -321,6 +324,13 @@ def allocate(table: dict, budget: int, header: int, align: int = ALIGN) -> tuple
     return {n: hulls[n][i][2] for n, i in choice.items()}, size
 
 
+def _pure_bytes(table: dict, preset: str) -> int:
+    """Tensor bytes of ``preset`` with every tensor at its base type (Q4_K_M -> Q4_K): a preset gives some
+    tensors more bits, so its file is at least this."""
+    base = re.sub(r"_[SML]$", "", preset)
+    return sum(_align(opts[base]["bytes"]) for opts in table["tensors"].values())
+
+
 def overrides(assign: dict[str, str]) -> dict[str, str]:
     """``{anchored regex: type}`` for llama.cpp's tensor overrides (it uses regex_search)."""
     return {f"^{re.escape(n)}$": t for n, t in sorted(assign.items())}
@@ -373,12 +383,23 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
         budget = preset_path.stat().st_size
         ref_sizes, header, align = tensor_bytes(preset_path)
     else:
+        # the comparator of a size budget: the largest K mix whose file fits it. Tried from the largest whose
+        # tensors, all at its base type (from the sensitivity table: a lower bound of its size), fit, down;
+        # none within PRESET_TRIES: no preset to fall back to, the mix stands alone
         budget = spec.size if spec.size is not None else int(spec.bpw * n_params / 8)
-        probe = scratch / "probe.gguf"
-        with atomic_path(probe) as tmp:
-            quantize_file(inter_path, tmp, ftype, threads=threads, **quantize_kwargs)
-        _, header, align = tensor_bytes(probe)
-        probe.unlink()
+        header = align = None
+        _, inter_header, _ = tensor_bytes(inter_path)  # ~ a quantised file's header (vocabulary, metadata)
+        below = [p for p in _MIX_PRESETS if inter_header + _pure_bytes(table, p) <= budget][::-1] or [_MIX_PRESETS[0]]
+        for name in below[:PRESET_TRIES]:
+            probe = scratch / f"preset-{name}.gguf"
+            with atomic_path(probe) as tmp:
+                quantize_file(inter_path, tmp, name, threads=threads, **quantize_kwargs)
+            if header is None:
+                _, header, align = tensor_bytes(probe)
+            if probe.stat().st_size <= budget:
+                preset_path, ftype = probe, name
+                break
+            probe.unlink()
     assign, predicted = allocate(table, budget, header, align)
     if assign is None:
         raise QuantkitError(f"{spec.name}: no mix of {', '.join(CANDIDATES)} fits in {budget:,} bytes "
@@ -393,10 +414,10 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
         fallback = f"mix file {size:,} bytes > budget {budget:,}"
     elif preset_path is not None and check:
         kld_mix, kld_preset = score([mix_tmp, preset_path])
-        measured = {"text": "calibration", "tokens": CHECK_TOKENS, "ctx": CHECK_CTX,
+        measured = {"text": "calibration", "tokens": CHECK_TOKENS, "ctx": CHECK_CTX, "preset": ftype,
                     "kld_mix": kld_mix, "kld_preset": kld_preset}
         if not kld_mix < kld_preset:
-            fallback = f"mix KLD {kld_mix:.5f} >= {spec.preset}'s {kld_preset:.5f} on the calibration text"
+            fallback = f"mix KLD {kld_mix:.5f} >= {ftype}'s {kld_preset:.5f} on the calibration text"
     if fallback and preset_path is None:
         raise QuantkitError(f"{spec.name}: {fallback}")
     chosen = preset_path if fallback else mix_tmp
@@ -405,12 +426,13 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
         if p is not None and p.exists():
             p.unlink()
     if fallback:
-        log.warning("%s: falling back to %s (%s)", spec.name, spec.preset, fallback)
+        log.warning("%s: falling back to %s (%s)", spec.name, ftype, fallback)
         q = {"seconds": q["seconds"], "imatrix_entries": q.get("imatrix_entries")}
     actual, _, _ = tensor_bytes(dest)
     record = {
         "spec": spec.name,
         "file_type": ftype,
+        "preset": ftype if preset_path is not None else None,  # what the check compared with / fell back to
         "budget_bytes": budget,
         "predicted_bytes": predicted,
         "fallback": fallback,
@@ -432,7 +454,7 @@ def summary(mix: dict) -> str:
 
     spec = mix.get("spec", "auto:?")[len(PREFIX):]
     if mix.get("fallback"):
-        return f"quantkit mix at {spec} size: fell back to {spec} ({mix['fallback']})"
+        return f"quantkit mix at {spec} size: fell back to {mix.get('preset') or spec} ({mix['fallback']})"
     counts = Counter(mix.get("tensor_types", {}).values())
     parts = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return f"quantkit mix at {spec} size: {parts}"

@@ -19,6 +19,8 @@ def test_parse_auto_specs():
     assert parse_auto("auto:3.2GB").size == 3_200_000_000
     assert parse_auto("auto:90MB").name == "auto:90MB"
     assert parse_auto("auto:1GiB").size == 1 << 30
+    for n in (12_803_744, 3_214_567_891):  # a size budget's label parses back to the same bytes
+        assert parse_auto(parse_auto(f"auto:{n / 1e6:.6f}MB").name).size == n
     for bad in ("auto:", "auto:Q4_K_X", "auto:IQ4_XS", "auto:0bpw", "auto:12bpw", "auto:3.2XB"):
         with pytest.raises(QuantkitError, match="auto:PRESET") as e:
             parse_auto(bad)
@@ -148,11 +150,21 @@ def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, m
     llm.eval(toks)
     assert llm.n_tokens == len(toks)
     del llm
-    # re-running elsewhere re-uses the cached sensitivities and reproduces the same bytes
-    again = _run(tiny_llama, tmp_path / "b", calib_file, types=("auto:Q4_K_M",))
-    rec = again.manifest.artifacts[again.artifacts[0]]
+    # re-running elsewhere re-uses the cached sensitivities and reproduces the same bytes; a size budget (the
+    # preset's own file size) is compared with, and can fall back to, the largest preset whose file fits it
+    size_spec = f"auto:{preset['size'] / 1e6:.6f}MB"
+    again = _run(tiny_llama, tmp_path / "b", calib_file, types=("auto:Q4_K_M", size_spec))
+    rec, by_size = (again.manifest.artifacts[a] for a in again.artifacts)
     assert rec["mix"]["sensitivity"]["reused"] and rec["mix"]["sensitivity"]["sha256"] == mix["sensitivity"]["sha256"]
     assert rec["files"][0]["sha256"] == auto["files"][0]["sha256"]
+    sm = by_size["mix"]
+    assert sm["budget_bytes"] == preset["size"] and by_size["size"] <= preset["size"]
+    assert sm["preset"] in ("Q4_K_M", "Q4_K_S", "Q3_K_L") and sm["file_type"] == sm["preset"]
+    if sm["fallback"] is None:
+        assert sm["search"]["check"]["preset"] == sm["preset"]
+        assert sm["search"]["check"]["kld_mix"] < sm["search"]["check"]["kld_preset"]
+    else:
+        assert sm["fallback"].endswith("on the calibration text") and sm["preset"] in summary(sm)
 
 
 def test_auto_mix_needs_calibration(tiny_llama, tmp_path):
