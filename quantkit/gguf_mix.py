@@ -164,6 +164,45 @@ def _cache_dir() -> Path:
     return cache_home() / "mix"
 
 
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of a GGUF file as :func:`_weighted_error` reads it (the attributes of gguf-py's ReaderTensor
+    it uses): ``data`` is a read-only memory map, rows x columns (F32/F16) or rows x bytes (other types)."""
+
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: tuple         # ne0 (columns) first, as GGUF stores it
+    data: object
+
+
+def read_tensors(path) -> dict[str, _Tensor]:
+    """Every tensor of a GGUF as a memory-mapped array, from quantkit's header reader: gguf.GGUFReader parses
+    the whole vocabulary first (seconds on a 50k-150k-token model, once per file read)."""
+    import math
+
+    import gguf
+    import numpy as np
+
+    from quantkit.formats import quant_size
+    from quantkit.gguf import read_gguf_header
+
+    _kv, tensors = read_gguf_header(path, offsets=True)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, gtype, dims, offset in tensors:
+        qt = gguf.GGMLQuantizationType(gtype)
+        block, size = quant_size(qt)
+        n = math.prod(dims)
+        raw = mm[offset:offset + n // block * size]
+        rows = n // dims[0]
+        if qt.name in ("F32", "F16"):
+            data = raw.view(np.float32 if qt.name == "F32" else np.float16).reshape(rows, dims[0])
+        else:
+            data = raw.reshape(rows, -1)
+        out[name] = _Tensor(name, qt, tuple(dims), data)
+    return out
+
+
 def _weighted_error(ref, qt, imx) -> float:
     """imatrix-weighted squared error of one tensor, estimated from a row sample (rows are independent)."""
     import numpy as np
@@ -200,7 +239,6 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
                   score=None) -> tuple[dict, str, bool]:
     """``(table, sha256 of the table, reused)``: per tensor, per candidate: actual type, bytes, error; with
     ``score`` (files -> mean KLDs on calibration text), per-category scales from measured KLD."""
-    import gguf
 
     from quantkit.gguf import load_imatrix, quantize_file
     from quantkit.util import atomic_path, sha256_bytes
@@ -213,7 +251,7 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
         blob = cache.read_bytes()
         return json.loads(blob), sha256_bytes(blob), True
     imx, _meta = load_imatrix(imatrix_path)
-    ref = {t.name: t for t in gguf.GGUFReader(str(inter_path)).tensors}
+    ref = read_tensors(inter_path)
     table: dict[str, dict] = {}
     t0 = time.perf_counter()
     scratch = work / "mix"
@@ -223,7 +261,7 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
         with atomic_path(path) as tmp:
             quantize_file(inter_path, tmp, "Q4_K_M", threads=threads, imatrix=imatrix_path, overrides={".*": cand})
         sizes, _, _ = tensor_bytes(path)
-        for t in gguf.GGUFReader(str(path)).tensors:
+        for t in read_tensors(path).values():
             typ, nbytes = sizes[t.name]
             opts = table.setdefault(t.name, {})
             if typ in ("F32", "F16", "BF16") and typ == ref[t.name].tensor_type.name:

@@ -96,6 +96,15 @@ def test_weighted_error_matches_the_direct_sum(tmp_path):
     imx = rng.random(64).astype(np.float32)
     assert _weighted_error(readers["ref"], readers["q"], imx) == pytest.approx(float((d2 * imx).sum()), rel=0.03)
     assert _weighted_error(readers["ref"], readers["q"], None) == pytest.approx(d2.sum() / 300, rel=0.03)
+    # quantkit's memory-mapped reader (no vocabulary parse) reads the same tensors as gguf-py's
+    from quantkit.gguf_mix import read_tensors
+
+    fast = {name: read_tensors(tmp_path / f"{name}.gguf")["t"] for name in readers}
+    for name, t in fast.items():
+        slow = readers[name]
+        assert t.tensor_type == slow.tensor_type and tuple(t.shape) == tuple(int(x) for x in slow.shape)
+        assert np.array_equal(np.asarray(t.data), np.asarray(slow.data).reshape(t.data.shape))
+    assert _weighted_error(fast["ref"], fast["q"], imx) == _weighted_error(readers["ref"], readers["q"], imx)
 
 
 @pytest.mark.unit
@@ -126,6 +135,7 @@ def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, m
     from quantkit import gguf_mix
     from quantkit.gguf import read_gguf_info
     from quantkit.gguf_mix import tensor_bytes
+    from quantkit.util import sha256_file
 
     monkeypatch.setattr(gguf_mix, "CHECK_TOKENS", 512)  # one window per measurement keeps the default set quick
 
@@ -150,13 +160,16 @@ def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, m
     llm.eval(toks)
     assert llm.n_tokens == len(toks)
     del llm
-    # re-running elsewhere re-uses the cached sensitivities and reproduces the same bytes; a size budget (the
-    # preset's own file size) is compared with, and can fall back to, the largest preset whose file fits it
+    # deleted and made again, it re-uses the cached sensitivities and reproduces the same bytes; a size budget
+    # (the preset's own file size) is compared with, and can fall back to, the largest preset whose file fits it
+    (tmp_path / "a" / auto["path"]).unlink()
     size_spec = f"auto:{preset['size'] / 1e6:.6f}MB"
-    again = _run(tiny_llama, tmp_path / "b", calib_file, types=("auto:Q4_K_M", size_spec))
+    again = _run(tiny_llama, tmp_path / "a", calib_file, types=("auto:Q4_K_M", size_spec))
+    assert sorted(again.built) == sorted(again.artifacts)
     rec, by_size = (again.manifest.artifacts[a] for a in again.artifacts)
     assert rec["mix"]["sensitivity"]["reused"] and rec["mix"]["sensitivity"]["sha256"] == mix["sensitivity"]["sha256"]
     assert rec["files"][0]["sha256"] == auto["files"][0]["sha256"]
+    assert sha256_file(tmp_path / "a" / rec["path"]) == auto["files"][0]["sha256"]
     sm = by_size["mix"]
     assert sm["budget_bytes"] == preset["size"] and by_size["size"] <= preset["size"]
     assert sm["preset"] in ("Q4_K_M", "Q4_K_S", "Q3_K_L") and sm["file_type"] == sm["preset"]
