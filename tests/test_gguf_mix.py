@@ -194,5 +194,6 @@ def test_smollm2_auto_beats_or_matches_the_preset(smollm2_hf, calib_file, tmp_pa
     res = _run(smollm2_hf, tmp_path / "s", calib_file)
     rep = evaluate(str(smollm2_hf), [str(p) for p in res.paths()], max_tokens=1024, write_manifest=False)
     kld_preset, kld_auto = (r["kld_mean"] for r in rep.rows)
+    print(f"SmolLM2 auto:Q4_K_M KLD {kld_auto:.4f} vs Q4_K_M {kld_preset:.4f} ({kld_auto / kld_preset:.3f})")
     assert res.paths()[1].stat().st_size <= res.paths()[0].stat().st_size
-    assert kld_auto <= kld_preset
+    assert kld_auto <= 0.9 * kld_preset  # the goal: >= 10% lower mean KLD at no larger size (measured 0.732)
