@@ -532,16 +532,39 @@ llm.close()
 
 def gguf_tokenize(path: Path, text: str) -> tuple[list[int] | None, str | None]:
     """llama.cpp's own token ids for ``text`` (vocab only, in a child process: a broken vocabulary makes
-    llama.cpp abort the whole process, e.g. a byte token missing from a mis-converted BPE vocab)."""
+    llama.cpp abort the whole process, e.g. a byte token missing from a mis-converted BPE vocab).
+
+    Kept under quantkit's cache by the sha256 of the file's ``tokenizer.*`` metadata, the text and llama.cpp's
+    version: every type made from one intermediate has the same vocabulary, so a set of variants (and every
+    verify and re-run) starts the child once per text."""
     import subprocess
     import sys
 
+    from quantkit.gguf import read_gguf_header
+    from quantkit.util import atomic_path, cache_home, dist_version, sha256_bytes
+
+    kv, _ = read_gguf_header(path, digest="tokenizer.")
+    key = sha256_bytes(json.dumps([kv["tokenizer.*sha256"], kv.get("general.architecture"),
+                                   sha256_bytes(text.encode("utf-8")),
+                                   dist_version("llama_cpp_python")]).encode())
+    cached = cache_home() / "tokenize" / f"{key[:32]}.json"
+    try:
+        return json.loads(cached.read_text()), None
+    except (OSError, ValueError):
+        pass
     r = subprocess.run([sys.executable, "-c", _TOKENIZE_CHILD, str(path)], input=text.encode("utf-8"),
                        capture_output=True)
     if r.returncode != 0:
         tail = [ln for ln in r.stderr.decode(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
         return None, f"llama.cpp's tokenizer failed on this text ({tail[0][:120]})"
-    return json.loads(r.stdout), None
+    ids = json.loads(r.stdout)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached) as tmp:
+            tmp.write_text(json.dumps(ids))
+    except OSError:  # a read-only cache only costs the child next time
+        pass
+    return ids, None
 
 
 class GGUFScorer:

@@ -215,15 +215,17 @@ def split_gguf(src: Path, dest: Path, split_max_size: str) -> list[Path]:
 
 
 
-def read_gguf_header(path: str | os.PathLike, max_array: int = 64,
-                     offsets: bool = False) -> tuple[dict, list[tuple[str, int, tuple]]]:
+def read_gguf_header(path: str | os.PathLike, max_array: int = 64, offsets: bool = False,
+                     digest: str | None = None) -> tuple[dict, list[tuple[str, int, tuple]]]:
     """Metadata and tensor infos of a GGUF file, parsed straight from its header.
 
     Returns ``(kv, tensors)``: ``kv`` maps keys to values (arrays longer than ``max_array`` become their
     length, e.g. the vocabulary), ``tensors`` is ``[(name, ggml_type_id, shape)]`` (``offsets``: with a fourth
-    item, the byte offset of the tensor's data in the file). Much faster than ``gguf.GGUFReader`` on files with a
-    large vocabulary (it builds a numpy view per token).
+    item, the byte offset of the tensor's data in the file). ``digest="tokenizer."``: ``kv["tokenizer.*sha256"]``
+    is the sha256 of the raw bytes of every key/value whose key starts with it (the whole vocabulary). Much faster
+    than ``gguf.GGUFReader`` on files with a large vocabulary (it builds a numpy view per token).
     """
+    import hashlib
     import mmap
     import struct
 
@@ -266,10 +268,16 @@ def read_gguf_header(path: str | os.PathLike, max_array: int = 64,
             raise QuantkitError(f"{path}: unknown GGUF value type {vtype}")
 
         kv: dict = {"GGUF.version": version}
+        h = hashlib.sha256()
         for _ in range(n_kv):
+            start = pos
             key, pos = string(pos)
             (vtype,) = struct.unpack_from("<I", mm, pos)
             kv[key], pos = value(vtype, pos + 4)
+            if digest is not None and key.startswith(digest):
+                h.update(mm[start:pos])
+        if digest is not None:
+            kv[digest + "*sha256"] = h.hexdigest()
         tensors = []
         for _ in range(n_tensors):
             name, pos = string(pos)

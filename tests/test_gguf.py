@@ -189,6 +189,34 @@ def test_logits_close_to_hf(which, request):
 
 # -- resume ---------------------------------------------------------------------------------------
 
+def test_llama_cpp_token_ids_are_kept_per_vocabulary(llama_set, qwen2_set, monkeypatch):
+    """evaluate.gguf_tokenize starts llama.cpp in a child once per vocabulary and text: another type of the same
+    model re-uses the ids (same tokenizer metadata), another model does not; the ids are llama.cpp's own."""
+    import subprocess
+    import uuid
+
+    from llama_cpp import Llama
+
+    from quantkit.evaluate import gguf_tokenize
+
+    text = f"def f(x):\n    return x ** 2  # {uuid.uuid4().hex}"  # new to the cache
+    children = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: children.append(a) or real_run(*a, **k))
+    paths = {n: llama_set.folder / llama_set.manifest.artifacts[n]["path"] for n in llama_set.artifacts}
+    q8, q4 = (next(p for n, p in paths.items() if t in n) for t in ("Q8_0", "Q4_K_M"))
+    ids8, err = gguf_tokenize(q8, text)
+    assert err is None and len(children) == 1
+    ids4, _ = gguf_tokenize(q4, text)
+    assert ids4 == ids8 and len(children) == 1  # the same vocabulary: no second child
+    vocab = Llama(model_path=str(q4), vocab_only=True, verbose=False)
+    assert ids8 == vocab.tokenize(text.encode(), add_bos=False, special=False)
+    vocab.close()
+    other = qwen2_set.folder / next(iter(qwen2_set.manifest.artifacts.values()))["path"]
+    ids_q, _ = gguf_tokenize(other, text)
+    assert len(children) == 2 and ids_q != ids8  # another vocabulary: its own child and its own ids
+
+
 def test_resume_reuses_everything_and_rebuilds_a_deleted_variant(llama_set, tiny_llama, tmp_path):
     folder = _copy_set(llama_set, tmp_path / "resume")
     name = llama_set.manifest.base["model_name"]
