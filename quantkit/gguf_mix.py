@@ -92,10 +92,8 @@ class AutoSpec:
 
 
 def _size_label(n: int) -> str:
-    for unit, f in (("GB", 1e9), ("MB", 1e6)):
-        if n >= f:
-            return f"{n / f:.9f}".rstrip("0").rstrip(".") + unit  # exact: the label is parsed again
-    return f"{n}B"
+    unit, f = ("GB", 1e9) if n >= 1e9 else ("MB", 1e6)
+    return f"{n / f:.9f}".rstrip("0").rstrip(".") + unit  # exact: the label is parsed again
 
 
 def is_auto(spec) -> bool:

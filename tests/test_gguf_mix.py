@@ -19,7 +19,7 @@ def test_parse_auto_specs():
     assert parse_auto("auto:3.2GB").size == 3_200_000_000
     assert parse_auto("auto:90MB").name == "auto:90MB"
     assert parse_auto("auto:1GiB").size == 1 << 30
-    for n in (12_803_744, 3_214_567_891):  # a size budget's label parses back to the same bytes
+    for n in (12_803_744, 3_214_567_891, 500_001):  # a size budget's label parses back to the same bytes
         assert parse_auto(parse_auto(f"auto:{n / 1e6:.6f}MB").name).size == n
     for bad in ("auto:", "auto:Q4_K_X", "auto:IQ4_XS", "auto:0bpw", "auto:12bpw", "auto:3.2XB"):
         with pytest.raises(QuantkitError, match="auto:PRESET") as e:
