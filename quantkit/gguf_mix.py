@@ -136,22 +136,29 @@ def _align(n: int, a: int = ALIGN) -> int:
 def tensor_bytes(path) -> tuple[dict[str, tuple[str, int]], int, int]:
     """``({tensor: (ggml type, bytes)}, header bytes, alignment)`` of a GGUF (header: file size minus the
     aligned tensor data)."""
-    import math
-
-    import gguf
-
-    from quantkit.formats import quant_size
     from quantkit.gguf import read_gguf_header
 
     kv, tensors = read_gguf_header(path)
     align = int(kv.get("general.alignment") or ALIGN)
     out = {}
     for name, gtype, dims in tensors:
-        qt = gguf.GGMLQuantizationType(gtype)
-        block, size = quant_size(qt)
-        out[name] = (qt.name, math.prod(dims) // block * size)
+        qt, nbytes = _type_and_bytes(gtype, dims)
+        out[name] = (qt.name, nbytes)
     data = sum(_align(b, align) for _, b in out.values())
     return out, Path(path).stat().st_size - data, align
+
+
+def _type_and_bytes(gtype: int, dims) -> tuple:
+    """``(gguf.GGMLQuantizationType, data bytes)`` of a tensor from its header entry."""
+    import math
+
+    import gguf
+
+    from quantkit.formats import quant_size
+
+    qt = gguf.GGMLQuantizationType(gtype)
+    block, size = quant_size(qt)
+    return qt, math.prod(dims) // block * size
 
 
 # ------------------------------------------------------------------------------------ sensitivity
@@ -178,21 +185,17 @@ def read_tensors(path) -> dict[str, _Tensor]:
     the whole vocabulary first (seconds on a 50k-150k-token model, once per file read)."""
     import math
 
-    import gguf
     import numpy as np
 
-    from quantkit.formats import quant_size
     from quantkit.gguf import read_gguf_header
 
     _kv, tensors = read_gguf_header(path, offsets=True)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name, gtype, dims, offset in tensors:
-        qt = gguf.GGMLQuantizationType(gtype)
-        block, size = quant_size(qt)
-        n = math.prod(dims)
-        raw = mm[offset:offset + n // block * size]
-        rows = n // dims[0]
+        qt, nbytes = _type_and_bytes(gtype, dims)
+        raw = mm[offset:offset + nbytes]
+        rows = math.prod(dims) // dims[0]
         if qt.name in ("F32", "F16"):
             data = raw.view(np.float32 if qt.name == "F32" else np.float16).reshape(rows, dims[0])
         else:
@@ -258,9 +261,8 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
         path = scratch / f"pure-{cand}.gguf"
         with atomic_path(path) as tmp:
             quantize_file(inter_path, tmp, "Q4_K_M", threads=threads, imatrix=imatrix_path, overrides={".*": cand})
-        sizes, _, _ = tensor_bytes(path)
-        for t in read_tensors(path).values():
-            typ, nbytes = sizes[t.name]
+        for t in read_tensors(path).values():  # one header read gives types, bytes and data
+            typ, nbytes = t.tensor_type.name, int(t.data.nbytes)
             opts = table.setdefault(t.name, {})
             if typ in ("F32", "F16", "BF16") and typ == ref[t.name].tensor_type.name:
                 opts[cand] = {"type": typ, "bytes": nbytes, "err": 0.0}
