@@ -95,12 +95,27 @@ def load_task_yaml(path: Path) -> dict:
             files = [fix(p) for p in files]
         else:
             files = fix(files)
-        for p in (files.values() if isinstance(files, dict) else [files]):
-            for one in (p if isinstance(p, list) else [p]):
-                if "://" not in one and not glob.glob(one):
-                    raise QuantkitError(f"task YAML {path}: data file {one} does not exist")
+        for one in _file_list(files):
+            if "://" not in one and not glob.glob(one):
+                raise QuantkitError(f"task YAML {path}: data file {one} does not exist")
         cfg["dataset_kwargs"] = {**kwargs, "data_files": files}
     return cfg
+
+
+def _file_list(files) -> list[str]:
+    """lm-eval's ``data_files`` (a path, a list, or a split -> path(s) dict) as one flat list."""
+    return [f for v in (files.values() if isinstance(files, dict) else [files])
+            for f in (v if isinstance(v, list) else [v])]
+
+
+def _task_yaml(name: str) -> Path | None:
+    """The task YAML a ``--tasks`` entry names (resolved), or None for an lm-eval registry name."""
+    p = Path(os.path.expanduser(name))
+    if not (name.endswith((".yaml", ".yml")) or p.is_file()):
+        return None
+    if not p.is_file():
+        raise QuantkitError(f"task YAML {name} does not exist")
+    return p.resolve()
 
 
 def parse_tasks(tasks) -> list[str]:
@@ -124,15 +139,11 @@ def task_identity(tasks) -> list[dict]:
 
     out = []
     for name in parse_tasks(tasks):
-        p = Path(os.path.expanduser(name))
-        if not (name.endswith((".yaml", ".yml")) or p.is_file()):
+        p = _task_yaml(name)
+        if p is None:
             out.append({"task": name})
             continue
-        if not p.is_file():
-            raise QuantkitError(f"task YAML {name} does not exist")
-        files = (load_task_yaml(p.resolve()).get("dataset_kwargs") or {}).get("data_files") or []
-        files = [f for v in (files.values() if isinstance(files, dict) else [files])
-                 for f in (v if isinstance(v, list) else [v])]
+        files = _file_list((load_task_yaml(p).get("dataset_kwargs") or {}).get("data_files") or [])
         data = sorted(g for f in files if "://" not in f for g in glob.glob(f))
         out.append({"task": name, "yaml_sha256": sha256_file(p),
                     "data_sha256": {os.path.basename(f): sha256_file(f) for f in data}})
@@ -158,11 +169,9 @@ def resolve_tasks(tasks) -> TaskSet:
     specs: list[Any] = []
     need_registry = False
     for name in names:
-        p = Path(os.path.expanduser(name))
-        if name.endswith((".yaml", ".yml")) or p.is_file():
-            if not p.is_file():
-                raise QuantkitError(f"task YAML {name} does not exist")
-            specs.append(load_task_yaml(p.resolve()))
+        p = _task_yaml(name)
+        if p is not None:
+            specs.append(load_task_yaml(p))
         else:
             specs.append(name)
             need_registry = True
