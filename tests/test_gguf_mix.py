@@ -171,6 +171,8 @@ def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, m
     assert rec["files"][0]["sha256"] == auto["files"][0]["sha256"]
     assert sha256_file(tmp_path / "a" / rec["path"]) == auto["files"][0]["sha256"]
     sm = by_size["mix"]
+    for r in (auto, by_size):  # every auto file was loaded in llama.cpp and scored against the base on build
+        assert r["verify"]["passed"] and r["verify"]["engine"].startswith("llama.cpp") and r["verify"]["tokens"] >= 255
     assert sm["budget_bytes"] == preset["size"] and by_size["size"] <= preset["size"]
     assert sm["preset"] in ("Q4_K_M", "Q4_K_S", "Q3_K_L") and sm["file_type"] == sm["preset"]
     if sm["fallback"] is None:
