@@ -265,8 +265,8 @@ def awq(model, bits, group_size, calibration, samples, seq_len, fmt, out, revisi
 @click.argument("model")
 @_bits_option("gptq")
 @click.option("--act-order/--no-act-order", default=HF_METHODS["gptq"].act_order, show_default=True,
-              help="Quantise columns in order of activation size (classic: desc_act; compressed-tensors: "
-                   "actorder static).")
+              help="Quantise columns in order of activation size, as vLLM serves it (classic: GPTQModel's "
+                   "group-aware ordering, desc_act false; compressed-tensors: actorder static).")
 @click.option("--damp", type=float, default=HF_METHODS["gptq"].damp, show_default=True,
               help="Hessian dampening, as a fraction of its mean diagonal.")
 @click.option("--sym/--asym", default=HF_METHODS["gptq"].sym, show_default=True,

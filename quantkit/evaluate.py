@@ -68,6 +68,11 @@ WINDOWS = "non-overlapping"
 #: (README design: eval/bench; checked by tests/test_evaluate.py): mean KLD and its 99th percentile.
 TOPK_REL_ERROR = 0.02
 TOPK_P99_REL_ERROR = 0.10
+#: The vLLM estimator (:func:`kld_vs_topk_sparse`: base top ``k`` vs the variant's top ``MAX_LOGPROBS``, the rest
+#: lumped) is a lower bound: at most this far below the exact KLD (tests/test_vllm.py checks it).
+SPARSE_KLD_REL_ERROR = 0.25
+#: ``--engine`` for HF-format models: vLLM where this machine's vLLM can run the scheme, else transformers.
+HF_ENGINES = ("auto", "vllm", "transformers")
 
 
 # ------------------------------------------------------------------------------------------ hardware
@@ -126,6 +131,8 @@ class Variant:
     size: int = 0
     bits_per_weight: float | None = None
     adapter: Path | None = None  # LoRA applied at run time: a GGUF LoRA (llama.cpp) or a PEFT folder (HF)
+    engine: str | None = None  # HF formats: "vllm" | "transformers" (hf_engine); a GGUF: llama.cpp
+    engine_note: str | None = None  # why an HF-format model is not scored in vLLM here
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "path": str(self.path), "format": self.format,
@@ -444,6 +451,54 @@ def kld_vs_topk(logits_q, targets, idx, logp_p, rest_p, sidx=None, slogp_p=None)
     return nll, kld, top1
 
 
+def kld_vs_topk_sparse(q_rows: list[dict], targets: list[int], idx, logp_p, rest_p):
+    """Variant side when the engine returns only its top log-probabilities (vLLM's ``prompt_logprobs``): ``q_rows``
+    maps token id -> log Q for the variant's top K plus the target token. Returns (nll_q, kld, top1) as numpy.
+
+    NLL and top-1 are exact. KLD is the **top-k lower bound**: exact on the base's top-k tokens that the
+    variant also returned, every other token lumped into one bucket on each side (by the log-sum inequality
+    never above the full KLD; :data:`SPARSE_KLD_REL_ERROR` states how far below, checked by tests)."""
+    import numpy as np
+
+    n = len(q_rows)
+    nll, kld, top1 = np.empty(n), np.empty(n), np.zeros(n, dtype=bool)
+    idx, logp_p, rest_p = np.asarray(idx), np.asarray(logp_p, dtype=np.float64), np.asarray(rest_p, np.float64)
+    for i, (q, t) in enumerate(zip(q_rows, targets)):
+        if t not in q:
+            raise QuantkitError("the engine did not return the log-probability of a prompt token")
+        nll[i] = -q[t]
+        q_at = np.array([q.get(int(v), np.nan) for v in idx[i]])
+        known = ~np.isnan(q_at)
+        lp, lq = logp_p[i][known], q_at[known]
+        pp = np.exp(lp)
+        kl = float((pp * (lp - lq)).sum())
+        p_out, q_out = max(1.0 - pp.sum(), 0.0), max(1.0 - float(np.exp(lq).sum()), 1e-12)
+        if p_out > 1e-12:
+            kl += p_out * math.log(p_out / q_out)
+        kld[i] = max(kl, 0.0)
+        top1[i] = max(q, key=q.get) == int(idx[i][0])
+    return nll, kld, top1
+
+
+def topk_rows_to_cache(rows: list[dict], targets: list[int], k: int) -> dict:
+    """Base side for an engine that returns top log-probabilities only (vLLM): the cache record of each position
+    (``nll``, ``idx``/``logp`` top k, ``rest`` = log of the mass outside them; no tail samples)."""
+    import numpy as np
+
+    n = len(rows)
+    idx, logp = np.zeros((n, k), dtype=np.int64), np.full((n, k), -np.inf)
+    nll, rest = np.empty(n), np.empty(n)
+    for i, (r, t) in enumerate(zip(rows, targets)):
+        top = sorted(r.items(), key=lambda kv: -kv[1])[:k]
+        if len(top) < k:
+            raise QuantkitError(f"the engine returned {len(top)} log-probabilities per position, fewer than k={k}")
+        idx[i] = [a for a, _ in top]
+        logp[i] = [b for _, b in top]
+        nll[i] = -r[t]
+        rest[i] = math.log(max(1.0 - float(np.exp(logp[i]).sum()), 1e-30))
+    return {"nll": nll, "idx": idx, "logp": logp, "rest": rest}
+
+
 def exact_kld(logits_p, logits_q):
     """Full-vocabulary KL(P || Q) per row (for tests and the docs' error figure)."""
     import torch
@@ -517,6 +572,45 @@ class HFScorer:
 
     def close(self):
         self.model = None
+
+
+def hf_engine(path: Path, engine: str = "auto", adapter: Path | None = None) -> tuple[str, str | None]:
+    """Which engine scores an HF-format model: ``("vllm", None)`` where this machine's vLLM can run its scheme
+    (``auto``, ``vllm``), else ``("transformers", "not checked in vLLM here: <reason>")`` (``auto``) or a
+    one-line error (``vllm``). ``transformers`` asks for transformers."""
+    if engine not in HF_ENGINES:
+        raise QuantkitError(f"--engine {engine!r}: must be one of {', '.join(HF_ENGINES)}")
+    if engine == "transformers":
+        return "transformers", None
+    from quantkit import vllm
+
+    ok, why = (False, "a run-time LoRA adapter is applied in transformers (PEFT)") if adapter else \
+        vllm.can_run(path)
+    if ok:
+        return "vllm", None
+    if engine == "vllm":
+        raise QuantkitError(f"--engine vllm: {Path(path).name}: {why}")
+    return "transformers", f"not checked in vLLM here: {why}"
+
+
+class VLLMScorer:
+    """An HF-format model served by vLLM (``vllm serve``; one server per model, shared in this process): it
+    returns the top log-probabilities of each prompt position, not logits (``sparse``)."""
+
+    sparse = True
+
+    def __init__(self, path: Path, threads: int | None):
+        from quantkit import vllm
+
+        self.server = vllm.server(path, threads=threads)
+        self.engine = f"{self.server.install.label.replace(')', '')}, {vllm.device_kind(self.server.install)})"
+        self.load_seconds = self.server.load_seconds
+
+    def topk(self, window: list[int], k: int) -> list[dict]:
+        return self.server.prompt_logprobs(window, k)
+
+    def close(self):  # the server stays up for the other stages (verify, eval, bench); stopped at exit
+        self.server = None
 
 
 _TOKENIZE_CHILD = """
@@ -603,20 +697,28 @@ class GGUFScorer:
 
 
 # ------------------------------------------------------------------------------------------ base cache
-def _cache_key(base_sha: str, text_sha: str, stream: TokenStream, max_tokens: int, k: int) -> str:
+def _cache_key(base_sha: str, text_sha: str, stream: TokenStream, max_tokens: int, k: int,
+               engine: str = "transformers") -> str:
     key = {"v": CACHE_VERSION, "base": base_sha, "text": text_sha, "ctx": stream.ctx, "max_tokens": max_tokens,
            "prefix": stream.prefix, "windows": WINDOWS, "k": k, "samples": TAIL_SAMPLES,
            "ids": sha256_bytes(json.dumps(stream.ids).encode())}
+    if engine != "transformers":  # the base served by vLLM: its own reference, per vLLM version
+        from quantkit import vllm
+
+        inst, _ = vllm.find_vllm()
+        key["engine"] = inst.label if inst else engine
     return sha256_bytes(json.dumps(key, sort_keys=True).encode())[:32]
 
 
 def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStream, max_tokens: int, k: int,
-               threads: int | None) -> tuple[dict, Path, bool]:
-    """Base model's top-k distribution over the stream, from the disk cache or computed now."""
+               threads: int | None, engine: str = "transformers") -> tuple[dict, Path, bool]:
+    """Base model's top-k distribution over the stream, from the disk cache or computed now: in transformers
+    (full logits: top k + tail samples), or with ``engine="vllm"`` served by vLLM (its top k only), the
+    reference of variants scored in vLLM."""
     import numpy as np
     import torch
 
-    path = cache_home() / "eval" / f"{_cache_key(base_sha, text_sha, stream, max_tokens, k)}.npz"
+    path = cache_home() / "eval" / f"{_cache_key(base_sha, text_sha, stream, max_tokens, k, engine)}.npz"
     if path.is_file():
         try:
             with np.load(path) as z:
@@ -626,22 +728,27 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
                 return data, path, True
         except Exception:
             pass  # unreadable cache: recompute
-    scorer = HFScorer(base_path, threads)
+    scorer = VLLMScorer(base_path, threads) if engine == "vllm" else HFScorer(base_path, threads)
     chunks: dict[str, list] = {}
     t0 = time.perf_counter()
-    for w in progress(range(stream.n_windows), desc="base (transformers)", unit="win"):
+    for w in progress(range(stream.n_windows), desc=f"base ({scorer.engine.split(' (')[0]})", unit="win"):
         win = stream.window(w)
-        logits = scorer.logits(win)
-        rec = topk_cache_from_logits(logits[:-1], torch.tensor(win[1:]), k, TAIL_SAMPLES, seed=w)
+        if engine == "vllm":
+            rec = topk_rows_to_cache(scorer.topk(win, k), win[1:], k)
+        else:
+            logits = scorer.logits(win)
+            rec = {n: t.numpy() for n, t in topk_cache_from_logits(logits[:-1], torch.tensor(win[1:]), k,
+                                                                    TAIL_SAMPLES, seed=w).items()}
         for name, t in rec.items():
-            chunks.setdefault(name, []).append(t.numpy())
+            chunks.setdefault(name, []).append(t)
     seconds = time.perf_counter() - t0
-    vocab = int(logits.shape[1])
+    vocab = int(logits.shape[1]) if engine != "vllm" else _vocab_size(base_path)
     idx_dtype = np.uint16 if vocab <= 65536 else np.int32
     data = {name: np.concatenate(parts).astype(idx_dtype if name in ("idx", "sidx") else np.float32)
             for name, parts in chunks.items()}
     meta = {"base_sha": base_sha, "text_sha256": text_sha, "ctx": stream.ctx, "max_tokens": max_tokens,
-            "k": k, "tail_samples": TAIL_SAMPLES, "vocab": vocab, "windows": stream.n_windows, "engine": scorer.engine,
+            "k": k, "tail_samples": TAIL_SAMPLES if engine != "vllm" else 0, "vocab": vocab,
+            "windows": stream.n_windows, "engine": scorer.engine,
             "seconds": round(seconds, 2), "tokens_per_second": round(stream.n_windows * stream.ctx / seconds, 1),
             "created": now_iso()}
     scorer.close()
@@ -650,6 +757,14 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
             np.savez(f, meta=np.array(json.dumps(meta)), **data)
     data["meta"] = meta
     return data, path, False
+
+
+def _vocab_size(folder: Path) -> int:
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        return int(cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size") or 1 << 31)
+    except (OSError, ValueError, TypeError):
+        return 1 << 31
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -753,7 +868,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         scorer = GGUFScorer(v.path, stream.ctx, threads, v.adapter)
     else:
         tokenizer_match, mismatch_at = _hf_tokenizer_match(v.path, text, stream.ids)
-        scorer = HFScorer(v.path, threads, v.adapter)
+        scorer = VLLMScorer(v.path, threads) if v.engine == "vllm" else HFScorer(v.path, threads, v.adapter)
     load_s = time.perf_counter() - t_load
     n_per = stream.scored_per_window
     nll_all, kld_all, top1_all = [], [], []
@@ -761,6 +876,17 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     t0 = time.perf_counter()
     for w in progress(range(stream.n_windows), desc=f"{v.name} ({v.kind})", unit="win"):
         win = stream.window(w)
+        sl = slice(w * n_per, (w + 1) * n_per)
+        if getattr(scorer, "sparse", False):
+            from quantkit.vllm import MAX_LOGPROBS
+
+            nll, kld, top1 = kld_vs_topk_sparse(scorer.topk(win, MAX_LOGPROBS), win[1:], cache["idx"][sl],
+                                                cache["logp"][sl], cache["rest"][sl])
+            nonfinite += int((~np.isfinite(nll)).sum())
+            nll_all.append(nll)
+            kld_all.append(kld)
+            top1_all.append(top1)
+            continue
         try:
             logits = scorer.logits(win)[:-1]
         except QuantkitError:
@@ -771,7 +897,6 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
             raise QuantkitError(f"{v.name}: {scorer.engine.split(' (')[0]} failed to run it on this machine "
                                 f"({type(e).__name__}: {msg[:200]})") from None
         nonfinite += int((~torch.isfinite(logits)).sum())
-        sl = slice(w * n_per, (w + 1) * n_per)
         sidx = torch.from_numpy(cache["sidx"][sl].astype(np.int64)) if "sidx" in cache else None
         slogp = torch.from_numpy(cache["slogp"][sl]) if "slogp" in cache else None
         nll, kld, top1 = kld_vs_topk(logits, torch.tensor(win[1:]), torch.from_numpy(cache["idx"][sl].astype(np.int64)),
@@ -782,6 +907,8 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         top1_all.append(top1.numpy())
     seconds = time.perf_counter() - t0
     engine = scorer.engine
+    sparse = getattr(scorer, "sparse", False)
+    load_s = getattr(scorer, "load_seconds", None) or load_s
     scorer.close()
     nll = np.concatenate(nll_all).astype(np.float64)
     kld = np.concatenate(kld_all).astype(np.float64)
@@ -803,10 +930,21 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         "ctx": stream.ctx,
         "engine": engine, "engine_short": engine.split(" (")[0].split(" ")[0] if v.kind == "hf" else "llama.cpp",
         "tokenizer_match": tokenizer_match, "tokenizer_first_mismatch": mismatch_at,
+        "kld_estimator": (f"top-k lower bound: base top {cache['idx'].shape[1]} vs its top "
+                          f"{_max_logprobs()}, the rest lumped" if sparse else
+                          f"top {cache['idx'].shape[1]} + lumped rest + {cache['sidx'].shape[1]} tail samples"
+                          if "sidx" in cache else f"top {cache['idx'].shape[1]} + lumped rest"),
+        "engine_note": v.engine_note,
         "load_seconds": round(load_s, 2), "seconds": round(seconds, 2),
         "tokens_per_second": stream.n_windows * stream.ctx / seconds,
     }
     return row
+
+
+def _max_logprobs() -> int:
+    from quantkit.vllm import MAX_LOGPROBS
+
+    return MAX_LOGPROBS
 
 
 def base_tokenizer(path: Path):
@@ -821,8 +959,11 @@ def base_tokenizer(path: Path):
 
 def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ctx: int = 512,
              max_tokens: int = 32768, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
-             write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None) -> EvalReport:
-    """Score every variant against ``base`` on one token stream; see the module docstring."""
+             write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None,
+             engine: str = "auto") -> EvalReport:
+    """Score every variant against ``base`` on one token stream; see the module docstring. ``engine`` picks the
+    engine of HF-format variants (:func:`hf_engine`): those scored in vLLM are compared with the base served by
+    the same vLLM, the others with the base in transformers."""
     from quantkit.lora import resolve_source, split_spec
     from quantkit.texts import text_sha256
 
@@ -841,12 +982,24 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     src = resolve_source(base)  # BASE+ADAPTER: the merged fine-tune (full precision) is the reference
     resolved = unique_names([v for vs, adapter in per_spec
                              for v in (_with_adapter(vs, adapter, src) if adapter else vs)])
+    for v in resolved:
+        if v.kind == "hf":
+            v.engine, v.engine_note = hf_engine(v.path, engine, v.adapter)
 
     content, text_name = load_text(text)
     tsha = text_sha256(content)
     tok = base_tokenizer(src.path)
     stream = make_stream(tok, content, ctx, max_tokens)
-    cache, cache_path, cached = base_cache(src.path, src.sha, tsha, stream, max_tokens, top_k, threads)
+    caches: dict[str, tuple] = {}
+
+    def cache_for(eng: str) -> dict:
+        if eng not in caches:
+            caches[eng] = base_cache(src.path, src.sha, tsha, stream, max_tokens, top_k, threads, engine=eng)
+        return caches[eng][0]
+
+    ref = "vllm" if all(v.engine == "vllm" for v in resolved) else "transformers"
+    cache, cache_path, cached = caches.setdefault(ref, base_cache(src.path, src.sha, tsha, stream, max_tokens,
+                                                                  top_k, threads, engine=ref))
     meta = cache["meta"]
     base_ppl = float(math.exp(cache["nll"].astype("float64").mean()))
     context = {
@@ -858,9 +1011,11 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
         "hardware": hardware(threads), "time": now_iso(),
     }
     base_row = {"name": src.name, "id": src.id, "sha": src.sha, "path": str(src.path), "ppl": base_ppl,
-                "engine": meta["engine"], "engine_short": "transformers", "size": _weights_size(src.path),
+                "engine": meta["engine"], "engine_short": meta["engine"].split(" (")[0].split(" ")[0],
+                "size": _weights_size(src.path),
                 "tokens_per_second": None if cached else meta.get("tokens_per_second")}
-    rows = [_score_variant(v, stream, cache, content, threads) for v in resolved]
+    rows = [_score_variant(v, stream, cache_for("vllm" if v.engine == "vllm" else "transformers"), content, threads)
+            for v in resolved]
 
     failed = []
     for r in rows:
@@ -874,6 +1029,14 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
                 failed.append({"variant": r["name"], "gate": key, "value": value, "limit": spec["limit"],
                                "shown": g.shown(value), "limit_shown": spec["shown"]})
     notes = []
+    if "vllm" in caches and ref != "vllm":
+        vb = caches["vllm"][0]
+        notes.append(f"{', '.join(r['name'] for r in rows if r['engine'].startswith('vLLM'))}: scored in "
+                     f"{vb['meta']['engine']} against the base served by the same vLLM (base PPL "
+                     f"{math.exp(vb['nll'].astype('float64').mean()):.4f})")
+    for r in rows:
+        if r.get("engine_note"):
+            notes.append(f"{r['name']}: {r['engine_note']}; scored in transformers")
     for r in rows:
         if r["tokenizer_match"] is False:
             where = r["tokenizer_first_mismatch"]

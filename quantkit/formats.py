@@ -224,3 +224,72 @@ def hf_param_problems(method: str, *, bits=None, group_size=None, fmt=None) -> d
         if p:
             out["group_size"] = p
     return out
+
+
+# ------------------------------------------------------------------------------------- vLLM's limits
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What a saved HF-format checkpoint asks of a serving engine, read from its ``config.json``
+    (:func:`quantkit.vllm.read_scheme`): the facts vLLM's quantisation configs check."""
+
+    format: str                     # awq | gptq | compressed-tensors | hf (unquantised)
+    bits: int | None = None         # weight bits (None: unquantised)
+    group_size: int | None = None   # -1: one scale per output channel
+    sym: bool | None = None
+    desc_act: bool = False          # GPTQ dynamic activation ordering (classic ``desc_act``)
+    weight_only: bool = True        # no activation quantisation (W*A16)
+    moe: bool = False               # routed experts
+
+
+@dataclass(frozen=True)
+class VLLMLimit:
+    """One thing vLLM does not serve, and where (:data:`VLLM_DEVICES`). A row for every device is a refusal of
+    vLLM's own (quantkit does not write it; an artifact that has it fails its check with vLLM's reason); a row
+    for some devices is a missing kernel there (such an artifact is checked in transformers instead, and the
+    record says why)."""
+
+    where: tuple[str, ...]
+    applies: object                 # QuantScheme -> bool
+    reason: str
+    source: str                     # where in vLLM this was read
+    fix: str = ""                   # what to use instead (for quantkit's own up-front refusal)
+
+
+#: Kinds of machine vLLM runs on, as :func:`quantkit.vllm.device_kind` names them.
+VLLM_DEVICES = ("cuda", "cpu-x86", "cpu-arm")
+_CPU = ("cpu-x86", "cpu-arm")
+
+#: What vLLM (0.32, CPU and CUDA builds) accepts, read in its own checks; each row names the function.
+VLLM_LIMITS: tuple[VLLMLimit, ...] = (
+    VLLMLimit(VLLM_DEVICES, lambda s: s.format == "gptq" and s.desc_act and s.group_size not in (None, -1),
+              "GPTQ group activation ordering (desc_act=True) with grouped scales is no longer supported by vLLM",
+              "vllm/model_executor/layers/quantization/utils/gptq_utils.py normalize_and_validate_gptq_desc_act",
+              "use --no-act-order (GPTQModel's group-aware ordering, desc_act false) or --format "
+              "compressed-tensors (static activation order)"),
+    VLLMLimit(_CPU, lambda s: s.bits is not None and s.weight_only and s.bits != 4,
+              "vLLM's CPU build has 4-bit weight-only kernels only (CPUWNA16: uint4, uint4b8), no "
+              "8-bit weight-only", "vllm/model_executor/kernels/linear/mixed_precision/cpu.py"),
+    VLLMLimit(("cpu-x86",), lambda s: s.bits is not None and s.moe,
+              "vLLM's CPU W4A16 MoE kernel is Arm-only (\"No WNA16 MoE backend supports the deployment "
+              "configuration\" on x86)", "vllm/model_executor/layers/fused_moe (CPU WNA16 MoE backends)"),
+    VLLMLimit(_CPU, lambda s: s.bits is not None and s.group_size not in (None, -1) and s.group_size % 2,
+              "vLLM's CPU WNA16 kernel needs an even group size", "vllm/.../mixed_precision/cpu.py can_implement"),
+)
+
+
+def vllm_refusal(scheme: QuantScheme, device: str | None = None) -> VLLMLimit | None:
+    """The first row of :data:`VLLM_LIMITS` that keeps vLLM on ``device`` (one of :data:`VLLM_DEVICES`; None:
+    only what vLLM refuses everywhere) from serving ``scheme``, or None."""
+    for lim in VLLM_LIMITS:
+        here = set(lim.where) == set(VLLM_DEVICES) if device is None else device in lim.where
+        if here and lim.applies(scheme):
+            return lim
+    return None
+
+
+def written_scheme(method: str, fmt: str, *, bits: int, group_size: int, sym: bool | None = None) -> QuantScheme:
+    """What ``quantkit awq|gptq`` writes for these parameters: classic GPTQ's ``--act-order`` is GPTQModel's
+    group-aware ordering (``desc_act: false``), compressed-tensors' is ``actorder: static``."""
+    return QuantScheme(format=method if fmt == "classic" else "compressed-tensors", bits=bits,
+                       group_size=group_size, sym=sym, desc_act=False)

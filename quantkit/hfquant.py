@@ -45,7 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import DEFAULT_HF_FORMAT, HF_FORMATS, HF_METHODS, hf_param_problems
+from quantkit.formats import (
+    DEFAULT_HF_FORMAT,
+    HF_FORMATS,
+    HF_METHODS,
+    hf_param_problems,
+    vllm_refusal,
+    written_scheme,
+)
 from quantkit.util import (
     Timer,
     cache_home,
@@ -122,6 +129,9 @@ def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: 
         raise QuantkitError(f"--seq-len must be at least 16 (got {seq_len})")
     if damp is not None and not (0 < damp < 1):
         raise QuantkitError(f"--damp must be between 0 and 1, e.g. 0.01 (got {damp})")
+    lim = vllm_refusal(written_scheme(method, fmt, bits=bits, group_size=group_size))
+    if lim is not None:  # never write what vLLM refuses to load
+        raise QuantkitError(f"{method} {fmt} would write a checkpoint vLLM refuses ({lim.reason}): {lim.fix}")
 
 
 # -- architectures: MoE, fused layers, what an engine cannot do (issue 9) ---------------------------
@@ -426,14 +436,17 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
     common = dict(bits=p["bits"], group_size=p["group_size"], offload_to_disk=True,
                   offload_to_disk_path=str(offload_dir))
     if method == "gptq":
-        cfg = GPTQConfig(desc_act=p["act_order"], sym=p["sym"], damp_percent=p["damp"], **common)
+        # --act-order as vLLM serves it: GPTQModel's group-aware reordering (act_group_aware), never desc_act
+        # with grouped scales, which vLLM refuses (formats.VLLM_LIMITS)
+        order = {"desc_act": False, "act_group_aware": bool(p["act_order"])}
+        cfg = GPTQConfig(sym=p["sym"], damp_percent=p["damp"], **order, **common)
         kw = {}
     else:
         cfg = AWQConfig(sym=False, **common)
         kw = {"backend": BACKEND.AWQ_TORCH} if device == "cpu" else {}
     call = {"load": {"model": str(src_path), "quantize_config": type(cfg).__name__, "device": device,
                      **{k: v for k, v in common.items() if k != "offload_to_disk_path"},
-                     **({"desc_act": p["act_order"], "sym": p["sym"], "damp_percent": p["damp"]}
+                     **({**order, "sym": p["sym"], "damp_percent": p["damp"]}
                         if method == "gptq" else {"sym": False})},
             "quantize": {"calibration": f"{len(texts)} strings", "batch_size": 1,
                          **({"backend": "AWQ_TORCH"} if kw else {})},

@@ -62,14 +62,26 @@ def kld_bound(bits: int) -> float:
 
 
 def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, base_sha: str | None = None,
-                    threads: int | None = None) -> VerifyResult:
+                    threads: int | None = None, engine: str = "auto") -> VerifyResult:
     """Load ``artifact`` (a .gguf file, or an AWQ/GPTQ/compressed-tensors folder) in its engine and score
     ``VERIFY_TOKENS`` tokens of the built-in evaluation text against the base at ``base_path`` (an HF folder).
+    An HF-format folder is served by vLLM and compared with the base served by the same vLLM, where this
+    machine's vLLM can run its scheme (``engine``: :func:`quantkit.evaluate.hf_engine`); elsewhere it is loaded
+    in transformers and the record says why it was not checked in vLLM (``extra.vllm``).
 
     Never raises for a broken artifact: a load or run failure comes back as ``passed=False`` with ``error``."""
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import DEFAULT_TOP_K, Variant, _hf_format, _score_variant, base_cache, load_text, make_stream
+    from quantkit.evaluate import (
+        DEFAULT_TOP_K,
+        Variant,
+        _hf_format,
+        _score_variant,
+        base_cache,
+        hf_engine,
+        load_text,
+        make_stream,
+    )
     from quantkit.texts import text_sha256
 
     t0 = time.perf_counter()
@@ -81,12 +93,26 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
     bound = kld_bound(bits)
     text = load_text("builtin")[0][:VERIFY_CHARS]
     stream = make_stream(AutoTokenizer.from_pretrained(base_path), text, VERIFY_CTX, VERIFY_TOKENS)
-    cache, _, _ = base_cache(base_path, base_sha, text_sha256(text), stream, VERIFY_TOKENS, DEFAULT_TOP_K, threads)
+    res = VerifyResult(passed=False, bits=bits, bound=bound, time=now_iso())
     if artifact.suffix == ".gguf":
         v = Variant(artifact.stem, "gguf", artifact, "gguf", str(artifact))
     else:
         v = Variant(artifact.name, "hf", artifact, _hf_format(artifact), str(artifact))
-    res = VerifyResult(passed=False, bits=bits, bound=bound, time=now_iso())
+        v.engine, v.engine_note = hf_engine(artifact, engine)
+
+    def reference(eng: str) -> dict:
+        return base_cache(base_path, base_sha, text_sha256(text), stream, VERIFY_TOKENS, DEFAULT_TOP_K, threads,
+                          engine=eng)[0]
+
+    if v.engine == "vllm":
+        try:
+            cache = reference("vllm")
+        except QuantkitError as e:  # the base itself does not serve: no vLLM check is possible here
+            v.engine, v.engine_note = "transformers", f"not checked in vLLM here: the base did not serve ({e})"
+    if v.engine != "vllm":
+        cache = reference("transformers")
+    if v.engine_note:
+        res.extra["vllm"] = v.engine_note
     try:
         row = _score_variant(v, stream, cache, text, threads)
     except Exception as e:  # it does not load or run in its engine: that is the finding
@@ -95,6 +121,7 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
         res.seconds = round(time.perf_counter() - t0, 2)
         return res
     res.engine, res.tokens = row["engine"], row["tokens"]
+    res.extra["kld_estimator"] = row["kld_estimator"]
     res.kld, res.top1 = _finite(row["kld_mean"]), _finite(row["top1"])
     if row.get("nonfinite_logits"):
         res.error = f"{row['nonfinite_logits']} NaN/inf values in its logits"
