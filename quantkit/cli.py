@@ -289,6 +289,15 @@ def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, se
 
 
 # ------------------------------------------------------------------------------------- eval / bench
+def _engine_option(f):
+    from quantkit.evaluate import HF_ENGINES
+
+    return click.option("--engine", type=click.Choice(HF_ENGINES), default="auto", show_default=True,
+                        help="Engine for AWQ/GPTQ/compressed-tensors variants and their base: vLLM (served "
+                             "with `vllm serve`) where this machine's vLLM can run the scheme, else transformers "
+                             "(auto); or one of them.")(f)
+
+
 @cli.command("eval")
 @click.argument("base")
 @click.argument("variants", nargs=-1, required=True)
@@ -308,10 +317,11 @@ def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, se
 @click.option("--num-fewshot", type=click.IntRange(0), help="With --tasks: few-shot examples (default: the task's).")
 @click.option("--min-recovery", help="Gate (--tasks): fail when a task score / base score is below this, e.g. 0.97.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
+@_engine_option
 @click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, tasks, limit,
-             num_fewshot, min_recovery, threads, no_write, as_json):
+             num_fewshot, min_recovery, threads, engine, no_write, as_json):
     """Score VARIANTs (GGUF files/folders, AWQ/GPTQ folders, Hub ids) against BASE on the same tokens.
 
     Prints PPL, PPL change, KL divergence to the base (mean, p99) and same-top-token rate per variant; exits 1
@@ -332,7 +342,7 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
     else:
         rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
                        max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,
-                       top_k=top_k, threads=threads)
+                       top_k=top_k, threads=threads, engine=engine)
     if as_json:
         emit_json(rep.to_json())
     else:

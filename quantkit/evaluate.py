@@ -69,8 +69,10 @@ WINDOWS = "non-overlapping"
 TOPK_REL_ERROR = 0.02
 TOPK_P99_REL_ERROR = 0.10
 #: The vLLM estimator (:func:`kld_vs_topk_sparse`: base top ``k`` vs the variant's top ``MAX_LOGPROBS``, the rest
-#: lumped) is a lower bound: at most this far below the exact KLD (tests/test_vllm.py checks it).
-SPARSE_KLD_REL_ERROR = 0.25
+#: lumped) is a lower bound: at most this far below the exact KLD. Measured on SmolLM2-135M vs its GPTQ 4-bit g64
+#: (1020 tokens, from transformers' full logits): 0.2344 vs exact 0.2836 (0.827; p99 0.75); vLLM's own figure on
+#: the same tokens was 0.2344. tests/test_vllm.py checks the bound on LM-shaped distributions.
+SPARSE_KLD_REL_ERROR = 0.2
 #: ``--engine`` for HF-format models: vLLM where this machine's vLLM can run the scheme, else transformers.
 HF_ENGINES = ("auto", "vllm", "transformers")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs scripts/install.sh only when something it installs is missing: the quantkit-llm distribution (with its
-# test extras), llama-cpp-python, or llama.cpp's converter (quantkit setup). Used by scripts/demo.sh and
+# test extras), llama-cpp-python, llama.cpp's converter (quantkit setup), or vLLM's environment. Used by scripts/demo.sh and
 # scripts/test.sh so that each works on a fresh machine and costs nothing on a set-up one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ md.version("quantkit-llm")
 from quantkit import llamacpp
 assert (llamacpp.sources_dir() / "convert_hf_to_gguf.py").is_file()
 PYEOF
+  bash scripts/install-vllm.sh  # its own environment: checks itself, installs only when missing
   exit 0
 fi
 echo "installing what is missing (scripts/install.sh; compiling llama.cpp takes ~10 min the first time)..." >&2

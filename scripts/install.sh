@@ -6,7 +6,8 @@
 #   install llama.cpp's own tools (llama-quantize, llama-perplexity, ...) that benchmarks/ compare against.
 # - torch is pinned to the 2.13.0 CPU build in pyproject.toml (an open range would pull a multi-GB CUDA build);
 #   on a GPU box, install your CUDA torch first and it is kept.
-# - Then llama.cpp's converter is unpacked from the same sdist version (quantkit setup).
+# - Then llama.cpp's converter is unpacked from the same sdist version (quantkit setup), and vLLM gets its own
+#   environment (scripts/install-vllm.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,3 +25,4 @@ if "$PY" -c "import llama_cpp, sys; i = llama_cpp.llama_print_system_info().deco
   "$PY" -m pip install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$LLAMA_VER"
 fi
 "$PY" -m quantkit.cli setup
+bash scripts/install-vllm.sh

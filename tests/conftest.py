@@ -8,6 +8,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("QUANTKIT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM takes ~30 s to serve a model on 2 cores: tests/test_vllm.py serves what it checks (the `vllm_on` fixture);
+# everywhere else HF formats are checked in transformers, and their records say "not checked in vLLM here".
+VLLM_SETTING = os.environ.get("QUANTKIT_VLLM")
+os.environ["QUANTKIT_VLLM"] = "off"
 
 import fixtures_models as fm  # noqa: E402
 
@@ -161,3 +165,19 @@ def hub_server(_hub_server_session, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)
     yield fx
+
+
+@pytest.fixture()
+def vllm_on(monkeypatch):
+    """vLLM as the user has it (QUANTKIT_VLLM as set outside the tests, else the managed environment that
+    scripts/install.sh makes); fails when there is none: the README's test command installs it."""
+    from quantkit import vllm
+
+    if VLLM_SETTING and VLLM_SETTING != "off":
+        monkeypatch.setenv("QUANTKIT_VLLM", VLLM_SETTING)
+    else:
+        monkeypatch.delenv("QUANTKIT_VLLM", raising=False)
+    inst, why = vllm.find_vllm()
+    if inst is None:
+        pytest.fail(f"no vLLM for the serving tests: {why}")
+    yield inst

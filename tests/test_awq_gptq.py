@@ -129,7 +129,9 @@ def test_quantise_loads_back_close_to_base(arch, method, fmt, kw, tmp_path, monk
     _check_variant(res, method, fmt, bits, group, base, sym=kw.get("sym", True))
     qc = json.loads((Path(res.folder) / "config.json").read_text())["quantization_config"]
     if method == "gptq" and fmt == "classic":
-        assert qc["desc_act"] is kw.get("act_order", True) and qc["sym"] is True
+        # --act-order as vLLM serves it: group-aware ordering, never desc_act with grouped scales
+        assert qc["desc_act"] is False and qc["sym"] is True
+        assert qc["meta"]["act_group_aware"] is kw.get("act_order", True)
         assert qc["meta"]["damp_percent"] == kw.get("damp", 0.01)
     if method == "gptq" and fmt == "compressed-tensors":
         w = qc["config_groups"]["group_0"]["weights"]

