@@ -180,13 +180,6 @@ def _bench_hf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, thre
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        import vllm  # noqa: F401
-
-        if device == "cuda":
-            return _bench_vllm(path, prompt_tokens, gen_tokens, repeats)
-    except ImportError:
-        pass
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok(_prompt_text()[:prompt_tokens * 12], add_special_tokens=False).input_ids[:prompt_tokens]
     if len(ids) < prompt_tokens:
@@ -255,36 +248,89 @@ def tensor_bytes(obj, _seen=None) -> int:
     return 0
 
 
-def _bench_vllm(path: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:  # pragma: no cover - GPU
-    """vLLM path (only with a GPU and vllm installed; not exercised by the CPU test suite)."""
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+#: Concurrent requests of vLLM's second measurement (serving throughput); the first is one request at a time.
+VLLM_CONCURRENCY = 8
+_KV_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
+_KV_GIB = re.compile(r"set \(([\d.]+)/[\d.]+\) GiB for KV cache|KV cache space[^\d]*([\d.]+) ?GiB")
 
+
+def _stream(server, ids: list[int], gen_tokens: int) -> tuple[float, float, int]:
+    """One streamed completion on the OpenAI API: (time to first token, time of the last, tokens received)."""
+    import urllib.request
+
+    from quantkit.vllm import REQUEST_TIMEOUT, SERVED_NAME
+
+    body = {"model": SERVED_NAME, "prompt": ids, "max_tokens": gen_tokens, "min_tokens": gen_tokens,
+            "ignore_eos": True, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    req = urllib.request.Request(f"{server.url}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            usage = chunk.get("usage") or {}
+            if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                now = time.perf_counter()
+                first = first if first is not None else now
+                last = now
+            n = usage.get("completion_tokens", n)
+    if first is None:
+        raise QuantkitError("vLLM streamed no tokens")
+    return first - t0, last - t0, n
+
+
+def _bench_vllm(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int) -> dict:
+    """The model served by vLLM (``vllm serve``, shared with verify/eval in this process), measured over its
+    OpenAI API as a client sees it: one request at a time (time to first token -> prompt tok/s, then generation
+    tok/s), and :data:`VLLM_CONCURRENCY` at once (aggregate generation tok/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+    from transformers import AutoTokenizer
+
+    from quantkit import vllm
+
+    srv = vllm.server(path, threads=threads)
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok(_prompt_text()[:prompt_tokens * 12], add_special_tokens=False).input_ids[:prompt_tokens]
-    t0 = time.perf_counter()
-    llm = LLM(model=path, max_model_len=prompt_tokens + gen_tokens + 16, enforce_eager=False)
-    load_s = time.perf_counter() - t0
-    one = SamplingParams(max_tokens=1, temperature=0.0)
-    full = SamplingParams(max_tokens=gen_tokens, min_tokens=gen_tokens, ignore_eos=True, temperature=0.0)
-    prompt = [{"prompt_token_ids": ids}]
-
-    def once() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        llm.generate(prompt, one, use_tqdm=False)
-        t1 = time.perf_counter()
-        llm.generate(prompt, full, use_tqdm=False)
-        t2 = time.perf_counter()
-        return t1 - t0, max((t2 - t1) - (t1 - t0), 1e-9)
-
-    once()
-    pp, tg = [], []
+    if len(ids) < prompt_tokens:
+        ids = [(1000 + 7 * i) % len(tok) for i in range(prompt_tokens)]
+    _stream(srv, ids, min(WARMUP_GEN, gen_tokens))  # warm-up
+    pp, tg, ttft = [], [], []
     for _ in range(repeats):
-        a, b = once()
-        pp.append(len(ids) / a)
-        tg.append(gen_tokens / b)
-    return {"pp": pp, "tg": tg, "engine": f"vllm {dist_version('vllm')}", "device": "cuda",
-            "load_seconds": load_s, "peak_gpu_bytes": None}
+        t_first, t_last, n = _stream(srv, ids, gen_tokens)
+        ttft.append(t_first)
+        pp.append(len(ids) / t_first)
+        tg.append((n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else float("nan"))
+    conc = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(VLLM_CONCURRENCY) as ex:
+            outs = list(ex.map(lambda _: _stream(srv, ids, gen_tokens), range(VLLM_CONCURRENCY)))
+        conc.append(sum(o[2] for o in outs) / (time.perf_counter() - t0))
+    procs = [psutil.Process(srv.proc.pid)]
+    procs += procs[0].children(recursive=True)
+    rss = sum(p.memory_info().rss for p in procs if p.is_running())
+    logtext = srv.log_path.read_text(errors="replace")
+    kv_tokens = _KV_LINE.findall(logtext)
+    kv_gib = [float(a or b) for a, b in _KV_GIB.findall(logtext)]
+    breakdown = {"server_rss": rss}
+    if kv_gib:
+        breakdown["KV"] = round(kv_gib[-1] * (1 << 30))
+    if kv_tokens:
+        breakdown["kv_tokens"] = int(kv_tokens[-1].replace(",", ""))
+    return {"pp": pp, "tg": tg, "engine": srv.install.label, "device": vllm.device_kind(srv.install),
+            "load_seconds": srv.load_seconds or 0.0, "ttft": ttft, "concurrency": VLLM_CONCURRENCY,
+            "tg_concurrent": conc, "memory_breakdown": breakdown, "model_memory": rss,
+            "peak_memory_method": "vLLM: resident memory of the server's processes after the runs (weights, the KV "
+                                  "cache vLLM allocates up front, runtime); KV as vLLM reports it",
+            "peak_rss_bytes": rss, "peak_gpu_bytes": None}
 
 
 def _bench_child(kind: str, path: str, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int) -> dict:
@@ -310,6 +356,8 @@ def peak_rss() -> int:
 
 def _run_isolated(kind: str, path: Path, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int,
                   isolate: bool) -> dict:
+    if kind == "vllm":  # its own server process already
+        return _bench_vllm(str(path), prompt_tokens, gen_tokens, repeats, threads)
     if not isolate:
         return _bench_child(kind, str(path), prompt_tokens, gen_tokens, repeats, threads)
     import multiprocessing as mp
@@ -363,6 +411,13 @@ class BenchReport:
 
         rows = [fmt(b, f" ({b['label']}{', cached' if b.get('cached') else ''})") for b in self.bases]
         rows += [fmt(r) for r in self.rows]
+        conc = {r.get("concurrency") for r in self.bases + self.rows} - {None}
+        if conc:  # served by vLLM: time to first token and the throughput of N requests at once
+            headers = headers + ["TTFT", f"tg x{max(conc)} tok/s", f"tg x{max(conc)} gain"]
+            for row, r in zip(rows, self.bases + self.rows):
+                row += [f"{r['ttft_s'] * 1000:.0f} ms" if r.get("ttft_s") else "",
+                        f"{r['tg_tps_concurrent']:.1f}" if r.get("tg_tps_concurrent") else "",
+                        f"{r['tg_concurrent_gain']:.2f}x" if r.get("tg_concurrent_gain") else ""]
         c = self.context
         hw = c["hardware"]
         head = (f"prompt {c['prompt_tokens']} tokens, generate {c['gen_tokens']} tokens, {c['repeats']} repeats "
@@ -389,7 +444,10 @@ def _row(name: str, v: Variant | None, kind: str, path: Path, size: int, res: di
             "peak_memory": res.get("model_memory") or res.get("peak_rss_bytes"),
             "peak_memory_method": res.get("peak_memory_method") or "peak RSS of the benchmark process (VmHWM)",
             "memory_breakdown": res.get("memory_breakdown"), "peak_rss": res.get("peak_rss_bytes"),
-            "peak_gpu_memory": res.get("peak_gpu_bytes"), "load_seconds": round(res.get("load_seconds", 0), 2)}
+            "peak_gpu_memory": res.get("peak_gpu_bytes"), "load_seconds": round(res.get("load_seconds", 0), 2),
+            **({"ttft_s": _stats(res["ttft"])[0], "concurrency": res["concurrency"],
+                "tg_tps_concurrent": _stats(res["tg_concurrent"])[0],
+                "tg_tps_concurrent_std": _stats(res["tg_concurrent"])[1]} if "ttft" in res else {})}
 
 
 def _measure(kind: str, name: str, v: Variant | None, path: Path, size: int, ctx: dict,
@@ -423,7 +481,7 @@ class BaseSpec:
     def label(self) -> str:
         if self.role == "reference":
             return "reference: base in transformers"
-        return "base, llama.cpp" if self.kind == "gguf" else "base, transformers"
+        return {"gguf": "base, llama.cpp", "vllm": "base, vLLM"}.get(self.kind, "base, transformers")
 
 
 def _gguf_identity(path: Path, manifest_rec: dict | None = None) -> dict:
@@ -497,10 +555,12 @@ def _plan_bases(resolved: list[Variant], base: str | bool | None) -> tuple[list[
                 lp = Manifest.load(v.manifest_dir, create=False).base.get("local_path")
                 if lp and (Path(lp) / "config.json").is_file():
                     b = _hf_base(lp)
+            if b and v.engine == "vllm":
+                b = BaseSpec("vllm", b.path, b.name, b.identity)
             if b:
                 of[i] = add(b)
             else:
-                notes.append(f"no transformers base for {v.name}: pass --base MODEL to get the gain vs the base")
+                notes.append(f"no base for {v.name}: pass --base MODEL to get the gain vs the base")
     if (given_hf and any(v.kind == "gguf" for v in resolved)
             and not any(b.kind == "hf" and b.path == given_hf.path for b in specs.values())):
         add(BaseSpec("hf", given_hf.path, given_hf.name, given_hf.identity, role="reference"))
@@ -510,7 +570,12 @@ def _plan_bases(resolved: list[Variant], base: str | bool | None) -> tuple[list[
 def _engine_version(kind: str) -> str:
     if kind == "gguf":
         return f"llama-cpp-python {dist_version('llama-cpp-python')}"
-    return f"transformers {dist_version('transformers')}, torch {dist_version('torch')}, vllm {dist_version('vllm')}"
+    if kind == "vllm":
+        from quantkit.vllm import find_vllm
+
+        inst, _ = find_vllm()
+        return f"{inst.label if inst else 'vLLM'}, concurrency {VLLM_CONCURRENCY}"
+    return f"transformers {dist_version('transformers')}, torch {dist_version('torch')}"
 
 
 def _cache_path(b: BaseSpec, ctx: dict) -> tuple[Path, dict]:
@@ -536,7 +601,7 @@ def measure_base(b: BaseSpec, ctx: dict, *, use_cache: bool = True) -> dict:
         except (OSError, ValueError, KeyError):
             pass  # unreadable: measure again
     size = b.path.stat().st_size if b.kind == "gguf" else _weights_size(b.path)
-    base_params = safetensors_stats(b.path)[0] if b.kind == "hf" else None
+    base_params = safetensors_stats(b.path)[0] if b.kind != "gguf" else None
     row = _measure(b.kind, b.name, None, b.path, size, ctx, base_params)
     row.update(role=b.role, label=b.label, identity=b.identity, measured_at=now_iso(),
                measurement_id=os.urandom(8).hex(), load_avg_1m=ctx.get("load_avg_1m"))
@@ -567,27 +632,35 @@ def load_average() -> float | None:
 
 def bench(variants: list[str], *, prompt_tokens: int = 512, gen_tokens: int = 128, repeats: int = 3,
           base: str | bool | None = None, threads: int | None = None, write_manifest: bool = True,
-          isolate: bool = True, use_cache: bool = True) -> BenchReport:
+          isolate: bool = True, use_cache: bool = True, engine: str = "auto") -> BenchReport:
     """Measure each variant in its own engine, and its base in that same engine; see the module docstring.
 
     ``base``: None = per engine, the base recorded with the variants (GGUF: the unquantised GGUF of their folder;
     HF formats: the base checkpoint, when on disk); a ``.gguf`` file = the llama.cpp base; an HF folder / Hub id =
     the transformers base (and, for GGUF variants, a labelled reference row); False = no base.
-    ``isolate=False`` measures in this process. ``use_cache=False`` measures the base again."""
+    ``isolate=False`` measures in this process. ``use_cache=False`` measures the base again. ``engine``: how HF
+    formats run (:func:`quantkit.evaluate.hf_engine`): in vLLM (served; its base served the same way) or
+    transformers."""
+    from quantkit.evaluate import hf_engine
+
     if not variants:
         raise QuantkitError("give at least one VARIANT to benchmark")
     threads = threads or default_threads()
     load_avg = load_average()
     resolved = [v for spec in variants for v in resolve_variants(spec)]
+    for v in resolved:
+        if v.kind == "hf":
+            v.engine, v.engine_note = hf_engine(v.path, engine)
     specs, base_of, notes = _plan_bases(resolved, base)
+    notes += [f"{v.name}: {v.engine_note}; measured in transformers" for v in resolved if v.engine_note]
     ctx = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "threads": threads,
            "isolate": isolate, "hardware": hardware(threads), "load_avg_1m": load_avg}
     rows_of_base = {id(b): measure_base(b, ctx, use_cache=use_cache) for b in specs}
     bases = [rows_of_base[id(b)] for b in specs]
-    base_params = next((safetensors_stats(b.path)[0] for b in specs if b.kind == "hf"), None)
+    base_params = next((safetensors_stats(b.path)[0] for b in specs if b.kind != "gguf"), None)
     rows = []
     for i, v in enumerate(resolved):
-        r = _measure(v.kind, v.name, v, v.path, v.size, ctx, base_params)
+        r = _measure("vllm" if v.engine == "vllm" else v.kind, v.name, v, v.path, v.size, ctx, base_params)
         b = base_of.get(i)
         if b is not None:
             br = rows_of_base[id(b)]

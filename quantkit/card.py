@@ -26,7 +26,7 @@ from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES
 from quantkit.manifest import Manifest
-from quantkit.records import BenchScore, EvalScore, TaskScore
+from quantkit.records import BenchScore, EvalScore, TaskScore, VerifyResult
 from quantkit.report import bench_notes, bench_rows, gain
 from quantkit.util import atomic_path, human_size
 from quantkit.verify import unverified
@@ -321,6 +321,7 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "params": scrub_paths(params), "calibration": scrub_paths(rec.get("calibration")),
             "tools": rec.get("tools") or {},
             "eval": EvalScore.from_json(rec.get("eval")), "bench": BenchScore.from_json(rec.get("bench")),
+            "checked": checked_line(rec.get("verify")),
             "tasks": [TaskScore.from_json({"task": t, **d}) for t, d in sorted((rec.get("tasks") or {}).items())],
             "files": [{"path": f.get("path", "?"), "size": f.get("size", ""), "sha256": f.get("sha256", "")}
                       for f in rec.get("files") or [] if isinstance(f, dict)],
@@ -330,6 +331,19 @@ def _rows(folder: Path, manifest: Manifest, revision: str | None) -> list[dict]:
             "include": f"*-{typ}-*" if fmt == "gguf" else None,
         })
     return rows
+
+
+def checked_line(verify: dict | None) -> str | None:
+    """What the build's check says of a file, in words: which engine loaded it (the vLLM version that served
+    it), its KLD to the base, and why it was not checked in vLLM on the machine that built it."""
+    if not isinstance(verify, dict) or verify.get("skipped"):
+        return None
+    v = VerifyResult.from_json(verify)
+    where = f"loaded in {v.engine}" if v.engine else "did not load"
+    what = (f"mean KLD {v.kld:.4f} to the base on {v.tokens} tokens (bound {v.bound:g})" if v.passed
+            else f"FAILED: {v.problem()}")
+    why = v.extra.get("vllm")
+    return f"{where}: {what}" + (f"; {why}" if why else "")
 
 
 def _quality(rows: list[dict], evaluation: dict) -> dict:
@@ -388,7 +402,9 @@ def _quality(rows: list[dict], evaluation: dict) -> dict:
             "text_sha256": (ev.get("text_sha256") or "")[:16] or None, "ctx": ev.get("ctx"),
             "tokens": ev.get("tokens"), "base_ppl": _fmt_num(ev.get("base_ppl"), ".4f", None),
             "hardware": hardware, "bench_notes": bench_notes(scores), "base_rows": base_rows,
-            "unmeasured": [t["name"] for t in table if not t["measured"]]}
+            "unmeasured": [t["name"] for t in table if not t["measured"]],
+            "checked": [{"name": r["path"] if not r["folder"] else f"{r['type'] or r['format']} (folder)",
+                         "line": r["checked"]} for r in rows if r["checked"]]}
 
 
 def _report(folder: Path, manifest: Manifest) -> dict | None:

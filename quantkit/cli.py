@@ -361,16 +361,17 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
 @click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
+@_engine_option
 @click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench_cmd(variants, base, no_base, prompt_tokens, gen_tokens, repeats, threads, no_write, as_json):
+def bench_cmd(variants, base, no_base, prompt_tokens, gen_tokens, repeats, threads, engine, no_write, as_json):
     """Measure prompt-processing and generation speed, size, bits per weight and peak memory of VARIANTs,
-    each in its own engine (llama.cpp for GGUF, transformers/vLLM for the rest), with the gain vs the base
-    measured in that same engine."""
+    each in its own engine (llama.cpp for GGUF; vLLM, served, for the rest where this machine's vLLM runs the
+    scheme, else transformers), with the gain vs the base measured in that same engine."""
     from quantkit.bench import bench
 
     rep = bench(list(variants), prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
-                base=False if no_base else base, threads=threads, write_manifest=not no_write)
+                base=False if no_base else base, threads=threads, write_manifest=not no_write, engine=engine)
     if as_json:
         emit_json(rep.to_json())
     else:

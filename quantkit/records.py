@@ -112,6 +112,10 @@ class BenchScore(Record):
     tg_gain: float | None = None
     size_gain: float | None = None
     memory_gain: float | None = None
+    ttft_s: float | None = None  # vLLM: time to first token of one request (seconds)
+    concurrency: int | None = None  # vLLM: requests at once for tg_tps_concurrent
+    tg_tps_concurrent: float | None = None  # vLLM: generated tok/s of all those requests together
+    tg_concurrent_gain: float | None = None
     base: dict | None = None  # the base measured in the same engine (gains are relative to it)
     reference: dict | None = None  # optional "what you would run otherwise" row (no gains against it)
     load_avg_1m: float | None = None
@@ -123,10 +127,10 @@ class BenchScore(Record):
     #: what a base/reference row keeps (bench.py measures it; the card and report show it)
     BASE_FIELDS = ("name", "label", "role", "engine", "device", "path", "pp_tps", "pp_tps_std", "tg_tps",
                    "tg_tps_std", "size", "bits_per_weight", "peak_memory", "peak_memory_method", "measured_at",
-                   "measurement_id", "cached", "load_avg_1m")
+                   "measurement_id", "cached", "load_avg_1m", "ttft_s", "concurrency", "tg_tps_concurrent")
     #: (gain key, row key, lower is better)
     GAINS = (("pp_gain", "pp_tps", False), ("tg_gain", "tg_tps", False), ("size_gain", "size", True),
-             ("memory_gain", "peak_memory", True))
+             ("memory_gain", "peak_memory", True), ("tg_concurrent_gain", "tg_tps_concurrent", False))
 
     @classmethod
     def from_row(cls, row: dict, context: dict, base: dict | None, reference: dict | None = None,
@@ -144,7 +148,9 @@ class BenchScore(Record):
                    size=row["size"], bits_per_weight=row["bits_per_weight"], peak_memory=row["peak_memory"],
                    peak_memory_method=row.get("peak_memory_method"), memory_breakdown=row.get("memory_breakdown"),
                    peak_rss=row.get("peak_rss"), peak_gpu_memory=row.get("peak_gpu_memory"),
-                   **{g: row.get(g) for g, _, _ in cls.GAINS}, base=keep(base), reference=keep(reference),
+                   ttft_s=row.get("ttft_s"), concurrency=row.get("concurrency"),
+                   tg_tps_concurrent=row.get("tg_tps_concurrent"), **{g: row.get(g) for g, _, _ in cls.GAINS},
+                   base=keep(base), reference=keep(reference),
                    load_avg_1m=c.get("load_avg_1m"),
                    warnings=[w for w in (warnings or []) if w.startswith(tuple(
                        f"{r['name']}:" for r in (row, base) if r))],  # the variant's and its base's

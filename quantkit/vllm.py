@@ -168,6 +168,16 @@ def can_run(folder: str | os.PathLike) -> tuple[bool, str]:
 
 # ---------------------------------------------------------------------------------------------- server
 
+def model_max_len(folder: Path) -> int | None:
+    """The context the checkpoint declares (``max_position_embeddings``): vLLM refuses a longer one."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return int(n) if n else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,6 +206,9 @@ _REASON_MARKERS = ("ValueError:", "RuntimeError:", "NotImplementedError:", "Type
 
 def refusal_line(lines: list[str]) -> str:
     """vLLM's reason, from its log: the last exception line (``ValueError: ...``), else the last line."""
+    for ln in reversed(lines):  # a pydantic config error: its reason is on the line after the exception's
+        if ln.strip().startswith("Value error,"):
+            return ln.strip()[len("Value error,"):].split(" [type=")[0].strip()[:400]
     for ln in reversed(lines):
         for mark in _REASON_MARKERS:
             i = ln.find(mark)
@@ -234,7 +247,8 @@ class VLLMServer:
             raise VLLMError(why)
         self.install = inst
         self.model = Path(model)
-        self.max_model_len, self.max_logprobs = max_model_len, max_logprobs
+        self.max_model_len = min(max_model_len, model_max_len(self.model) or max_model_len)
+        self.max_logprobs = max_logprobs
         self.threads, self.requested_port, self.start_timeout = threads, port, start_timeout
         self.extra_args = list(extra_args or [])
         from quantkit.util import cache_home

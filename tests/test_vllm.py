@@ -90,6 +90,10 @@ def test_refusal_line_is_vllms_reason():
              "ValueError: GPTQ group activation ordering (desc_act=True) is no longer supported.", "exit"]
     assert vllm.refusal_line(lines).startswith("ValueError: GPTQ group activation ordering")
     assert vllm.refusal_line([]) == "no output"
+    pyd = ["pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+           "  Value error, User-specified max_model_len (2048) is greater than the derived max_model_len "
+           "[type=value_error, input_value=ArgsKwargs(...)]"]
+    assert vllm.refusal_line(pyd) == "User-specified max_model_len (2048) is greater than the derived max_model_len"
 
 
 @pytest.mark.unit
