@@ -18,9 +18,11 @@ def quantize_awq(model: str, *, bits: int = 4, group_size: int = 128, calibratio
                  samples: int = 128, seq_len: int = 2048, fmt: str = DEFAULT_FORMAT,
                  out: str | os.PathLike | None = None, revision: str | None = None, allow_pickle: bool = False,
                  device: str = "auto", offload: bool = False, verify: bool = True,
-                 adapter: str | None = None, adapter_revision: str | None = None) -> QuantResult:
+                 adapter: str | None = None, adapter_revision: str | None = None,
+                 engine: str = "auto") -> QuantResult:
     """Quantise MODEL (Hub id or local folder) with AWQ into ``out`` (default ``./<Model>-AWQ-INT4-g128``,
     or ``./<Model>-AWQ-W4A16-g128`` for compressed-tensors). Re-running on an intact folder is a no-op."""
     return run("awq", model, fmt=fmt, bits=bits, group_size=group_size, calibration=calibration,
                samples=samples, seq_len=seq_len, out=out, revision=revision, allow_pickle=allow_pickle,
-               device=device, offload=offload, verify=verify, adapter=adapter, adapter_revision=adapter_revision)
+               device=device, offload=offload, verify=verify, adapter=adapter, adapter_revision=adapter_revision,
+               engine=engine)

@@ -290,7 +290,7 @@ def gptq(model, bits, act_order, damp, sym, group_size, calibration, samples, se
 
 # ------------------------------------------------------------------------------------- eval / bench
 def _engine_option(f):
-    from quantkit.evaluate import HF_ENGINES
+    from quantkit.formats import HF_ENGINES
 
     return click.option("--engine", type=click.Choice(HF_ENGINES), default="auto", show_default=True,
                         help="Engine for AWQ/GPTQ/compressed-tensors variants and their base: vLLM (served "

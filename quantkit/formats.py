@@ -196,6 +196,9 @@ HF_METHODS: dict[str, HFMethod] = {m.name: m for m in (
 )}
 DEFAULT_GROUP_SIZE = 128
 MIN_GROUP_SIZE = 16
+#: ``--engine`` / recipe ``engine:`` of HF-format variants: vLLM where this machine's vLLM can run the scheme,
+#: else transformers (auto); or one of them.
+HF_ENGINES = ("auto", "vllm", "transformers")
 
 
 def group_size_problem(group_size) -> str | None:

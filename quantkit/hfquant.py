@@ -588,11 +588,13 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
         offload: bool = False, verify: bool = True, max_shard_size: str = MAX_SHARD_SIZE,
-        adapter: str | None = None, adapter_revision: str | None = None) -> QuantResult:
+        adapter: str | None = None, adapter_revision: str | None = None, engine: str = "auto") -> QuantResult:
     """Quantise MODEL with ``method`` (awq|gptq) into one variant folder; see quantize_awq/quantize_gptq. The
     weights are saved in safetensors shards of at most ``max_shard_size`` (transformers' spelling); the folder is
     then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped). With
-    ``adapter`` (a PEFT LoRA) the merged fine-tune is quantised (:func:`quantkit.lora.resolve_source`)."""
+    ``adapter`` (a PEFT LoRA) the merged fine-tune is quantised (:func:`quantkit.lora.resolve_source`).
+    ``engine``: where the folder is checked (:func:`quantkit.evaluate.hf_engine`; auto: vLLM where it can run
+    the scheme here)."""
     from quantkit.calibration import parse_spec
     from quantkit.lora import resolve_source
     from quantkit.util import sha256_file
@@ -623,19 +625,19 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     with file_lock(folder_lock_file(folder), what=f"{folder.name} is being built by another process"):
         return _build(method, src, name, folder, params, spec, n, fmt=fmt, bits=bits, group_size=group_size,
                       calibration=calibration, samples=samples, seq_len=seq_len, device=device, offload=offload,
-                      max_shard_size=max_shard_size, moe=moe, verify=verify)
+                      max_shard_size=max_shard_size, moe=moe, verify=verify, engine=engine)
 
 
 def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int, *, fmt: str, bits: int,
            group_size: int, calibration, samples: int, seq_len: int, device: str, offload: bool,
-           max_shard_size: str, moe: dict, verify: bool) -> QuantResult:
+           max_shard_size: str, moe: dict, verify: bool, engine: str = "auto") -> QuantResult:
     from quantkit.calibration import load_calibration
     from quantkit.manifest import Manifest, file_record
 
     cached = _cached(folder, name, params, src.sha)
     if cached is not None:
         _stage(n, n, f"{folder} already holds {name} (intact): nothing to do")
-        _verify(cached, name, src, bits, verify)
+        _verify(cached, name, src, bits, verify, engine)
         return QuantResult(folder=folder, name=name, manifest=cached, cached=True)
 
     stats = weight_stats(src.path)
@@ -715,14 +717,15 @@ def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int
         shutil.rmtree(work, ignore_errors=True)
         raise
     manifest = Manifest.load(folder)
-    _verify(manifest, name, src, bits, verify)
+    _verify(manifest, name, src, bits, verify, engine)
     return QuantResult(folder=folder, name=name, manifest=manifest, cached=False)
 
 
-def _verify(manifest, name: str, src, bits: int, enabled: bool) -> None:
+def _verify(manifest, name: str, src, bits: int, enabled: bool, engine: str = "auto") -> None:
     """Check the finished (or re-used) folder in its engine against the base; exit 1 when it fails."""
     if enabled and not (manifest.artifact(name).get("verify") or {}).get("passed"):
         _stage(7, 7, f"verifying {name} in its engine against the base")
     with stdout_to_stderr():
-        res = verify_recorded(manifest, name, src.path, bits=bits, enabled=enabled, base_sha=src.sha)
+        res = verify_recorded(manifest, name, src.path, bits=bits, enabled=enabled, base_sha=src.sha,
+                              engine=engine)
     raise_if_failed({name: res}, manifest.folder)

@@ -68,8 +68,11 @@ def _key(**parts) -> str:
 
 def _engines(stage: str) -> dict:
     from quantkit import __version__
+    from quantkit.vllm import find_vllm
 
-    return {"quantkit": __version__, **{d: dist_version(d) for d in ENGINES[stage]}}
+    inst, _ = find_vllm()  # HF formats are checked, scored and benchmarked in vLLM where it runs them
+    return {"quantkit": __version__, **{d: dist_version(d) for d in ENGINES[stage]},
+            **({"vllm": inst.label if inst else None} if stage in ("awq", "gptq", "eval", "bench", "tasks") else {})}
 
 
 # -- run log -------------------------------------------------------------------------------------------
@@ -219,7 +222,7 @@ def _quantize_gguf(model: str, v: Variant, cal, out: Path, revision: str | None,
 def _quantize_hf(quantizer: Callable[[], Callable]) -> Callable[..., bool]:
     def run(model: str, v: Variant, cal, out: Path, revision: str | None, **adapter) -> bool:
         p = v.params
-        extra = {k: p[k] for k in ("sym", "act_order", "damp") if k in p}
+        extra = {k: p[k] for k in ("sym", "act_order", "damp", "engine") if k in p}
         if p.get("format"):
             extra["fmt"] = p["format"]
         r = quantizer()(model, bits=p["bits"], group_size=p["group_size"], calibration=cal.spec,
@@ -490,7 +493,8 @@ class Pipeline:
 
         e = self.r.eval
         rep = evaluate(str(self.src.path), [self.results[v.name].path], text=e.text, ctx=e.ctx,
-                       max_tokens=e.max_tokens, **{g.name: getattr(e, g.name) for g in GATES})
+                       max_tokens=e.max_tokens, engine=v.params.get("engine", "auto"),
+                       **{g.name: getattr(e, g.name) for g in GATES})
         return Done(result=EvalScore.from_row(rep.rows[0], rep.context))
 
     def evaluate(self, v: Variant) -> None:
@@ -560,7 +564,8 @@ class Pipeline:
 
         b, res = self.r.eval.bench, self.results[v.name]
         bench([res.path], prompt_tokens=b.prompt_tokens, gen_tokens=b.gen_tokens, repeats=b.repeats,
-              threads=b.threads, base=None if v.method == "gguf" else str(self.src.path))
+              threads=b.threads, base=None if v.method == "gguf" else str(self.src.path),
+              engine=v.params.get("engine", "auto"))
         rec = (Manifest.load(self.out / v.folder).artifact(res.artifact) or {}).get("bench")
         if not rec:
             raise QuantkitError(f"bench recorded nothing for {res.artifact} in {v.folder}/quantkit.json")

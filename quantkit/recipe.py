@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import DEFAULT_GROUP_SIZE, HF_METHODS, gguf_spec, hf_param_problems
+from quantkit.formats import DEFAULT_GROUP_SIZE, HF_ENGINES, HF_METHODS, gguf_spec, hf_param_problems
 
 VERSION = 1
 METHODS = ("gguf", *HF_METHODS)
@@ -240,7 +240,7 @@ BENCH = {"enabled": _BOOL, "prompt_tokens": _POS, "gen_tokens": _POS, "repeats":
          "threads": ((int, type(None)), "a positive integer or null")}
 PUBLISH = {"enabled": _BOOL, "repo": _STR, "private": _BOOL, "per": _STR, "only_passing": _BOOL,
            "license": _OPT_STR, "accept_license_terms": _BOOL}
-_HF_VARIANT = {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "format": _STR}
+_HF_VARIANT = {"method": _STR, "name": _STR, "bits": _POS, "group_size": _INT, "format": _STR, "engine": _STR}
 _HF_OPTIONS = {"sym": _BOOL, "act_order": _BOOL, "damp": _NUM}  # what a method's `options` may list
 VARIANT = {
     "gguf": {"method": _STR, "types": ((list, str), "a list of GGUF types"), "imatrix": _BOOL,
@@ -511,8 +511,11 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
             # the same rules `quantkit awq|gptq` apply before any download
             for param, problem in hf_param_problems(method, bits=bits, group_size=gs, fmt=e.get("format")).items():
                 chk.fail(path + (param,), problem)
+            if e.get("engine", "auto") not in HF_ENGINES:
+                chk.fail(path + ("engine",), f"must be one of {', '.join(HF_ENGINES)} (got {e['engine']!r}): the "
+                                             "engine that checks, scores and benchmarks it")
             params = {"bits": bits, "group_size": gs}
-            for k in ("format", *HF_METHODS[method].options):
+            for k in ("format", "engine", *HF_METHODS[method].options):
                 if k in e:
                     params[k] = e[k]
             name = e.get("name") or f"{method.upper()}-INT{bits}-g{gs if gs != -1 else 'channel'}"

@@ -139,7 +139,7 @@ def _finite(x) -> float | None:
 
 
 def verify_recorded(manifest, name: str, base_path: str | Path, *, bits: int, enabled: bool = True,
-                    base_sha: str | None = None, threads: int | None = None) -> VerifyResult:
+                    base_sha: str | None = None, threads: int | None = None, engine: str = "auto") -> VerifyResult:
     """Verify artifact ``name`` of ``manifest`` (or record it as skipped when not ``enabled``), store the result
     as ``verify`` on the artifact and save. A re-run re-uses a passed record (or a skipped one when still not
     ``enabled``); the engines replace the whole record when they rebuild an artifact, so a stored result always
@@ -150,7 +150,7 @@ def verify_recorded(manifest, name: str, base_path: str | Path, *, bits: int, en
         return prev
     if enabled:
         res = verify_artifact(base_path, manifest.folder / rec.get("path", "."), bits=bits, base_sha=base_sha,
-                              threads=threads)
+                              threads=threads, engine=engine)
     else:
         res = VerifyResult(passed=False, skipped=True, bits=bits, time=now_iso())
     manifest.update_artifact(name, verify=res.to_json())

@@ -40,6 +40,31 @@ def build_smollm2_hf() -> Path:
     return _build(TEST_CACHE)
 
 
+def build_smollm2_layers(n: int = 4) -> Path:
+    """SmolLM2-135M-Instruct cut to its first ``n`` decoder layers (real embeddings, norms and layers, tied
+    head): quick to quantise, and its next-token distributions are peaked like a real model's, which a random
+    tiny model's are not (vLLM returns top log-probabilities only, so its KLD needs them)."""
+    final = TEST_CACHE / f"smollm2-{n}layers-v{FIXTURE_VERSION}"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = build_smollm2_hf()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+    tmp = Path(tempfile.mkdtemp(prefix=f".smollm2-{n}layers-", dir=TEST_CACHE))
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    for f in ("README.md", "LICENSE"):
+        if (src / f).is_file():
+            shutil.copy(src / f, tmp / f)
+    return _publish_dir(tmp, final)
+
+
 # -- tiny models --------------------------------------------------------------------------------
 
 TINY_DIMS = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
