@@ -338,7 +338,7 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
         from quantkit.tasks import eval_tasks
 
         rep = eval_tasks(base, list(variants), tasks, limit=limit, num_fewshot=num_fewshot,
-                         min_recovery=min_recovery, threads=threads, write_manifest=not no_write)
+                         min_recovery=min_recovery, threads=threads, write_manifest=not no_write, engine=engine)
     else:
         rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
                        max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,

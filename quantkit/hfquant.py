@@ -625,19 +625,19 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     with file_lock(folder_lock_file(folder), what=f"{folder.name} is being built by another process"):
         return _build(method, src, name, folder, params, spec, n, fmt=fmt, bits=bits, group_size=group_size,
                       calibration=calibration, samples=samples, seq_len=seq_len, device=device, offload=offload,
-                      max_shard_size=max_shard_size, moe=moe, verify=verify, engine=engine)
+                      max_shard_size=max_shard_size, moe=moe, verify=verify, verify_engine=engine)
 
 
 def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int, *, fmt: str, bits: int,
            group_size: int, calibration, samples: int, seq_len: int, device: str, offload: bool,
-           max_shard_size: str, moe: dict, verify: bool, engine: str = "auto") -> QuantResult:
+           max_shard_size: str, moe: dict, verify: bool, verify_engine: str = "auto") -> QuantResult:
     from quantkit.calibration import load_calibration
     from quantkit.manifest import Manifest, file_record
 
     cached = _cached(folder, name, params, src.sha)
     if cached is not None:
         _stage(n, n, f"{folder} already holds {name} (intact): nothing to do")
-        _verify(cached, name, src, bits, verify, engine)
+        _verify(cached, name, src, bits, verify, verify_engine)
         return QuantResult(folder=folder, name=name, manifest=cached, cached=True)
 
     stats = weight_stats(src.path)
@@ -717,7 +717,7 @@ def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int
         shutil.rmtree(work, ignore_errors=True)
         raise
     manifest = Manifest.load(folder)
-    _verify(manifest, name, src, bits, verify, engine)
+    _verify(manifest, name, src, bits, verify, verify_engine)
     return QuantResult(folder=folder, name=name, manifest=manifest, cached=False)
 
 

@@ -524,7 +524,8 @@ class Pipeline:
 
         e = self.r.eval
         rep = eval_tasks(str(self.src.path), [self.results[v.name].path], e.tasks, limit=e.limit,
-                         num_fewshot=e.num_fewshot, cache_base=True)  # the base is scored once for all variants
+                         num_fewshot=e.num_fewshot, cache_base=True,  # the base is scored once for all variants
+                         engine=v.params.get("engine", "auto"))
         return Done(result=TaskScores.from_report(rep))
 
     def tasks(self, v: Variant) -> None:

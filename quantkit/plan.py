@@ -83,6 +83,8 @@ class Row:
     fits: list[str]
     source: str = ""
     shards: int = 1  # GGUF: files after splitting for the Hub (llama-gguf-split at the default size)
+    bits: int | None = None  # AWQ/GPTQ weight bits
+    checked_by: str = ""  # the engine that checks such a variant on this machine (plan(); see checked_here)
 
 
 @dataclass
@@ -142,8 +144,12 @@ class Plan:
                 f"vocab {p.vocab_size}; KV cache fp16 for context {p.context} x batch {p.batch}: "
                 f"{p.kv_bytes / GB:.2f} GB")
         rows = [(r.name, f"{r.bits_per_weight:.2f}", _gb(r.weight_bytes), _gb(r.kv_bytes), _gb(r.total_bytes),
-                 ", ".join(_short(r.fits)) or "none of the listed") for r in p.rows]
-        t = format_table(rows, ["variant", "bits/w", "weights GB", "KV GB", "total GB", "fits on"])
+                 ", ".join(_short(r.fits)) or "none of the listed", r.checked_by.split(" (not in vLLM")[0])
+                for r in p.rows]
+        t = format_table(rows, ["variant", "bits/w", "weights GB", "KV GB", "total GB", "fits on",
+                                "checked here by"])
+        why = sorted({r.checked_by.split("(not in vLLM here: ", 1)[1].rstrip(")") for r in p.rows
+                      if "(not in vLLM here: " in r.checked_by})
         needs = format_table([(m, _gb(n.disk_bytes), _gb(n.ram_bytes), n.note) for m, n in p.needs.items()],
                              ["quantise with", "disk GB", "RAM GB", "notes"])
         foot = ("total = weights + KV cache + runtime overhead (0.5 GiB + 5%). Apple: 75% of unified memory. "
@@ -154,6 +160,7 @@ class Plan:
 
             foot += (f"\nSplit for the Hub's 50 GB file limit (GGUFs over {DEFAULT_SPLIT_MAX_SIZE}, llama-gguf-split): "
                      + ", ".join(split) + ".")
+        foot += "".join(f"\nNot checked in vLLM on this machine: {w}." for w in why)
         return f"{head}\n\n{t}\n\nQuantisation run needs:\n{needs}\n\n{foot}"
 
     # -- checks ---------------------------------------------------------------------------------
@@ -415,6 +422,7 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
         add(f"INT{bits} AWQ/GPTQ g{group_size}", "awq", linear * bpw / 8 + rest * 2,
             f"{bpw:.3f} bits/w on Linear layers (+fp16 scale and {bits}-bit zero per {group_size}), rest 16-bit",
             kinds=("nvidia",))
+        p.rows[-1].bits = bits
     from quantkit.gguf import shard_count
 
     for t in GGUF_COMMON:
@@ -440,5 +448,25 @@ def plan(model: str, *, context: int = 8192, batch: int = 1, revision: str | Non
          group_size: int = 128) -> Plan:
     """Size MODEL (Hub id, local folder, or ``builtin:NAME``) for every common format; see the module doc."""
     name, config, tensors, size, local = load_inputs(model, revision)
-    return plan_from_config(config, model=name, tensors=tensors, checkpoint_bytes=size, local=local,
-                            context=context, batch=batch, group_size=group_size)
+    p = plan_from_config(config, model=name, tensors=tensors, checkpoint_bytes=size, local=local,
+                         context=context, batch=batch, group_size=group_size)
+    checked_here(p, group_size)
+    return p
+
+
+def checked_here(p: Plan, group_size: int) -> None:
+    """Fill each row's ``checked_by``: llama.cpp for GGUF; for the HF formats vLLM where this machine's vLLM
+    can run the scheme (:data:`quantkit.formats.VLLM_LIMITS`), else transformers and why."""
+    from quantkit.formats import QuantScheme, vllm_refusal
+    from quantkit.vllm import device_kind, find_vllm
+
+    inst, why = find_vllm()
+    for r in p.rows:
+        if r.method == "gguf":
+            r.checked_by = "llama.cpp"
+            continue
+        scheme = QuantScheme("hf" if r.bits is None else "compressed-tensors", bits=r.bits, group_size=group_size,
+                             sym=True, moe=bool(p.experts))
+        lim = vllm_refusal(scheme, device_kind(inst)) if inst else None
+        r.checked_by = (inst.label if inst and lim is None else
+                        f"transformers (not in vLLM here: {lim.reason if lim else why})")

@@ -159,9 +159,10 @@ class TaskSet:
     manager: Any
 
 
-def resolve_tasks(tasks) -> TaskSet:
+def resolve_tasks(tasks, generation: bool = False) -> TaskSet:
     """Resolve registry names and YAML paths; every task is built once here, so a bad name, YAML or dataset
-    stops before any model is loaded, with one line naming it."""
+    stops before any model is loaded, with one line naming it. ``generation``: every model is served by vLLM,
+    whose lm-eval model (``local-completions``) generates too, so ``generate_until`` tasks are allowed."""
     _lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -191,10 +192,11 @@ def resolve_tasks(tasks) -> TaskSet:
             raise QuantkitError(f"task {name} could not be loaded: {_first_line(e)}") from None
         for tname, task in loaded["tasks"].items():
             otype = task.get_config("output_type")
-            if otype == "generate_until":
+            if otype == "generate_until" and not generation:
                 raise QuantkitError(f"task {tname} ({name}) generates text (output_type generate_until): only "
                                     "log-likelihood tasks (multiple_choice, loglikelihood, "
-                                    "loglikelihood_rolling) are supported for now")
+                                    "loglikelihood_rolling) are supported for GGUF and transformers; HF-format "
+                                    "variants served by vLLM (--engine vllm) run generation tasks too")
     return TaskSet(specs=specs, names=names, manager=manager)
 
 
@@ -349,6 +351,24 @@ def hf_lm(path, tokenizer, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int
     return lm
 
 
+def vllm_lm(path, tokenizer_path, max_length: int = DEFAULT_MAX_LENGTH, threads: int | None = None):
+    """lm-eval's own OpenAI-compatible completions model (``local-completions``) against the vLLM server of
+    ``path`` (shared with verify/eval/bench in this process): requests go as token ids of the base tokenizer;
+    log-likelihoods come from the prompt's log-probabilities (``echo``), generation from the server."""
+    _lm_eval()
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from quantkit import vllm
+
+    srv = vllm.server(path, threads=threads)
+    logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
+    lm = LocalCompletionsAPI(base_url=f"{srv.url}/v1/completions", model=vllm.SERVED_NAME,
+                             tokenizer=str(tokenizer_path), tokenizer_backend="huggingface", tokenized_requests=True,
+                             max_length=max_length, num_concurrent=1, max_retries=1, timeout=int(vllm.REQUEST_TIMEOUT))
+    lm.engine = f"{srv.install.label} (served; lm-eval local-completions)"
+    return lm
+
+
 # ------------------------------------------------------------------------------------------ scores
 def _primary_metric(result: dict) -> str:
     metrics = [k.split(",")[0] for k in result if "," in k and "_stderr" not in k]
@@ -478,7 +498,8 @@ def _run_tasks(lm, taskset: TaskSet, limit, num_fewshot) -> tuple[dict, float]:
     return task_scores(res), time.perf_counter() - t0
 
 
-def _base_cache_file(base_sha: str, tasks, limit, num_fewshot, max_length: int, batch_size: int) -> Path:
+def _base_cache_file(base_sha: str, tasks, limit, num_fewshot, max_length: int, batch_size: int,
+                     engine: str = "transformers") -> Path:
     """Where the base's scores for these settings are kept: keyed by the base's SHA, the tasks (YAML and data
     sha256), limit, shots, max_length, batch size and the engine versions."""
     from quantkit.util import cache_home, dist_version
@@ -486,11 +507,19 @@ def _base_cache_file(base_sha: str, tasks, limit, num_fewshot, max_length: int, 
     key = hashlib.sha256(json.dumps({
         "base": base_sha, "tasks": task_identity(tasks), "limit": limit, "num_fewshot": num_fewshot,
         "max_length": max_length, "batch_size": batch_size,
-        "engines": {d: dist_version(d) for d in ("lm_eval", "transformers", "torch")}},
+        "engines": {d: dist_version(d) for d in ("lm_eval", "transformers", "torch")},
+        **({"engine": _vllm_label()} if engine == "vllm" else {})},
         sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_home() / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.json"
+
+
+def _vllm_label() -> str | None:
+    from quantkit.vllm import find_vllm
+
+    inst, _ = find_vllm()
+    return inst.label if inst else None
 
 
 def _read_base_cache(path: Path | None):
@@ -512,13 +541,14 @@ def _read_base_cache(path: Path | None):
 def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | None = None,
                num_fewshot: int | None = None, min_recovery=None, max_length: int = DEFAULT_MAX_LENGTH,
                batch_size: int = 1, threads: int | None = None, write_manifest: bool = True,
-               cache_base: bool = False) -> TaskReport:
+               cache_base: bool = False, engine: str = "auto") -> TaskReport:
     """Score ``base`` and every variant on ``tasks`` with lm-eval; see the module docstring. ``cache_base``: keep
     the base's scores under quantkit's cache (:func:`_base_cache_file`), so scoring N variants one at a time
-    scores the base once."""
+    scores the base once. ``engine``: how HF-format variants run (:func:`quantkit.evaluate.hf_engine`); when
+    every variant is served by vLLM, the base is served by the same vLLM and generation tasks are allowed."""
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import base_tokenizer, parse_fraction, resolve_variants, unique_names
+    from quantkit.evaluate import base_tokenizer, hf_engine, parse_fraction, resolve_variants, unique_names
     from quantkit.hub import resolve_model
     from quantkit.util import dist_version
 
@@ -531,20 +561,31 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     g = RECOVERY_GATE
     mr = parse_fraction(min_recovery, g.flag)
     gates = {} if mr is None else {g.key: {"limit": mr, "shown": g.show_limit(mr)}}
-    taskset = resolve_tasks(tasks)
     resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
+    for v in resolved:
+        if v.kind == "hf":
+            v.engine, v.engine_note = hf_engine(v.path, engine)
+    ref = "vllm" if all(v.engine == "vllm" for v in resolved) else "transformers"
+    for v in resolved:  # one base, in one engine: with a GGUF in the run, HF formats stay with transformers
+        if v.engine == "vllm" and ref != "vllm":
+            v.engine = "transformers"
+    taskset = resolve_tasks(tasks, generation=ref == "vllm")
     src = resolve_model(base)
     tok = base_tokenizer(src.path)
 
-    cache = _base_cache_file(src.sha, tasks, limit, num_fewshot, max_length, batch_size) if cache_base else None
+    cache = (_base_cache_file(src.sha, tasks, limit, num_fewshot, max_length, batch_size, ref)
+             if cache_base else None)
     hit = _read_base_cache(cache)
     if hit:
         base_scores, base_s, base_engine, max_length = hit
         log.info("[tasks] base scores of %s from the cache (%s)", src.name, cache)
     else:
-        base_lm = hf_lm(src.path, tok, max_length, batch_size, threads)
+        from quantkit.vllm import model_max_len
+
         # never beyond the base's trained context, and the same for every engine
-        max_length = min(max_length, getattr(base_lm.model.config, "max_position_embeddings", None) or max_length)
+        max_length = min(max_length, model_max_len(src.path) or max_length)
+        base_lm = vllm_lm(src.path, src.path, max_length, threads) if ref == "vllm" else \
+            hf_lm(src.path, tok, max_length, batch_size, threads)
         base_lm._max_length = max_length
         base_scores, base_s = _run_tasks(base_lm, taskset, limit, num_fewshot)
         base_engine = base_lm.engine
@@ -560,6 +601,8 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     for v in resolved:
         if v.kind == "gguf":
             lm = gguf_lm(v.path, tok, max_length, threads)
+        elif v.engine == "vllm":
+            lm = vllm_lm(v.path, src.path, max_length, threads)
         else:
             own = tok
             if any((v.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
@@ -586,7 +629,8 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
                    "stderr": s["stderr"], "base_score": b["score"], "base_stderr": b["stderr"],
                    "recovery": rec, "recovery_se": rec_se, "higher_is_better": s["higher_is_better"],
                    "requests_sha256": s["requests_sha256"], "engine": engine,
-                   "engine_short": "llama.cpp" if v.kind == "gguf" else "transformers",
+                   "engine_short": "llama.cpp" if v.kind == "gguf" else
+                   ("vLLM" if v.engine == "vllm" else "transformers"),
                    "seconds": round(secs, 2), "gates": {}}
             if g.key in gates:
                 floor = gates[g.key]["limit"]
