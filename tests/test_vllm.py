@@ -220,7 +220,7 @@ def test_a_config_vllm_refuses_fails_with_vllms_reason(served, smollm2_4, tmp_pa
     (bad / "config.json").write_text(json.dumps(cfg))
     res = verify_artifact(smollm2_4, bad, bits=4)
     assert not res.passed and res.kld is None
-    assert "refused desc-act: ValueError: GPTQ group activation ordering (desc_act=True) is no longer supported" \
+    assert "refused desc-act: GPTQ group activation ordering (desc_act=True) is no longer supported" \
         in res.error, res.error
     assert "\n" not in res.error
 
@@ -272,3 +272,20 @@ def test_no_vllm_process_is_left_behind(served):
     left = [p for p in _vllm_processes() if p.pid not in before]
     psutil.wait_procs(left, timeout=5)
     assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.unit
+def test_the_vllm_engine_imports_nothing_above_it():
+    """quantkit.vllm sits with the engines: it may use the facts (formats), errors and util, never measurement,
+    cards or the pipeline (imports run one way)."""
+    import ast
+
+    import quantkit.vllm as mod
+
+    names = set()
+    for node in ast.walk(ast.parse(Path(mod.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("quantkit"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("quantkit")}
+    assert names <= {"quantkit.errors", "quantkit.formats", "quantkit.util"}, names
