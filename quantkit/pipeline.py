@@ -679,6 +679,8 @@ class Pipeline:
     # -- all of it ---------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         self.out.mkdir(parents=True, exist_ok=True) if not self.dry_run else None
+        if not self.dry_run:  # vLLM's server logs next to the run log
+            os.environ.setdefault("QUANTKIT_VLLM_LOGS", str(self.out / "vllm-logs"))
         if not self.dry_run:
             self.runlog.data["runs"].append({"time": now_iso(), "recipe": self.r.path,
                                              "variants": [v.name for v in self.variants],

@@ -47,6 +47,7 @@ DEFAULT_MAX_MODEL_LEN = 2048
 START_TIMEOUT = float(os.environ.get("QUANTKIT_VLLM_START_TIMEOUT", "600"))
 REQUEST_TIMEOUT = float(os.environ.get("QUANTKIT_VLLM_REQUEST_TIMEOUT", "600"))
 SERVED_NAME = "quantkit"
+# QUANTKIT_VLLM_LOGS: where the servers' logs go (default <quantkit cache>/vllm; `quantkit run`: <out>/vllm-logs)
 
 
 class VLLMError(QuantkitError):
@@ -253,7 +254,8 @@ class VLLMServer:
         self.extra_args = list(extra_args or [])
         from quantkit.util import cache_home
 
-        self.log_path = Path(log_path) if log_path else cache_home() / "vllm" / f"serve-{os.getpid()}-{id(self)}.log"
+        logs = Path(os.environ.get("QUANTKIT_VLLM_LOGS") or cache_home() / "vllm")  # `run`: beside its run log
+        self.log_path = Path(log_path) if log_path else logs / f"serve-{self.model.name}-{os.getpid()}-{id(self)}.log"
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.load_seconds: float | None = None
