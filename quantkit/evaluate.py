@@ -70,7 +70,7 @@ WINDOWS = "non-overlapping"
 TOPK_REL_ERROR = 0.02
 TOPK_P99_REL_ERROR = 0.10
 #: The vLLM estimator (:func:`kld_vs_topk_sparse`: base top ``k`` vs the variant's top ``MAX_LOGPROBS``, the rest
-#: lumped) is a lower bound: at most this far below the exact KLD. Measured on SmolLM2-135M vs its GPTQ 4-bit g64
+#: grouped) is a lower bound: at most this far below the exact KLD. Measured on SmolLM2-135M vs its GPTQ 4-bit g64
 #: (1020 tokens, from transformers' full logits): 0.2411 vs exact 0.2836 (0.850; p99 0.90).
 #: tests/test_vllm.py checks the bound on LM-shaped distributions and on a 4-layer SmolLM2 served by vLLM.
 SPARSE_KLD_REL_ERROR = 0.2
@@ -452,7 +452,7 @@ def kld_vs_topk(logits_q, targets, idx, logp_p, rest_p, sidx=None, slogp_p=None)
     return nll, kld, top1
 
 
-def kld_vs_topk_sparse(q_rows: list[dict], targets: list[int], idx, logp_p, rest_p, k_q: int):
+def kld_vs_topk_sparse(q_rows: list[dict], targets: list[int], idx, logp_p, k_q: int):
     """Variant side when the engine returns only its top log-probabilities (vLLM's ``prompt_logprobs``): ``q_rows``
     maps token id -> log Q for the variant's top ``k_q`` plus the target token. Returns (nll_q, kld, top1) as numpy.
 
@@ -894,7 +894,7 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
             from quantkit.vllm import MAX_LOGPROBS
 
             nll, kld, top1 = kld_vs_topk_sparse(scorer.topk(win, MAX_LOGPROBS), win[1:], cache["idx"][sl],
-                                                cache["logp"][sl], cache["rest"][sl], MAX_LOGPROBS)
+                                                cache["logp"][sl], MAX_LOGPROBS)
             nonfinite += int((~np.isfinite(nll)).sum())
             nll_all.append(nll)
             kld_all.append(kld)

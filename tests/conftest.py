@@ -167,17 +167,21 @@ def hub_server(_hub_server_session, tmp_path, monkeypatch):
     yield fx
 
 
-@pytest.fixture()
-def vllm_on(monkeypatch):
+def use_users_vllm(mp: pytest.MonkeyPatch):
     """vLLM as the user has it (QUANTKIT_VLLM as set outside the tests, else the managed environment that
     scripts/install.sh makes); fails when there is none: the README's test command installs it."""
     from quantkit import vllm
 
     if VLLM_SETTING and VLLM_SETTING != "off":
-        monkeypatch.setenv("QUANTKIT_VLLM", VLLM_SETTING)
+        mp.setenv("QUANTKIT_VLLM", VLLM_SETTING)
     else:
-        monkeypatch.delenv("QUANTKIT_VLLM", raising=False)
+        mp.delenv("QUANTKIT_VLLM", raising=False)
     inst, why = vllm.find_vllm()
     if inst is None:
         pytest.fail(f"no vLLM for the serving tests: {why}")
-    yield inst
+    return inst
+
+
+@pytest.fixture()
+def vllm_on(monkeypatch):
+    return use_users_vllm(monkeypatch)

@@ -125,7 +125,7 @@ def test_sparse_kld_is_a_close_lower_bound():
 
         cache = topk_rows_to_cache(rows(lp, 64), targets, 64)
         nll, kld, top1 = kld_vs_topk_sparse(rows(lq, vllm.MAX_LOGPROBS), targets, cache["idx"], cache["logp"],
-                                            cache["rest"], vllm.MAX_LOGPROBS)
+                                            vllm.MAX_LOGPROBS)
         exact = exact_kld(torch.tensor(base), torch.tensor(var)).numpy()
         assert np.allclose(nll, [-float(lq[i, t]) for i, t in enumerate(targets)])
         assert np.all(kld <= exact + 1e-9)
@@ -134,7 +134,7 @@ def test_sparse_kld_is_a_close_lower_bound():
     # a broken variant (its top tokens unrelated to the base's) is far above any verify bound
     junk = torch.log_softmax(torch.tensor(np.roll(base, 977, axis=1)), -1)
     _, kld, _ = kld_vs_topk_sparse(rows(junk, vllm.MAX_LOGPROBS), targets, cache["idx"], cache["logp"],
-                                   cache["rest"], vllm.MAX_LOGPROBS)
+                                   vllm.MAX_LOGPROBS)
     assert kld.mean() > 4.0 and np.all(kld <= exact_kld(torch.tensor(base), torch.tensor(np.roll(base, 977, 1)))
                                        .numpy() + 1e-9)
 
@@ -161,18 +161,12 @@ def smollm2_4():
 @pytest.fixture(scope="module")
 def served(smollm2_4, tmp_path_factory):
     """The three 4-bit folders quantkit writes for vLLM, each verified on build (so served) in vLLM."""
-    from conftest import VLLM_SETTING
+    from conftest import use_users_vllm
 
     from quantkit.hfquant import run
 
     with pytest.MonkeyPatch.context() as mp:
-        if VLLM_SETTING and VLLM_SETTING != "off":
-            mp.setenv("QUANTKIT_VLLM", VLLM_SETTING)
-        else:
-            mp.delenv("QUANTKIT_VLLM", raising=False)
-        inst, why = vllm.find_vllm()
-        if inst is None:
-            pytest.fail(f"no vLLM for the serving tests: {why}")
+        inst = use_users_vllm(mp)
         before = {p.pid for p in _vllm_processes()}
         out = tmp_path_factory.mktemp("served")
         kw = dict(calibration=None, samples=8, seq_len=64, group_size=64)
