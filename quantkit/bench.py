@@ -103,6 +103,14 @@ def _prompt_text() -> str:
     return builtin_eval_text()
 
 
+def _prompt_ids(tok, prompt_tokens: int) -> list[int]:
+    """``prompt_tokens`` ids of the prompt text in the model's own tokenizer (made-up ids when it is short)."""
+    ids = tok(_prompt_text()[:prompt_tokens * 12], add_special_tokens=False).input_ids[:prompt_tokens]
+    if len(ids) < prompt_tokens:
+        ids = [(1000 + 7 * i) % len(tok) for i in range(prompt_tokens)]
+    return ids
+
+
 def _bench_gguf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int) -> dict:
     import llama_cpp
     import numpy as np
@@ -180,10 +188,7 @@ def _bench_hf(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, thre
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = tok(_prompt_text()[:prompt_tokens * 12], add_special_tokens=False).input_ids[:prompt_tokens]
-    if len(ids) < prompt_tokens:
-        ids = [(1000 + 7 * i) % len(tok) for i in range(prompt_tokens)]
+    ids = _prompt_ids(AutoTokenizer.from_pretrained(path), prompt_tokens)
     rss_before = peak_rss()
     t0 = time.perf_counter()
     model = load_hf_model(Path(path), device)
@@ -297,10 +302,7 @@ def _bench_vllm(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, th
     from quantkit import vllm
 
     srv = vllm.server(path, threads=threads)
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = tok(_prompt_text()[:prompt_tokens * 12], add_special_tokens=False).input_ids[:prompt_tokens]
-    if len(ids) < prompt_tokens:
-        ids = [(1000 + 7 * i) % len(tok) for i in range(prompt_tokens)]
+    ids = _prompt_ids(AutoTokenizer.from_pretrained(path), prompt_tokens)
     _stream(srv, ids, min(WARMUP_GEN, gen_tokens))  # warm-up
     pp, tg, ttft = [], [], []
     for _ in range(repeats):

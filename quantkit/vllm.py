@@ -417,6 +417,9 @@ POOL_SIZE = 2
 def server(model: str | os.PathLike, **kw) -> VLLMServer:
     """A running server for ``model``, shared by every caller in this process (verify, eval, bench, tasks):
     started on first use, kept while it is one of the :data:`POOL_SIZE` most recently used, stopped at exit."""
+    from quantkit.util import default_threads
+
+    kw["threads"] = kw.get("threads") or default_threads()  # None and the default are one server
     key = (str(Path(model).resolve()), tuple(sorted(kw.items())))
     with _POOL_LOCK:
         s = _POOL.get(key)

@@ -235,6 +235,23 @@ def test_eval_in_vllm_on_the_same_tokens(served, smollm2_4, run_cli):
     assert abs(v["top1"] - t["top1"]) < 0.1
 
 
+def test_bench_in_vllm_against_the_base_served_the_same_way(served, smollm2_4):
+    from quantkit.bench import bench
+
+    _, folders, _, _ = served
+    rep = bench([str(folders["gptq-ct"])], base=str(smollm2_4), prompt_tokens=64, gen_tokens=16, repeats=1,
+                write_manifest=False, use_cache=False)
+    (b,), (r,) = rep.bases, rep.rows
+    assert b["label"] == "base, vLLM" and b["engine"].startswith("vLLM") and r["engine"].startswith("vLLM")
+    for row in (b, r):
+        assert row["pp_tps"] > 0 and row["tg_tps"] > 0 and row["tg_tps_concurrent"] > 0 and row["ttft_s"] > 0
+        assert row["concurrency"] == 8 and row["memory_breakdown"]["KV"] == 1 << 30
+        assert row["peak_memory"] > row["memory_breakdown"]["KV"] // 4
+    assert r["tg_gain"] == pytest.approx(r["tg_tps"] / b["tg_tps"]) and r["size_gain"] > 2
+    assert r["tg_concurrent_gain"] == pytest.approx(r["tg_tps_concurrent"] / b["tg_tps_concurrent"])
+    assert "tg x8 tok/s" in rep.table()
+
+
 def test_where_this_machines_vllm_cannot_run_it_the_record_says_so(served, smollm2_4):
     from quantkit.hfquant import run
 
