@@ -247,7 +247,7 @@ def test_bench_in_vllm_against_the_base_served_the_same_way(served, smollm2_4):
         assert row["pp_tps"] > 0 and row["tg_tps"] > 0 and row["tg_tps_concurrent"] > 0 and row["ttft_s"] > 0
         assert row["concurrency"] == 8 and row["memory_breakdown"]["KV"] == 1 << 30
         assert row["peak_memory"] > row["memory_breakdown"]["KV"] // 4
-    assert r["tg_gain"] == pytest.approx(r["tg_tps"] / b["tg_tps"]) and r["size_gain"] > 2
+    assert r["tg_gain"] == pytest.approx(r["tg_tps"] / b["tg_tps"]) and r["size_gain"] > 1.2  # embedding: 16-bit
     assert r["tg_concurrent_gain"] == pytest.approx(r["tg_tps_concurrent"] / b["tg_tps_concurrent"])
     assert "tg x8 tok/s" in rep.table()
 
