@@ -2,8 +2,9 @@
 measured **in the same engine**.
 
 * GGUF -> llama.cpp (llama-cpp-python; all layers on the GPU when llama.cpp was built with GPU support);
-  HF-format models -> transformers on CUDA when available, else CPU; vLLM instead of transformers when it is
-  installed and a GPU is present.
+  HF-format models -> vLLM (``vllm serve``, measured over its OpenAI API: one request, then
+  :data:`VLLM_CONCURRENCY` at once) where this machine's vLLM can run the scheme, its base served the same way;
+  else transformers on CUDA when available, else CPU.
 * The base, once per engine used: for GGUF variants the unquantised GGUF they were made from (the F32/F16/BF16
   intermediate in ``<folder>/.quantkit-work/``, converted again when it was deleted) in llama.cpp; for
   AWQ/GPTQ/compressed-tensors the base checkpoint in transformers. Gains are relative to that row. ``--base

@@ -7,8 +7,11 @@ How it works
   those token ids, cut into the same **non-overlapping windows** of ``ctx`` tokens (the base tokenizer's BOS,
   if it adds one, then ``ctx - len(BOS)`` text tokens). Inside a window every position after the first is
   scored, so each text token is predicted once (the first text token of a window without BOS is context only).
-* Engines: HF-format models (the base, AWQ, GPTQ, compressed-tensors) run in transformers; a GGUF runs in
-  llama.cpp (llama-cpp-python, ``logits_all=True``): its own kernels, never a dequantised copy. For a GGUF the
+* Engines: a GGUF runs in llama.cpp (llama-cpp-python, ``logits_all=True``): its own kernels, never a
+  dequantised copy. HF-format models (AWQ, GPTQ, compressed-tensors) are served by vLLM where this machine's
+  vLLM can run the scheme (:func:`hf_engine`, :mod:`quantkit.vllm`), against the base served by the same vLLM
+  (its top log-probabilities only: :func:`kld_vs_topk_sparse`), else they run in transformers against the base
+  in transformers. For a GGUF the
   report says whether llama.cpp's tokenizer gives the same ids as the base tokenizer (``tokenizer_match``).
 * The base distribution is computed once and cached under ``cache_home()/eval/`` keyed by base SHA + text
   sha256 + window settings, as the top-k log-probabilities per position, the log of the probability mass of all
