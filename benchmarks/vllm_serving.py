@@ -131,7 +131,8 @@ def render(out: dict) -> str:
         "# HF formats served by vLLM vs transformers (benchmarks/vllm_serving.py)", "",
         f"Model {Path(out['model']).name}; {out['vllm']}; group size {s['group_size']}, calibration "
         f"{s['samples']} x {s['seq_len']} tokens (builtin); {hw['cpu']}, {hw['threads']} threads; "
-        f"load average {be['vllm']['context'].get('load_avg_1m')} at the start; one run of {out['seconds']:.0f} s.",
+        f"load average {be['vllm']['context'].get('load_avg_1m') or 0:.2f} at the start; "
+        f"one run of {out['seconds']:.0f} s.",
         "",
         "Built and verified on build (255 tokens; the engine that checked it):", "",
         format_table(built, ["variant", "size", "quantise+verify", "verify engine", "verify KLD", "verify"]), "",
