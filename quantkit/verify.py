@@ -146,6 +146,11 @@ def verify_recorded(manifest, name: str, base_path: str | Path, *, bits: int, en
     belongs to the files on disk."""
     rec = manifest.artifact(name)
     prev = VerifyResult.from_json(rec["verify"]) if isinstance(rec.get("verify"), dict) else None
+    if prev is not None and prev.passed and prev.extra.get("vllm") and enabled and engine != "transformers":
+        from quantkit.vllm import can_run
+
+        if can_run(manifest.folder / rec.get("path", "."))[0]:
+            prev = None  # passed in transformers where vLLM could not run it; it can now: check it there
     if prev is not None and (prev.passed or (prev.skipped and not enabled)):
         return prev
     if enabled:

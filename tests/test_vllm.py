@@ -252,6 +252,22 @@ def test_bench_in_vllm_against_the_base_served_the_same_way(served, smollm2_4):
     assert "tg x8 tok/s" in rep.table()
 
 
+def test_a_pass_in_transformers_is_checked_again_once_vllm_can_run_it(served, smollm2_4):
+    from quantkit.manifest import Manifest
+    from quantkit.verify import verify_recorded
+
+    _, folders, _, _ = served
+    m = Manifest.load(folders["gptq-ct"])
+    (name,) = m.artifacts
+    m.update_artifact(name, verify={"passed": True, "engine": "transformers 5.17.0 (cpu, float32)", "kld": 0.1,
+                                    "bits": 4, "bound": 0.75, "tokens": 255,
+                                    "vllm": "not checked in vLLM here: vLLM is not installed"})
+    m.save()
+    res = verify_recorded(Manifest.load(folders["gptq-ct"]), name, smollm2_4, bits=4)
+    assert res.passed and res.engine.startswith("vLLM") and "vllm" not in res.extra
+    assert _verify(folders["gptq-ct"])["engine"].startswith("vLLM")
+
+
 def test_where_this_machines_vllm_cannot_run_it_the_record_says_so(served, smollm2_4):
     from quantkit.hfquant import run
 
