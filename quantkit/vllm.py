@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import QuantScheme, vllm_refusal
+from quantkit.formats import VLLM_DEVICES, QuantScheme, vllm_refusal
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def read_scheme(folder: str | os.PathLike) -> QuantScheme:
         gs = w.get("group_size") if w.get("strategy") == "group" else -1
         return QuantScheme(format=method, bits=w.get("num_bits"), group_size=gs, sym=w.get("symmetric"),
                            weight_only=weight_only, moe=moe)
-    return QuantScheme(format=method if method != "hf" else "hf", moe=moe)
+    return QuantScheme(format=method, moe=moe)
 
 
 def can_run(folder: str | os.PathLike) -> tuple[bool, str]:
@@ -162,7 +162,7 @@ def can_run(folder: str | os.PathLike) -> tuple[bool, str]:
     if inst is None:
         return False, why
     lim = vllm_refusal(read_scheme(folder), device_kind(inst))
-    if lim is not None and set(lim.where) != {"cuda", "cpu-x86", "cpu-arm"}:
+    if lim is not None and set(lim.where) != set(VLLM_DEVICES):
         return False, f"{lim.reason} ({inst.label})"
     return True, inst.label  # a refusal of vLLM's own is tried: vLLM's reason becomes the finding
 
