@@ -574,10 +574,9 @@ def _engine_version(kind: str) -> str:
     if kind == "gguf":
         return f"llama-cpp-python {dist_version('llama-cpp-python')}"
     if kind == "vllm":
-        from quantkit.vllm import find_vllm
+        from quantkit.vllm import installed_label
 
-        inst, _ = find_vllm()
-        return f"{inst.label if inst else 'vLLM'}, concurrency {VLLM_CONCURRENCY}"
+        return f"{installed_label() or 'vLLM'}, concurrency {VLLM_CONCURRENCY}"
     return f"transformers {dist_version('transformers')}, torch {dist_version('torch')}"
 
 
@@ -644,16 +643,14 @@ def bench(variants: list[str], *, prompt_tokens: int = 512, gen_tokens: int = 12
     ``isolate=False`` measures in this process. ``use_cache=False`` measures the base again. ``engine``: how HF
     formats run (:func:`quantkit.evaluate.hf_engine`): in vLLM (served; its base served the same way) or
     transformers."""
-    from quantkit.evaluate import hf_engine
+    from quantkit.evaluate import assign_engines
 
     if not variants:
         raise QuantkitError("give at least one VARIANT to benchmark")
     threads = threads or default_threads()
     load_avg = load_average()
     resolved = [v for spec in variants for v in resolve_variants(spec)]
-    for v in resolved:
-        if v.kind == "hf":
-            v.engine, v.engine_note = hf_engine(v.path, engine)
+    assign_engines(resolved, engine)  # each HF variant's base is measured in its own engine
     specs, base_of, notes = _plan_bases(resolved, base)
     notes += [f"{v.name}: {v.engine_note}; measured in transformers" for v in resolved if v.engine_note]
     ctx = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats, "threads": threads,

@@ -609,6 +609,15 @@ def hf_engine(path: Path, engine: str = "auto", adapter: Path | None = None) -> 
     return "transformers", f"not checked in vLLM here: {why}"
 
 
+def assign_engines(resolved: list[Variant], engine: str = "auto") -> str:
+    """Set ``engine`` / ``engine_note`` on every HF-format variant (:func:`hf_engine`) and return the engine of
+    the run's base reference: ``vllm`` when every variant is served by vLLM, else ``transformers``."""
+    for v in resolved:
+        if v.kind == "hf":
+            v.engine, v.engine_note = hf_engine(v.path, engine, v.adapter)
+    return "vllm" if all(v.engine == "vllm" for v in resolved) else "transformers"
+
+
 class VLLMScorer:
     """An HF-format model served by vLLM (``vllm serve``; one server per model, shared in this process): it
     returns the top log-probabilities of each prompt position, not logits (``sparse``)."""
@@ -719,10 +728,9 @@ def _cache_key(base_sha: str, text_sha: str, stream: TokenStream, max_tokens: in
            "prefix": stream.prefix, "windows": WINDOWS, "k": k, "samples": TAIL_SAMPLES,
            "ids": sha256_bytes(json.dumps(stream.ids).encode())}
     if engine != "transformers":  # the base served by vLLM: its own reference, per vLLM version
-        from quantkit import vllm
+        from quantkit.vllm import installed_label
 
-        inst, _ = vllm.find_vllm()
-        key["engine"] = inst.label if inst else engine
+        key["engine"] = installed_label() or engine
     return sha256_bytes(json.dumps(key, sort_keys=True).encode())[:32]
 
 
@@ -998,9 +1006,7 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
     src = resolve_source(base)  # BASE+ADAPTER: the merged fine-tune (full precision) is the reference
     resolved = unique_names([v for vs, adapter in per_spec
                              for v in (_with_adapter(vs, adapter, src) if adapter else vs)])
-    for v in resolved:
-        if v.kind == "hf":
-            v.engine, v.engine_note = hf_engine(v.path, engine, v.adapter)
+    ref = assign_engines(resolved, engine)
 
     content, text_name = load_text(text)
     tsha = text_sha256(content)
@@ -1013,9 +1019,8 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
             caches[eng] = base_cache(src.path, src.sha, tsha, stream, max_tokens, top_k, threads, engine=eng)
         return caches[eng][0]
 
-    ref = "vllm" if all(v.engine == "vllm" for v in resolved) else "transformers"
-    cache, cache_path, cached = caches.setdefault(ref, base_cache(src.path, src.sha, tsha, stream, max_tokens,
-                                                                  top_k, threads, engine=ref))
+    cache = cache_for(ref)
+    _, cache_path, cached = caches[ref]
     meta = cache["meta"]
     base_ppl = float(math.exp(cache["nll"].astype("float64").mean()))
     context = {

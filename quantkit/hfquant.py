@@ -154,8 +154,6 @@ _PHI3_CLASSIC = ("gptqmodel's defuser splits Phi-3's fused gate_up_proj and save
 UNSUPPORTED: dict[tuple[str, str, str], str] = {
     ("phi3", "gptq", "classic"): _PHI3_CLASSIC, ("phi3", "awq", "classic"): _PHI3_CLASSIC,
 }
-# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def moe_experts(config: dict) -> int:

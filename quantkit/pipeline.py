@@ -68,11 +68,11 @@ def _key(**parts) -> str:
 
 def _engines(stage: str) -> dict:
     from quantkit import __version__
-    from quantkit.vllm import find_vllm
+    from quantkit.vllm import installed_label
 
-    inst, _ = find_vllm()  # HF formats are checked, scored and benchmarked in vLLM where it runs them
+    # HF formats are checked, scored and benchmarked in vLLM where it runs them
     return {"quantkit": __version__, **{d: dist_version(d) for d in ENGINES[stage]},
-            **({"vllm": inst.label if inst else None} if stage in ("awq", "gptq", "eval", "bench", "tasks") else {})}
+            **({"vllm": installed_label()} if stage in ("awq", "gptq", "eval", "bench", "tasks") else {})}
 
 
 # -- run log -------------------------------------------------------------------------------------------

