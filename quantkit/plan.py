@@ -85,6 +85,7 @@ class Row:
     shards: int = 1  # GGUF: files after splitting for the Hub (llama-gguf-split at the default size)
     bits: int | None = None  # AWQ/GPTQ weight bits
     checked_by: str = ""  # the engine that checks such a variant on this machine (plan(); see checked_here)
+    not_in_vllm: str | None = None  # HF formats checked in transformers here: why not in vLLM
 
 
 @dataclass
@@ -144,12 +145,10 @@ class Plan:
                 f"vocab {p.vocab_size}; KV cache fp16 for context {p.context} x batch {p.batch}: "
                 f"{p.kv_bytes / GB:.2f} GB")
         rows = [(r.name, f"{r.bits_per_weight:.2f}", _gb(r.weight_bytes), _gb(r.kv_bytes), _gb(r.total_bytes),
-                 ", ".join(_short(r.fits)) or "none of the listed", r.checked_by.split(" (not in vLLM")[0])
-                for r in p.rows]
+                 ", ".join(_short(r.fits)) or "none of the listed", r.checked_by) for r in p.rows]
         t = format_table(rows, ["variant", "bits/w", "weights GB", "KV GB", "total GB", "fits on",
                                 "checked here by"])
-        why = sorted({r.checked_by.split("(not in vLLM here: ", 1)[1].rstrip(")") for r in p.rows
-                      if "(not in vLLM here: " in r.checked_by})
+        why = sorted({r.not_in_vllm for r in p.rows if r.not_in_vllm})
         needs = format_table([(m, _gb(n.disk_bytes), _gb(n.ram_bytes), n.note) for m, n in p.needs.items()],
                              ["quantise with", "disk GB", "RAM GB", "notes"])
         foot = ("total = weights + KV cache + runtime overhead (0.5 GiB + 5%). Apple: 75% of unified memory. "
@@ -456,17 +455,15 @@ def plan(model: str, *, context: int = 8192, batch: int = 1, revision: str | Non
 
 def checked_here(p: Plan, group_size: int) -> None:
     """Fill each row's ``checked_by``: llama.cpp for GGUF; for the HF formats vLLM where this machine's vLLM
-    can run the scheme (:data:`quantkit.formats.VLLM_LIMITS`), else transformers and why."""
-    from quantkit.formats import QuantScheme, vllm_refusal
-    from quantkit.vllm import device_kind, find_vllm
+    can run the scheme (:func:`quantkit.vllm.can_run_scheme`), else transformers, with ``not_in_vllm`` why."""
+    from quantkit.formats import QuantScheme
+    from quantkit.vllm import can_run_scheme
 
-    inst, why = find_vllm()
     for r in p.rows:
         if r.method == "gguf":
             r.checked_by = "llama.cpp"
             continue
         scheme = QuantScheme("hf" if r.bits is None else "compressed-tensors", bits=r.bits, group_size=group_size,
                              sym=True, moe=bool(p.experts))
-        lim = vllm_refusal(scheme, device_kind(inst)) if inst else None
-        r.checked_by = (inst.label if inst and lim is None else
-                        f"transformers (not in vLLM here: {lim.reason if lim else why})")
+        ok, label_or_why = can_run_scheme(scheme)
+        r.checked_by, r.not_in_vllm = (label_or_why, None) if ok else ("transformers", label_or_why)
