@@ -433,10 +433,12 @@ def server(model: str | os.PathLike, **kw) -> VLLMServer:
     kw["threads"] = kw.get("threads") or default_threads()  # None and the default are one server
     key = (str(Path(model).resolve()), tuple(sorted(kw.items())))
     with _POOL_LOCK:
-        s = _POOL.get(key)
+        s = _POOL.pop(key, None)
         if s is not None and s.alive:
-            _POOL.move_to_end(key)
+            _POOL[key] = s  # now the most recently used
             return s
+        if s is not None:  # it died: stop what it left (its process group) before starting again
+            s.close()
         while len(_POOL) >= POOL_SIZE:
             _, old = _POOL.popitem(last=False)
             old.close()
