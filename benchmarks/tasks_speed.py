@@ -5,7 +5,8 @@
 Both score SmolLM2-135M's GGUF (built once by the tests' fixture, cached under ~/.cache/quantkit-tests) on the
 same task, limit and shots through lm-eval's ``simple_evaluate``:
 
-* quantkit: :func:`quantkit.tasks.gguf_lm` -- llama.cpp's kernels on the quantised weights, KV prefix reuse;
+* quantkit: llama.cpp's ``task_lm`` (:class:`quantkit.engines.llama_cpp.GGUFLM`) -- llama.cpp's kernels on the
+  quantised weights, KV prefix reuse;
 * lm-eval ``hf``: ``HFLM(pretrained=<folder>, gguf_file=<file>)`` -- transformers dequantises the GGUF to fp32
   and runs it (what lm-eval users do today to score a GGUF without a llama.cpp server).
 
@@ -43,7 +44,8 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    from quantkit.tasks import DEFAULT_MAX_LENGTH, _public, _run_tasks, gguf_lm, resolve_tasks
+    from quantkit import engines
+    from quantkit.tasks import DEFAULT_MAX_LENGTH, _public, _run_tasks, resolve_tasks
 
     torch.set_num_threads(a.threads)
     hf = fm.build_smollm2_hf()
@@ -53,7 +55,8 @@ def main() -> None:
     rows, out = [], {}
 
     t0 = time.perf_counter()
-    lm = gguf_lm(gguf, tok, DEFAULT_MAX_LENGTH, a.threads)
+    lm = engines.get("llama.cpp").task_lm(gguf, base_tokenizer=tok, base_path=hf, max_length=DEFAULT_MAX_LENGTH,
+                                          threads=a.threads)
     load = time.perf_counter() - t0
     scores, secs = _run_tasks(lm, taskset, a.limit, None)
     lm.close()

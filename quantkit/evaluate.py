@@ -7,12 +7,13 @@ How it works
   those token ids, cut into the same **non-overlapping windows** of ``ctx`` tokens (the base tokenizer's BOS,
   if it adds one, then ``ctx - len(BOS)`` text tokens). Inside a window every position after the first is
   scored, so each text token is predicted once (the first text token of a window without BOS is context only).
-* Engines: a GGUF runs in llama.cpp (llama-cpp-python, ``logits_all=True``): its own kernels, never a
-  dequantised copy. HF-format models (AWQ, GPTQ, compressed-tensors) are served by vLLM where this machine's
-  vLLM can run the scheme (:func:`hf_engine`, :mod:`quantkit.vllm`), against the base served by the same vLLM
-  (its top log-probabilities only: :func:`kld_vs_topk_sparse`), else they run in transformers against the base
-  in transformers. For a GGUF the
-  report says whether llama.cpp's tokenizer gives the same ids as the base tokenizer (``tokenizer_match``).
+* Engines (:mod:`quantkit.engines`, one interface; nothing here asks for a format): a GGUF runs in llama.cpp
+  (llama-cpp-python, ``logits_all=True``): its own kernels, never a dequantised copy. HF-format models (AWQ,
+  GPTQ, compressed-tensors) are served by vLLM where this machine's vLLM can run the scheme
+  (:func:`quantkit.engines.choose`), against the base served by the same vLLM (its top log-probabilities only:
+  :func:`kld_vs_topk_sparse`), else they run in transformers against the base in transformers. The report says
+  whether the engine's own tokenizer (llama.cpp's vocabulary, the folder's tokenizer) gives the same ids as the
+  base tokenizer (``tokenizer_match``).
 * The base distribution is computed once and cached under ``cache_home()/eval/`` keyed by base SHA + text
   sha256 + window settings, as the top-k log-probabilities per position, the log of the probability mass of all
   other tokens, and a few tokens sampled from that tail with their log-probabilities -- never the full
@@ -48,14 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit import engines
+from quantkit.engines.hf import hf_format
 from quantkit.errors import QuantkitError
-from quantkit.formats import HF_ENGINES
 from quantkit.records import GATE_BY_KEY, GATES, EvalScore
 from quantkit.util import (
     atomic_path,
     cache_home,
     default_threads,
-    dist_version,
     format_table,
     human_size,
     now_iso,
@@ -110,15 +111,6 @@ def hardware(threads: int | None = None) -> dict:
     return info
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
-
-
 # ------------------------------------------------------------------------------------------ variants
 @dataclass
 class Variant:
@@ -135,7 +127,7 @@ class Variant:
     size: int = 0
     bits_per_weight: float | None = None
     adapter: Path | None = None  # LoRA applied at run time: a GGUF LoRA (llama.cpp) or a PEFT folder (HF)
-    engine: str | None = None  # HF formats: "vllm" | "transformers" (hf_engine); a GGUF: llama.cpp
+    engine: str | None = None  # a key of quantkit.engines.ENGINES (assign_engines / engines.choose)
     engine_note: str | None = None  # why an HF-format model is not scored in vLLM here
 
     def to_json(self) -> dict:
@@ -172,15 +164,6 @@ def _with_adapter(vs: list[Variant], adapter: str, base) -> list[Variant]:
     return vs
 
 
-def _hf_format(folder: Path) -> str:
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return "hf"
-    qc = cfg.get("quantization_config") or {}
-    return str(qc.get("quant_method") or "hf") if qc else "hf"
-
-
 def _weights_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -192,7 +175,7 @@ def _from_manifest(folder: Path, spec: str) -> list[Variant]:
     out = []
     for name, rec in m.artifacts.items():
         p = (folder / rec.get("path", ".")).resolve()
-        fmt = rec.get("format") or ("gguf" if p.suffix == ".gguf" else _hf_format(p))
+        fmt = rec.get("format") or ("gguf" if p.suffix == ".gguf" else hf_format(p))
         if fmt == "gguf" or p.suffix == ".gguf":
             if not p.is_file():
                 raise QuantkitError(f"{folder}/quantkit.json lists {name} at {p}, which is missing: re-run the "
@@ -210,7 +193,7 @@ def _from_manifest(folder: Path, spec: str) -> list[Variant]:
 
 def resolve_variants(spec: str) -> list[Variant]:
     """A VARIANT argument -> the things to score (a folder of GGUFs gives one per artifact)."""
-    from quantkit.gguf import gguf_entry_points, gguf_set_size
+    from quantkit.ggufio import gguf_entry_points, gguf_set_size
     from quantkit.hub import HUB_ID_RE
 
     p = Path(os.path.expanduser(spec))
@@ -234,7 +217,7 @@ def resolve_variants(spec: str) -> list[Variant]:
         if (p / "config.json").is_file():
             if not any(p.glob("*.safetensors")):
                 raise QuantkitError(f"{spec} has no *.safetensors weights: nothing to evaluate")
-            return [Variant(p.name, "hf", p, _hf_format(p), spec, size=_weights_size(p))]
+            return [Variant(p.name, "hf", p, hf_format(p), spec, size=_weights_size(p))]
         ggufs = gguf_entry_points(sorted(p.glob("*.gguf")))  # a split set: its first shard
         if ggufs:
             return [Variant(g.stem, "gguf", g, "gguf", spec, size=gguf_set_size(g)) for g in ggufs]
@@ -258,7 +241,7 @@ def unique_names(resolved: list[Variant]) -> list[Variant]:
 def _hub_variants(repo_id: str) -> list[Variant]:
     from huggingface_hub import HfApi, snapshot_download
 
-    from quantkit.gguf import gguf_entry_points, gguf_set_size
+    from quantkit.ggufio import gguf_entry_points, gguf_set_size
 
     try:
         files = [s.rfilename for s in (HfApi().model_info(repo_id).siblings or [])]
@@ -270,7 +253,7 @@ def _hub_variants(repo_id: str) -> list[Variant]:
         from quantkit.hub import resolve_model
 
         src = resolve_model(repo_id)
-        return [Variant(src.name, "hf", src.path, _hf_format(src.path), repo_id, size=_weights_size(src.path))]
+        return [Variant(src.name, "hf", src.path, hf_format(src.path), repo_id, size=_weights_size(src.path))]
     if any(f.endswith(".gguf") for f in files):
         try:
             path = Path(snapshot_download(repo_id, allow_patterns=["*.gguf", "quantkit.json"]))
@@ -525,200 +508,13 @@ def exact_kld(logits_p, logits_q):
 
 
 # ------------------------------------------------------------------------------------------ engines
-def _hf_device() -> str:
-    return "cuda" if cuda_available() else "cpu"
-
-
-def load_hf_model(path: Path, device: str | None = None):
-    """A transformers model for scoring: fp32 on CPU; quantised formats as their loader wants them."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if os.environ.get("QUANTKIT_NO_PROGRESS"):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    device = device or _hf_device()
-    fmt = _hf_format(path)
-    tries = [torch.float32 if device == "cpu" else "auto", "auto"]
-    last = None
-    for dtype in tries:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
-            model.eval()
-            return model
-        except ImportError as e:
-            raise QuantkitError(f"{path} is a {fmt} model and transformers cannot load it here ({e}); install "
-                                "quantkit with scripts/install.sh") from None
-        except Exception as e:  # try the loader's own dtype once
-            last = e
-    raise QuantkitError(f"transformers could not load {path} ({fmt}): {type(last).__name__}: "
-                        f"{str(last).splitlines()[0] if str(last) else ''}")
-
-
-class HFScorer:
-    engine = "transformers"
-
-    def __init__(self, path: Path, threads: int | None, adapter: Path | None = None):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = _hf_device()
-        self.model = load_hf_model(path, self.device)
-        if adapter is not None:
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(self.model, adapter).eval()
-        self.engine = f"transformers {dist_version('transformers')} ({self.device}, {self._dtype()})"
-
-    def _dtype(self) -> str:
-        try:
-            return str(next(self.model.parameters()).dtype).replace("torch.", "")
-        except StopIteration:  # pragma: no cover
-            return "?"
-
-    def logits(self, window: list[int]):
-        import torch
-
-        with torch.inference_mode():
-            ids = torch.tensor([window], device=self.device)
-            return self.model(input_ids=ids, use_cache=False).logits[0].float().cpu()
-
-    def close(self):
-        self.model = None
-
-
-def hf_engine(path: Path, engine: str = "auto", adapter: Path | None = None) -> tuple[str, str | None]:
-    """Which engine scores an HF-format model: ``("vllm", None)`` where this machine's vLLM can run its scheme
-    (``auto``, ``vllm``), else ``("transformers", "not checked in vLLM here: <reason>")`` (``auto``) or a
-    one-line error (``vllm``). ``transformers`` asks for transformers."""
-    if engine not in HF_ENGINES:
-        raise QuantkitError(f"--engine {engine!r}: must be one of {', '.join(HF_ENGINES)}")
-    if engine == "transformers":
-        return "transformers", None
-    from quantkit import vllm
-
-    ok, why = (False, "a run-time LoRA adapter is applied in transformers (PEFT)") if adapter else \
-        vllm.can_run(path)
-    if ok:
-        return "vllm", None
-    if engine == "vllm":
-        raise QuantkitError(f"--engine vllm: {Path(path).name}: {why}")
-    return "transformers", f"not checked in vLLM here: {why}"
-
-
 def assign_engines(resolved: list[Variant], engine: str = "auto") -> str:
-    """Set ``engine`` / ``engine_note`` on every HF-format variant (:func:`hf_engine`) and return the engine of
-    the run's base reference: ``vllm`` when every variant is served by vLLM, else ``transformers``."""
+    """Set ``engine`` / ``engine_note`` on every variant (:func:`quantkit.engines.choose`: a GGUF in llama.cpp, an
+    HF format in vLLM where this machine can run its scheme, else transformers) and return the engine of the
+    run's base reference: ``vllm`` when every variant is served by vLLM, else ``transformers``."""
     for v in resolved:
-        if v.kind == "hf":
-            v.engine, v.engine_note = hf_engine(v.path, engine, v.adapter)
+        v.engine, v.engine_note = engines.choose(v.kind, v.path, engine, v.adapter)
     return "vllm" if all(v.engine == "vllm" for v in resolved) else "transformers"
-
-
-class VLLMScorer:
-    """An HF-format model served by vLLM (``vllm serve``; one server per model, shared in this process): it
-    returns the top log-probabilities of each prompt position, not logits (``sparse``)."""
-
-    sparse = True
-
-    def __init__(self, path: Path, threads: int | None):
-        from quantkit import vllm
-
-        self.server = vllm.server(path, threads=threads)
-        self.engine = f"{self.server.install.label.replace(')', '')}, {vllm.device_kind(self.server.install)})"
-        self.load_seconds = self.server.load_seconds
-
-    def topk(self, window: list[int], k: int) -> list[dict]:
-        return self.server.prompt_logprobs(window, k)
-
-    def close(self):  # the server stays up for the other stages (verify, eval, bench); stopped at exit
-        self.server = None
-
-
-_TOKENIZE_CHILD = """
-import json, sys
-from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
-ids = llm.tokenize(sys.stdin.buffer.read(), add_bos=False, special=False)
-sys.stdout.write(json.dumps(ids))
-sys.stdout.flush()
-llm.close()
-"""
-
-
-def gguf_tokenize(path: Path, text: str) -> tuple[list[int] | None, str | None]:
-    """llama.cpp's own token ids for ``text`` (vocab only, in a child process: a broken vocabulary makes
-    llama.cpp abort the whole process, e.g. a byte token missing from a mis-converted BPE vocab).
-
-    Kept under quantkit's cache by the sha256 of the file's ``tokenizer.*`` metadata, the text and llama.cpp's
-    version: every type made from one intermediate has the same vocabulary, so a set of variants (and every
-    verify and re-run) starts the child once per text."""
-    import subprocess
-    import sys
-
-    from quantkit.gguf import read_gguf_header
-    from quantkit.util import atomic_path, cache_home, dist_version, sha256_bytes
-
-    kv, _ = read_gguf_header(path, digest="tokenizer.")
-    key = sha256_bytes(json.dumps([kv["tokenizer.*sha256"], kv.get("general.architecture"),
-                                   sha256_bytes(text.encode("utf-8")),
-                                   dist_version("llama_cpp_python")]).encode())
-    cached = cache_home() / "tokenize" / f"{key[:32]}.json"
-    try:
-        return json.loads(cached.read_text()), None
-    except (OSError, ValueError):
-        pass
-    r = subprocess.run([sys.executable, "-c", _TOKENIZE_CHILD, str(path)], input=text.encode("utf-8"),
-                       capture_output=True)
-    if r.returncode != 0:
-        tail = [ln for ln in r.stderr.decode(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
-        return None, f"llama.cpp's tokenizer failed on this text ({tail[0][:120]})"
-    ids = json.loads(r.stdout)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cached) as tmp:
-            tmp.write_text(json.dumps(ids))
-    except OSError:  # a read-only cache only costs the child next time
-        pass
-    return ids, None
-
-
-class GGUFScorer:
-    def __init__(self, path: Path, ctx: int, threads: int | None, lora: Path | None = None):
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise QuantkitError("llama-cpp-python is not installed: run scripts/install.sh") from None
-        th = threads or default_threads()
-        self.ctx = ctx
-        try:
-            self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512),
-                             logits_all=True, n_threads=th, n_threads_batch=th, verbose=False,
-                             n_gpu_layers=-1 if cuda_available() else 0,
-                             lora_path=str(lora) if lora else None)
-        except Exception as e:
-            raise QuantkitError(f"llama.cpp could not load {path} ({e}): is it a complete GGUF file?") from None
-        self.engine = f"llama.cpp (llama-cpp-python {dist_version('llama-cpp-python')})"
-
-
-    def logits(self, window: list[int]):
-        import numpy as np
-        import torch
-
-        self.llm.reset()
-        self.llm.eval(window)
-        # a view of llama-cpp-python's logit buffer (no copy): valid until the next eval()
-        return torch.from_numpy(np.ascontiguousarray(self.llm.scores[:len(window)], dtype=np.float32))
-
-    def close(self):
-        try:
-            self.llm.close()
-        except Exception:
-            pass
-        self.llm = None
 
 
 # ------------------------------------------------------------------------------------------ base cache
@@ -728,9 +524,7 @@ def _cache_key(base_sha: str, text_sha: str, stream: TokenStream, max_tokens: in
            "prefix": stream.prefix, "windows": WINDOWS, "k": k, "samples": TAIL_SAMPLES,
            "ids": sha256_bytes(json.dumps(stream.ids).encode())}
     if engine != "transformers":  # the base served by vLLM: its own reference, per vLLM version
-        from quantkit.vllm import installed_label
-
-        key["engine"] = installed_label() or engine
+        key["engine"] = engines.get(engine).version()
     return sha256_bytes(json.dumps(key, sort_keys=True).encode())[:32]
 
 
@@ -752,30 +546,30 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
                 return data, path, True
         except Exception:
             pass  # unreadable cache: recompute
-    scorer = VLLMScorer(base_path, threads) if engine == "vllm" else HFScorer(base_path, threads)
+    session = engines.get(engine).open(base_path, ctx=stream.ctx, threads=threads)
     chunks: dict[str, list] = {}
     t0 = time.perf_counter()
-    for w in progress(range(stream.n_windows), desc=f"base ({scorer.engine.split(' (')[0]})", unit="win"):
+    for w in progress(range(stream.n_windows), desc=f"base ({session.label.split(' (')[0]})", unit="win"):
         win = stream.window(w)
-        if engine == "vllm":
-            rec = topk_rows_to_cache(scorer.topk(win, k), win[1:], k)
+        if session.sparse:
+            rec = topk_rows_to_cache(session.score(win, k), win[1:], k)
         else:
-            logits = scorer.logits(win)
+            logits = session.score(win)
             rec = {n: t.numpy() for n, t in topk_cache_from_logits(logits[:-1], torch.tensor(win[1:]), k,
                                                                     TAIL_SAMPLES, seed=w).items()}
         for name, t in rec.items():
             chunks.setdefault(name, []).append(t)
     seconds = time.perf_counter() - t0
-    vocab = int(logits.shape[1]) if engine != "vllm" else _vocab_size(base_path)
+    vocab = _vocab_size(base_path) if session.sparse else int(logits.shape[1])
     idx_dtype = np.uint16 if vocab <= 65536 else np.int32
     data = {name: np.concatenate(parts).astype(idx_dtype if name in ("idx", "sidx") else np.float32)
             for name, parts in chunks.items()}
     meta = {"base_sha": base_sha, "text_sha256": text_sha, "ctx": stream.ctx, "max_tokens": max_tokens,
-            "k": k, "tail_samples": TAIL_SAMPLES if engine != "vllm" else 0, "vocab": vocab,
-            "windows": stream.n_windows, "engine": scorer.engine,
+            "k": k, "tail_samples": 0 if session.sparse else TAIL_SAMPLES, "vocab": vocab,
+            "windows": stream.n_windows, "engine": session.label,
             "seconds": round(seconds, 2), "tokens_per_second": round(stream.n_windows * stream.ctx / seconds, 1),
             "created": now_iso()}
-    scorer.close()
+    session.close()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **data)
@@ -857,42 +651,21 @@ def _pct(values, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def _hf_tokenizer_match(path: Path, text: str, ids: list[int]) -> tuple[bool | None, int | str | None]:
-    """Does the variant's own tokenizer (if it ships one) give the base's ids? None when it has none."""
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None, None
-    try:
-        from transformers import AutoTokenizer
-
-        own = AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False).input_ids
-    except Exception as e:
-        return False, f"its tokenizer does not load: {type(e).__name__}"
-    if own[:len(ids)] == ids:
-        return True, None
-    return False, next((i for i, (a, b) in enumerate(zip(own, ids)) if a != b), min(len(own), len(ids)))
-
-
 def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, threads: int | None) -> dict:
     import numpy as np
     import torch
 
+    eng = engines.get(v.engine or engines.choose(v.kind, v.path, "transformers")[0])
     t_load = time.perf_counter()
-    tokenizer_match = None
-    mismatch_at = None
-    if v.kind == "gguf":
-        own, why = gguf_tokenize(v.path, text)
-        n = len(stream.ids)
-        if own is None:
-            tokenizer_match, mismatch_at = False, why
-        else:
-            tokenizer_match = own[:n] == stream.ids
-            if not tokenizer_match:
-                mismatch_at = next((i for i, (a, b) in enumerate(zip(own, stream.ids)) if a != b),
-                                   min(len(own), n))
-        scorer = GGUFScorer(v.path, stream.ctx, threads, v.adapter)
-    else:
-        tokenizer_match, mismatch_at = _hf_tokenizer_match(v.path, text, stream.ids)
-        scorer = VLLMScorer(v.path, threads) if v.engine == "vllm" else HFScorer(v.path, threads, v.adapter)
+    # the engine's own tokenisation (llama.cpp's vocabulary, the folder's tokenizer) against the base's ids
+    own, why = eng.tokens(v.path, text)
+    n = len(stream.ids)
+    tokenizer_match, mismatch_at = (None, None) if own is None and why is None else (False, why)
+    if own is not None:
+        tokenizer_match = own[:n] == stream.ids
+        if not tokenizer_match:
+            mismatch_at = next((i for i, (a, b) in enumerate(zip(own, stream.ids)) if a != b), min(len(own), n))
+    scorer = eng.open(v.path, ctx=stream.ctx, threads=threads, adapter=v.adapter)
     load_s = time.perf_counter() - t_load
     n_per = stream.scored_per_window
     nll_all, kld_all, top1_all = [], [], []
@@ -901,24 +674,22 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
     for w in progress(range(stream.n_windows), desc=f"{v.name} ({v.kind})", unit="win"):
         win = stream.window(w)
         sl = slice(w * n_per, (w + 1) * n_per)
-        if getattr(scorer, "sparse", False):
-            from quantkit.vllm import MAX_LOGPROBS
-
-            nll, kld, top1 = kld_vs_topk_sparse(scorer.topk(win, MAX_LOGPROBS), win[1:], cache["idx"][sl],
-                                                cache["logp"][sl], MAX_LOGPROBS)
+        if scorer.sparse:
+            nll, kld, top1 = kld_vs_topk_sparse(scorer.score(win, scorer.max_k), win[1:], cache["idx"][sl],
+                                                cache["logp"][sl], scorer.max_k)
             nonfinite += int((~np.isfinite(nll)).sum())
             nll_all.append(nll)
             kld_all.append(kld)
             top1_all.append(top1)
             continue
         try:
-            logits = scorer.logits(win)[:-1]
+            logits = scorer.score(win)[:-1]
         except QuantkitError:
             raise
         except Exception as e:  # the engine cannot run this model here: say so in one line
             scorer.close()
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise QuantkitError(f"{v.name}: {scorer.engine.split(' (')[0]} failed to run it on this machine "
+            raise QuantkitError(f"{v.name}: {eng.short} failed to run it on this machine "
                                 f"({type(e).__name__}: {msg[:200]})") from None
         nonfinite += int((~torch.isfinite(logits)).sum())
         sidx = torch.from_numpy(cache["sidx"][sl].astype(np.int64)) if "sidx" in cache else None
@@ -930,9 +701,8 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         kld_all.append(kld.numpy())
         top1_all.append(top1.numpy())
     seconds = time.perf_counter() - t0
-    engine = scorer.engine
-    sparse = getattr(scorer, "sparse", False)
-    load_s = getattr(scorer, "load_seconds", None) or load_s
+    engine, sparse, max_k = scorer.label, scorer.sparse, scorer.max_k
+    load_s = scorer.load_seconds or load_s
     scorer.close()
     nll = np.concatenate(nll_all).astype(np.float64)
     kld = np.concatenate(kld_all).astype(np.float64)
@@ -952,10 +722,10 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         "kld_p99": _pct(kld, 99), "kld_median": _pct(kld, 50), "kld_max": float(kld.max()),
         "top1": float(top1.mean()), "nonfinite_logits": nonfinite, "tokens": n, "windows": stream.n_windows,
         "ctx": stream.ctx,
-        "engine": engine, "engine_short": engine.split(" (")[0].split(" ")[0] if v.kind == "hf" else "llama.cpp",
+        "engine": engine, "engine_short": eng.short,
         "tokenizer_match": tokenizer_match, "tokenizer_first_mismatch": mismatch_at,
         "kld_estimator": (f"top-k lower bound: base top {cache['idx'].shape[1]} vs its top "
-                          f"{_max_logprobs()}, the rest grouped" if sparse else
+                          f"{max_k}, the rest grouped" if sparse else
                           f"top {cache['idx'].shape[1]} + lumped rest + {cache['sidx'].shape[1]} tail samples"
                           if "sidx" in cache else f"top {cache['idx'].shape[1]} + lumped rest"),
         "engine_note": v.engine_note,
@@ -963,12 +733,6 @@ def _score_variant(v: Variant, stream: TokenStream, cache: dict, text: str, thre
         "tokens_per_second": stream.n_windows * stream.ctx / seconds,
     }
     return row
-
-
-def _max_logprobs() -> int:
-    from quantkit.vllm import MAX_LOGPROBS
-
-    return MAX_LOGPROBS
 
 
 def base_tokenizer(path: Path):
@@ -986,8 +750,8 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
              write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None,
              engine: str = "auto") -> EvalReport:
     """Score every variant against ``base`` on one token stream; see the module docstring. ``engine`` picks the
-    engine of HF-format variants (:func:`hf_engine`): those scored in vLLM are compared with the base served by
-    the same vLLM, the others with the base in transformers."""
+    engine of HF-format variants (:func:`quantkit.engines.choose`): those scored in vLLM are compared with the base
+    served by the same vLLM, the others with the base in transformers."""
     from quantkit.lora import resolve_source, split_spec
     from quantkit.texts import text_sha256
 
@@ -1035,7 +799,7 @@ def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ct
                 "engine": meta["engine"], "engine_short": meta["engine"].split(" (")[0].split(" ")[0],
                 "size": _weights_size(src.path),
                 "tokens_per_second": None if cached else meta.get("tokens_per_second")}
-    rows = [_score_variant(v, stream, cache_for("vllm" if v.engine == "vllm" else "transformers"), content, threads)
+    rows = [_score_variant(v, stream, cache_for(engines.get(v.engine).reference), content, threads)
             for v in resolved]
 
     failed = []

@@ -13,6 +13,7 @@ Nothing here imports an engine (``gguf`` is imported only when a size is asked f
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -117,11 +118,10 @@ def gguf_type(name) -> GGUFType:
 
 def gguf_spec(name) -> tuple[str, bool]:
     """A ``--types`` entry -> (its canonical name, whether it needs an importance matrix): a row of
-    :data:`GGUF_TYPES`, or a measured ``auto:`` mix (:mod:`quantkit.gguf_mix`; measured on calibration text)."""
-    from quantkit import gguf_mix
-
-    if gguf_mix.is_auto(name):
-        return gguf_mix.parse_auto(name).name, True
+    :data:`GGUF_TYPES`, or a measured ``auto:`` mix (:func:`parse_auto`; built by :mod:`quantkit.gguf_mix`, measured
+    on calibration text)."""
+    if is_auto(name):
+        return parse_auto(name).name, True
     row = gguf_type(name)
     return row.name, row.imatrix
 
@@ -203,7 +203,7 @@ HF_ENGINES = ("auto", "vllm", "transformers")
 
 def group_size_problem(group_size) -> str | None:
     """Why a group size is not allowed (``None`` when it is): a power of two >= 16, or -1 (one scale per
-    output channel). Whether it also divides the model's matrices is :func:`quantkit.hfquant.check_group_size`."""
+    output channel). Whether it also divides the model's matrices is :func:`check_group_size`."""
     if group_size == -1:
         return None
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < MIN_GROUP_SIZE \
@@ -211,6 +211,22 @@ def group_size_problem(group_size) -> str | None:
         return (f"must be a power of two >= {MIN_GROUP_SIZE}, or -1 for one scale per channel "
                 f"(got {group_size})")
     return None
+
+
+def check_group_size(stats: dict, group_size: int, model: str) -> None:
+    """Every quantised matrix's input width must be a whole number of groups: the serving kernels (Marlin,
+    ExLlama, the CPU int4 kernels) reject a partial last group, so refuse before hours of calibration."""
+    if group_size == -1 or not stats.get("in_features"):
+        return
+    bad = {k: v for k, v in stats["in_features"].items() if k % group_size}
+    if bad:
+        width, name = sorted(bad.items())[0]
+        ok = group_size
+        while ok > 16 and any(k % ok for k in stats["in_features"]):
+            ok //= 2
+        hint = f"use --group-size {ok}" if all(k % ok == 0 for k in stats["in_features"]) else "use --group-size -1"
+        raise QuantkitError(f"--group-size {group_size} does not divide the input width {width} of {name} in {model} "
+                            f"(serving kernels need whole groups): {hint}")
 
 
 def hf_param_problems(method: str, *, bits=None, group_size=None, fmt=None) -> dict[str, str]:
@@ -296,3 +312,75 @@ def written_scheme(method: str, fmt: str, *, bits: int, group_size: int, sym: bo
     group-aware ordering (``desc_act: false``), compressed-tensors' is ``actorder: static``."""
     return QuantScheme(format=method if fmt == "classic" else "compressed-tensors", bits=bits,
                        group_size=group_size, sym=sym, desc_act=False)
+
+
+# ------------------------------------------------------------------------------------------ auto: mixes
+# The spelling of a measured GGUF mix (built by quantkit.gguf_mix): auto:PRESET, auto:BITSbpw, auto:SIZE.
+PREFIX = "auto:"
+_UNITS = {"bpw": None, "gb": 1e9, "gib": 1 << 30, "mb": 1e6, "mib": 1 << 20}
+_SPEC = re.compile(r"^([0-9]*\.?[0-9]+)\s*(bpw|gb|gib|mb|mib)$", re.I)
+# the K mixes an auto: spec may name, and the file type a size budget borrows (largest whose size fits)
+_MIX_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+@dataclass(frozen=True)
+class AutoSpec:
+    """A parsed ``auto:`` type."""
+
+    preset: str | None = None    # auto:Q4_K_M -> "Q4_K_M"
+    bpw: float | None = None     # auto:4.5bpw
+    size: int | None = None      # auto:3.2GB -> bytes
+
+    @property
+    def label(self) -> str:
+        if self.preset:
+            return self.preset
+        if self.bpw is not None:
+            return f"{self.bpw:g}bpw"
+        return _size_label(self.size)
+
+    @property
+    def name(self) -> str:
+        return PREFIX + self.label
+
+    def file_type(self, n_params: int) -> str:
+        """The llama file type written into the header (the preset, or the largest K mix whose size fits)."""
+        if self.preset:
+            return self.preset
+        bpw = self.bpw if self.bpw is not None else self.size * 8 / max(n_params, 1)
+        fits = [p for p in _MIX_PRESETS if (GGUF_TYPES[p].bits_per_weight()[0] or 99) <= bpw]
+        return fits[-1] if fits else _MIX_PRESETS[0]
+
+
+def _size_label(n: int) -> str:
+    unit, f = ("GB", 1e9) if n >= 1e9 else ("MB", 1e6)
+    return f"{n / f:.9f}".rstrip("0").rstrip(".") + unit  # exact: the label is parsed again
+
+
+def is_auto(spec) -> bool:
+    return str(spec).strip().lower().startswith(PREFIX)
+
+
+def parse_auto(spec: str) -> AutoSpec:
+    """``auto:Q4_K_M`` / ``auto:4.5bpw`` / ``auto:3.2GB`` (also MB, GiB, MiB) -> :class:`AutoSpec`."""
+    raw = str(spec).strip()
+    body = raw[len(PREFIX):].strip()
+    how = ("use auto:PRESET (one of " + ", ".join(_MIX_PRESETS) + "), auto:BITSbpw (e.g. auto:4.5bpw) or "
+           "auto:SIZE (e.g. auto:3.2GB, auto:90MB)")
+    m = _SPEC.match(body)
+    if m:
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if value <= 0:
+            raise QuantkitError(f"bad GGUF type {raw!r}: the budget must be positive; {how}")
+        if unit == "bpw":
+            if not 2.0 <= value <= 8.5:
+                raise QuantkitError(f"bad GGUF type {raw!r}: bits per weight must be between 2 and 8.5; {how}")
+            return AutoSpec(bpw=value)
+        return AutoSpec(size=round(value * _UNITS[unit]))
+    try:
+        row = gguf_type(body) if body else None
+    except QuantkitError:
+        row = None
+    if row is None or row.name not in _MIX_PRESETS:
+        raise QuantkitError(f"bad GGUF type {raw!r}: {how}")
+    return AutoSpec(preset=row.name)

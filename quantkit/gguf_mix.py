@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import _MIX_PRESETS, PREFIX, AutoSpec
 
 log = logging.getLogger(__name__)
 
-PREFIX = "auto:"
 #: ggml types a tensor may get (llama.cpp itself falls back on shapes a type cannot hold, e.g. Q4_K -> Q5_0)
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 PROBE = "Q3_K"          # the type a category is lowered to when its KLD is measured
@@ -52,79 +52,8 @@ SAMPLE_ROWS = 256       # rows per tensor whose error is measured (evenly spaced
 CHECK_TOKENS = 2048     # calibration tokens for the mix-vs-preset check
 CHECK_CTX = 512
 ALIGN = 32              # GGUF default general.alignment
-_UNITS = {"bpw": None, "gb": 1e9, "gib": 1 << 30, "mb": 1e6, "mib": 1 << 20}
-_SPEC = re.compile(r"^([0-9]*\.?[0-9]+)\s*(bpw|gb|gib|mb|mib)$", re.I)
-# the K mixes an auto: spec may name, and the file type a size budget borrows (largest whose size fits)
-_MIX_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 SEARCH_VERSION = 1
 PRESET_TRIES = 4        # presets quantised to find the comparator of an auto:BPW / auto:SIZE budget
-
-
-@dataclass(frozen=True)
-class AutoSpec:
-    """A parsed ``auto:`` type."""
-
-    preset: str | None = None    # auto:Q4_K_M -> "Q4_K_M"
-    bpw: float | None = None     # auto:4.5bpw
-    size: int | None = None      # auto:3.2GB -> bytes
-
-    @property
-    def label(self) -> str:
-        if self.preset:
-            return self.preset
-        if self.bpw is not None:
-            return f"{self.bpw:g}bpw"
-        return _size_label(self.size)
-
-    @property
-    def name(self) -> str:
-        return PREFIX + self.label
-
-    def file_type(self, n_params: int) -> str:
-        """The llama file type written into the header (the preset, or the largest K mix whose size fits)."""
-        from quantkit.formats import GGUF_TYPES
-
-        if self.preset:
-            return self.preset
-        bpw = self.bpw if self.bpw is not None else self.size * 8 / max(n_params, 1)
-        fits = [p for p in _MIX_PRESETS if (GGUF_TYPES[p].bits_per_weight()[0] or 99) <= bpw]
-        return fits[-1] if fits else _MIX_PRESETS[0]
-
-
-def _size_label(n: int) -> str:
-    unit, f = ("GB", 1e9) if n >= 1e9 else ("MB", 1e6)
-    return f"{n / f:.9f}".rstrip("0").rstrip(".") + unit  # exact: the label is parsed again
-
-
-def is_auto(spec) -> bool:
-    return str(spec).strip().lower().startswith(PREFIX)
-
-
-def parse_auto(spec: str) -> AutoSpec:
-    """``auto:Q4_K_M`` / ``auto:4.5bpw`` / ``auto:3.2GB`` (also MB, GiB, MiB) -> :class:`AutoSpec`."""
-    from quantkit.formats import gguf_type
-
-    raw = str(spec).strip()
-    body = raw[len(PREFIX):].strip()
-    how = ("use auto:PRESET (one of " + ", ".join(_MIX_PRESETS) + "), auto:BITSbpw (e.g. auto:4.5bpw) or "
-           "auto:SIZE (e.g. auto:3.2GB, auto:90MB)")
-    m = _SPEC.match(body)
-    if m:
-        value, unit = float(m.group(1)), m.group(2).lower()
-        if value <= 0:
-            raise QuantkitError(f"bad GGUF type {raw!r}: the budget must be positive; {how}")
-        if unit == "bpw":
-            if not 2.0 <= value <= 8.5:
-                raise QuantkitError(f"bad GGUF type {raw!r}: bits per weight must be between 2 and 8.5; {how}")
-            return AutoSpec(bpw=value)
-        return AutoSpec(size=round(value * _UNITS[unit]))
-    try:
-        row = gguf_type(body) if body else None
-    except QuantkitError:
-        row = None
-    if row is None or row.name not in _MIX_PRESETS:
-        raise QuantkitError(f"bad GGUF type {raw!r}: {how}")
-    return AutoSpec(preset=row.name)
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -136,7 +65,7 @@ def _align(n: int, a: int = ALIGN) -> int:
 def tensor_bytes(path) -> tuple[dict[str, tuple[str, int]], int, int]:
     """``({tensor: (ggml type, bytes)}, header bytes, alignment)`` of a GGUF (header: file size minus the
     aligned tensor data)."""
-    from quantkit.gguf import read_gguf_header
+    from quantkit.ggufio import read_gguf_header
 
     kv, tensors = read_gguf_header(path)
     align = int(kv.get("general.alignment") or ALIGN)
@@ -187,7 +116,7 @@ def read_tensors(path) -> dict[str, _Tensor]:
 
     import numpy as np
 
-    from quantkit.gguf import read_gguf_header
+    from quantkit.ggufio import read_gguf_header
 
     _kv, tensors = read_gguf_header(path, offsets=True)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -241,7 +170,7 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
     """``(table, sha256 of the table, reused)``: per tensor, per candidate: actual type, bytes, error; with
     ``score`` (files -> mean KLDs on calibration text), per-category scales from measured KLD."""
 
-    from quantkit.gguf import load_imatrix, quantize_file
+    from quantkit.ggufio import load_imatrix, quantize_file
     from quantkit.util import atomic_path, sha256_bytes
 
     full_key = {**key, "candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "search": SEARCH_VERSION,
@@ -289,7 +218,7 @@ def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path,
     The proxy is in output-error units that do not compare across categories (an error in ``attn_q`` passes
     a softmax, one in ``ffn_down`` lands in the residual stream); ``scale`` = measured KLD increase / proxy
     increase puts every category in KLD units. Costs one Q8_0-speed pass + one eval per category."""
-    from quantkit.gguf import quantize_file
+    from quantkit.ggufio import quantize_file
     from quantkit.util import atomic_path
 
     top = CANDIDATES[-1]
@@ -387,7 +316,7 @@ def _kld(base_path: Path, files: list[Path], text: str, threads) -> list[float]:
 def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Path | None, imatrix_key: dict | None,
           calib, work: Path, threads: int, quantize_kwargs: dict, check: bool = True) -> tuple[dict, dict]:
     """Search the mix for ``spec`` and write it to ``dest``: ``(quantize_file's result, the mix record)``."""
-    from quantkit.gguf import converter_version, quantize_file
+    from quantkit.ggufio import converter_version, quantize_file
     from quantkit.util import atomic_path
 
     if imatrix_path is None or calib is None:
@@ -409,7 +338,7 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
     scratch = work / "mix"
     scratch.mkdir(parents=True, exist_ok=True)
 
-    from quantkit.gguf import read_gguf_info
+    from quantkit.ggufio import read_gguf_info
 
     n_params = read_gguf_info(inter_path)["params"]
     ftype = spec.file_type(n_params)

@@ -49,6 +49,7 @@ from quantkit.formats import (
     DEFAULT_HF_FORMAT,
     HF_FORMATS,
     HF_METHODS,
+    check_group_size,
     hf_param_problems,
     vllm_refusal,
     written_scheme,
@@ -242,22 +243,6 @@ def weight_stats(folder: Path) -> dict:
             stats["in_features"].setdefault(int(shape[1]), name)
             stats["largest_matrix_bytes"] = max(stats["largest_matrix_bytes"], nbytes)
     return stats
-
-
-def check_group_size(stats: dict, group_size: int, model: str) -> None:
-    """Every quantised matrix's input width must be a whole number of groups: the serving kernels (Marlin,
-    ExLlama, the CPU int4 kernels) reject a partial last group, so refuse before hours of calibration."""
-    if group_size == -1 or not stats.get("in_features"):
-        return
-    bad = {k: v for k, v in stats["in_features"].items() if k % group_size}
-    if bad:
-        width, name = sorted(bad.items())[0]
-        ok = group_size
-        while ok > 16 and any(k % ok for k in stats["in_features"]):
-            ok //= 2
-        hint = f"use --group-size {ok}" if all(k % ok == 0 for k in stats["in_features"]) else "use --group-size -1"
-        raise QuantkitError(f"--group-size {group_size} does not divide the input width {width} of {name} in {model} "
-                            f"(serving kernels need whole groups): {hint}")
 
 
 def _check_group_size_from_headers(model: str, revision: str | None, group_size: int) -> None:
@@ -591,7 +576,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     weights are saved in safetensors shards of at most ``max_shard_size`` (transformers' spelling); the folder is
     then verified against the base (:mod:`quantkit.verify`; ``verify=False`` records it as skipped). With
     ``adapter`` (a PEFT LoRA) the merged fine-tune is quantised (:func:`quantkit.lora.resolve_source`).
-    ``engine``: where the folder is checked (:func:`quantkit.evaluate.hf_engine`; auto: vLLM where it can run
+    ``engine``: where the folder is checked (:func:`quantkit.engines.choose`; auto: vLLM where it can run
     the scheme here)."""
     from quantkit.calibration import parse_spec
     from quantkit.lora import resolve_source

@@ -206,7 +206,7 @@ class MergedSource(ModelSource):
 
 
 def stricter_license(base: ModelSource, adapter: AdapterSource) -> dict:
-    from quantkit.card import stricter_license as _stricter
+    from quantkit.licenses import stricter_license as _stricter
 
     keys = ("license", "license_name", "license_link")
     return _stricter({k: getattr(base, k) for k in keys}, {k: getattr(adapter, k) for k in keys})
@@ -343,7 +343,7 @@ def convert_adapter(adapter: str, base: str, out: str | os.PathLike | None = Non
     ad = load_adapter(adapter, adapter_revision)
     src = resolve_model(base, revision)
     check_fits(ad, src)
-    from quantkit.gguf import check_architecture
+    from quantkit.ggufio import check_architecture
 
     check_architecture(src.config)
     folder = Path(out).expanduser() if out else Path.cwd() / f"{ad.name}-LoRA-GGUF"

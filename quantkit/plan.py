@@ -155,7 +155,7 @@ class Plan:
                 "GGUF bits/weight: llama.cpp quantize.cpp (Llama-3-8B sizes) and ggml block sizes.")
         split = [f"{r.name.removeprefix('GGUF ')} ({r.shards} files)" for r in p.rows if r.shards > 1]
         if split:
-            from quantkit.gguf import DEFAULT_SPLIT_MAX_SIZE
+            from quantkit.ggufio import DEFAULT_SPLIT_MAX_SIZE
 
             foot += (f"\nSplit for the Hub's 50 GB file limit (GGUFs over {DEFAULT_SPLIT_MAX_SIZE}, llama-gguf-split): "
                      + ", ".join(split) + ".")
@@ -166,7 +166,7 @@ class Plan:
     def check_group_size(self, group_size: int) -> None:
         """Raise QuantkitError when an AWQ/GPTQ ``group_size`` does not divide every quantised matrix's input
         width (known from the headers or config alone, so this runs before any download)."""
-        from quantkit.hfquant import check_group_size
+        from quantkit.formats import check_group_size
 
         check_group_size({"in_features": self.linear_widths}, group_size, self.model)
 
@@ -422,7 +422,7 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
             f"{bpw:.3f} bits/w on Linear layers (+fp16 scale and {bits}-bit zero per {group_size}), rest 16-bit",
             kinds=("nvidia",))
         p.rows[-1].bits = bits
-    from quantkit.gguf import shard_count
+    from quantkit.ggufio import shard_count
 
     for t in GGUF_COMMON:
         bpw, src = GGUF_TYPES[t].bits_per_weight()

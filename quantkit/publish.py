@@ -378,8 +378,9 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, private: bool | None =
     """
     from huggingface_hub import HfApi, get_token
 
-    from quantkit.card import check_license, license_info, render_card
+    from quantkit.card import render_card
     from quantkit.hub import HUB_ID_RE
+    from quantkit.licenses import check_license, license_info
     from quantkit.verify import check_publishable
 
     folder = Path(folder)

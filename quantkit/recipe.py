@@ -488,7 +488,7 @@ def _variants(entries: list, chk: _Checker, recipe: Recipe) -> list[Variant]:
             imatrix = bool(e.get("imatrix", False))
             split = {}
             if e.get("split_max_size") is not None:
-                from quantkit.gguf import split_size_bytes
+                from quantkit.ggufio import split_size_bytes
 
                 try:
                     split_size_bytes(e["split_max_size"])

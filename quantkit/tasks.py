@@ -6,10 +6,11 @@ How it works
 * Tasks are lm-eval's own: a registry name (``arc_easy``, ``hellaswag``...; datasets come from the Hub as
   lm-eval fetches them) or a path to a task YAML in lm-eval's format. A YAML's relative ``data_files`` are
   read relative to the YAML's folder, so a local ``dataset_path: json`` task works offline from anywhere.
-* Each model is scored by the engine it will be served with, behind lm-eval's ``LM`` interface: HF formats
-  (the base, AWQ, GPTQ, compressed-tensors) through lm-eval's own ``HFLM`` wrapped around
-  :func:`quantkit.evaluate.load_hf_model`; a GGUF through :class:`GGUFLM`, which gets log-likelihoods from
-  llama.cpp's kernels (:class:`quantkit.evaluate.GGUFScorer`, ``logits_all=True``), never a dequantised copy.
+* Each model is scored by the engine it will be served with (``task_lm`` of :mod:`quantkit.engines`), behind
+  lm-eval's ``LM`` interface: HF formats in vLLM through lm-eval's own ``local-completions`` model, in
+  transformers through lm-eval's own ``HFLM`` around the model quantkit loads; a GGUF through
+  :class:`quantkit.engines.llama_cpp.GGUFLM`, which gets log-likelihoods from llama.cpp's kernels
+  (``logits_all=True``), never a dequantised copy.
   Like ``quantkit eval`` without ``--tasks``, a GGUF is fed the **base tokenizer's ids** (lm-eval's own
   context/continuation split), so base and variant differ only in weights and kernels. Requests that share a
   prefix (the choices of one question) reuse llama.cpp's KV cache for it.
@@ -38,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit import engines
+from quantkit.engines import lm_eval_template
 from quantkit.errors import QuantkitError
 from quantkit.records import Gate, TaskScore
 from quantkit.util import format_table, now_iso
@@ -53,16 +56,6 @@ BOOTSTRAP_ITERS = 1000
 #: The task gate, a row like quantkit.records.GATES (whose rows limit EvalScore values): recovery >= limit.
 RECOVERY_GATE = Gate("min_recovery", "recovery", "--min-recovery", "recovery", "task recovery", False, True,
                      lambda v: "n/a" if v is None else f"{v * 100:.1f}%")
-
-
-def _lm_eval():
-    try:
-        import lm_eval  # noqa: F401
-        from lm_eval.api.model import TemplateLM
-    except ImportError:
-        raise QuantkitError("lm-evaluation-harness is not installed: pip install 'quantkit-llm[tasks]' "
-                            "(or pip install lm_eval)") from None
-    return TemplateLM
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -163,7 +156,7 @@ def resolve_tasks(tasks, generation: bool = False) -> TaskSet:
     """Resolve registry names and YAML paths; every task is built once here, so a bad name, YAML or dataset
     stops before any model is loaded, with one line naming it. ``generation``: every model is served by vLLM,
     whose lm-eval model (``local-completions``) generates too, so ``generate_until`` tasks are allowed."""
-    _lm_eval()
+    lm_eval_template()
     from lm_eval.tasks import TaskManager
 
     names = parse_tasks(tasks)
@@ -198,175 +191,6 @@ def resolve_tasks(tasks, generation: bool = False) -> TaskSet:
                                     "loglikelihood_rolling) are supported for GGUF and transformers; HF-format "
                                     "variants served by vLLM (--engine vllm) run generation tasks too")
     return TaskSet(specs=specs, names=names, manager=manager)
-
-
-# ------------------------------------------------------------------------------------------ GGUF adapter
-def _make_gguf_lm():
-    TemplateLM = _lm_eval()
-
-    class GGUFLM(TemplateLM):
-        """lm-eval ``LM`` over llama.cpp: log-likelihoods from its kernels (GGUFScorer), tokens from the base's
-        HF tokenizer (``tokenizer``) or, without one, from llama.cpp's own tokenizer."""
-
-        backend = "causal"
-
-        def __init__(self, path, tokenizer=None, max_length: int = DEFAULT_MAX_LENGTH, threads: int | None = None):
-            from quantkit.evaluate import GGUFScorer
-
-            super().__init__()
-            self.path = Path(path)
-            self._max_length = int(max_length)
-            # lm-eval feeds at most max_length tokens (the last of max_length + 1 is only a target)
-            self.scorer = GGUFScorer(self.path, self._max_length, threads)
-            self.engine = self.scorer.engine
-            self.hf_tokenizer = tokenizer
-            self.llm_tokens = None  # the token ids whose logits sit in llama.cpp's buffer (prefix reuse)
-
-        # -- tokens
-        @property
-        def eot_token_id(self) -> int:
-            if self.hf_tokenizer is not None:
-                return self.hf_tokenizer.eos_token_id
-            return self.scorer.llm.token_eos()
-
-        @property
-        def prefix_token_id(self) -> int:
-            if self.hf_tokenizer is not None:
-                bos = self.hf_tokenizer.bos_token_id
-                return bos if bos is not None else self.hf_tokenizer.eos_token_id
-            bos = self.scorer.llm.token_bos()
-            return bos if bos is not None and bos >= 0 else self.scorer.llm.token_eos()
-
-        @property
-        def max_length(self) -> int:
-            return self._max_length
-
-        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-            if self.hf_tokenizer is not None:
-                kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-                return list(self.hf_tokenizer.encode(string, **kw))
-            from llama_cpp import llama_vocab_get_add_bos
-
-            add_bos = add_special_tokens
-            if add_bos is None:
-                add_bos = bool(llama_vocab_get_add_bos(self.scorer.llm._model.vocab))
-            return self.scorer.llm.tokenize(string.encode("utf-8"), add_bos=add_bos, special=True)
-
-        def tok_decode(self, tokens, **kwargs) -> str:
-            if self.hf_tokenizer is not None:
-                return self.hf_tokenizer.decode(tokens)
-            return self.scorer.llm.detokenize(tokens).decode("utf-8", errors="replace")
-
-        # -- scoring
-        def logits(self, tokens: list[int]):
-            """Logits [len(tokens), vocab] for ``tokens``; the KV cache of a shared prefix with the previous call
-            is kept (positions before it need no recomputation: a position's logits depend only on the tokens
-            up to it)."""
-            import numpy as np
-            import torch
-
-            llm = self.scorer.llm
-            if len(tokens) > llm.n_ctx():
-                raise QuantkitError(f"{len(tokens)} tokens exceed the context of {llm.n_ctx()}")
-            common = 0
-            prev = self.llm_tokens or []
-            for a, b in zip(prev, tokens):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(tokens) - 1)  # evaluate at least one token
-            llm.n_tokens = common
-            llm.eval(tokens[common:])
-            self.llm_tokens = list(tokens)
-            return torch.from_numpy(np.array(llm.scores[:len(tokens)], dtype=np.float32))
-
-        def _score(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
-            import torch
-
-            # as lm-eval's HFLM: the last max_length+1 tokens, the final one only as a target
-            whole = (context_enc + continuation_enc)[-(self._max_length + 1):]
-            inp = whole[:-1]
-            n = len(continuation_enc)
-            logits = self.logits(inp)[len(inp) - n:].double()
-            logp = torch.log_softmax(logits, dim=-1)
-            target = torch.tensor(continuation_enc, dtype=torch.long)
-            ll = float(logp.gather(1, target[:, None]).sum())
-            greedy = bool((logp.argmax(-1) == target).all())
-            return ll, greedy
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-            from quantkit.util import progress
-
-            # Sorted by tokens so requests sharing a context are adjacent (KV prefix reuse); answered in order.
-            order = sorted(range(len(requests)), key=lambda i: requests[i][1] + requests[i][2])
-            out: list[tuple[float, bool] | None] = [None] * len(requests)
-            for i in progress(order, desc=f"{self.path.name} (llama.cpp)", unit="req", disable=disable_tqdm):
-                _, ctx_enc, cont_enc = requests[i]
-                out[i] = self._score(list(ctx_enc), list(cont_enc))
-            return out  # type: ignore[return-value]
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            from lm_eval import utils
-
-            out = []
-            for (string,) in [r.args for r in requests]:
-                windows = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self._max_length, context_len=1))
-                out.append(sum(self._score(list(c), list(t))[0] for c, t in windows))
-            return out
-
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            raise QuantkitError("generate_until tasks are not supported by quantkit's llama.cpp adapter yet")
-
-        def close(self):
-            self.scorer.close()
-
-    return GGUFLM
-
-
-def gguf_lm(path, tokenizer=None, max_length: int = DEFAULT_MAX_LENGTH, threads: int | None = None):
-    """An lm-eval ``LM`` scoring the GGUF at ``path`` with llama.cpp (see :class:`GGUFLM` in the docstring)."""
-    return _make_gguf_lm()(path, tokenizer=tokenizer, max_length=max_length, threads=threads)
-
-
-def hf_lm(path, tokenizer, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1, threads: int | None = None):
-    """lm-eval's own ``HFLM`` around the model quantkit loads for scoring (fp32 on CPU)."""
-    _lm_eval()
-    import torch
-    from lm_eval.models.huggingface import HFLM
-
-    from quantkit.evaluate import _hf_device, load_hf_model
-    from quantkit.util import dist_version
-
-    if threads:
-        torch.set_num_threads(threads)
-    device = _hf_device()
-    model = load_hf_model(Path(path), device)
-    # HFLM warns that a model object (not a name) was passed: that is deliberate here
-    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, device=device)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    lm.engine = f"transformers {dist_version('transformers')} ({device}, {dtype})"
-    return lm
-
-
-def vllm_lm(path, tokenizer_path, max_length: int = DEFAULT_MAX_LENGTH, threads: int | None = None):
-    """lm-eval's own OpenAI-compatible completions model (``local-completions``) against the vLLM server of
-    ``path`` (shared with verify/eval/bench in this process): requests go as token ids of the base tokenizer;
-    log-likelihoods come from the prompt's log-probabilities (``echo``), generation from the server."""
-    _lm_eval()
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-    from quantkit import vllm
-
-    srv = vllm.server(path, threads=threads)
-    logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
-    lm = LocalCompletionsAPI(base_url=f"{srv.url}/v1/completions", model=vllm.SERVED_NAME,
-                             tokenizer=str(tokenizer_path), tokenizer_backend="huggingface", tokenized_requests=True,
-                             max_length=max_length, num_concurrent=1, max_retries=1, timeout=int(vllm.REQUEST_TIMEOUT))
-    lm.engine = f"{srv.install.label} (served; lm-eval local-completions)"
-    return lm
 
 
 # ------------------------------------------------------------------------------------------ scores
@@ -503,13 +327,12 @@ def _base_cache_file(base_sha: str, tasks, limit, num_fewshot, max_length: int, 
     """Where the base's scores for these settings are kept: keyed by the base's SHA, the tasks (YAML and data
     sha256), limit, shots, max_length, batch size and the engine versions."""
     from quantkit.util import cache_home, dist_version
-    from quantkit.vllm import installed_label
 
     key = hashlib.sha256(json.dumps({
         "base": base_sha, "tasks": task_identity(tasks), "limit": limit, "num_fewshot": num_fewshot,
         "max_length": max_length, "batch_size": batch_size,
         "engines": {d: dist_version(d) for d in ("lm_eval", "transformers", "torch")},
-        **({"engine": installed_label()} if engine == "vllm" else {})},
+        **({"engine": engines.get(engine).version()} if engine != "transformers" else {})},
         sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_home() / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
@@ -538,10 +361,8 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
                cache_base: bool = False, engine: str = "auto") -> TaskReport:
     """Score ``base`` and every variant on ``tasks`` with lm-eval; see the module docstring. ``cache_base``: keep
     the base's scores under quantkit's cache (:func:`_base_cache_file`), so scoring N variants one at a time
-    scores the base once. ``engine``: how HF-format variants run (:func:`quantkit.evaluate.hf_engine`); when
+    scores the base once. ``engine``: how HF-format variants run (:func:`quantkit.engines.choose`); when
     every variant is served by vLLM, the base is served by the same vLLM and generation tasks are allowed."""
-    from transformers import AutoTokenizer
-
     from quantkit.evaluate import assign_engines, base_tokenizer, parse_fraction, resolve_variants, unique_names
     from quantkit.hub import resolve_model
     from quantkit.util import dist_version
@@ -575,8 +396,8 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
 
         # never beyond the base's trained context, and the same for every engine
         max_length = min(max_length, model_max_len(src.path) or max_length)
-        base_lm = vllm_lm(src.path, src.path, max_length, threads) if ref == "vllm" else \
-            hf_lm(src.path, tok, max_length, batch_size, threads)
+        base_lm = engines.get(ref).task_lm(src.path, base_tokenizer=tok, base_path=src.path, max_length=max_length,
+                                           threads=threads, batch_size=batch_size)
         base_lm._max_length = max_length
         base_scores, base_s = _run_tasks(base_lm, taskset, limit, num_fewshot)
         base_engine = base_lm.engine
@@ -590,15 +411,8 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     rows: list[dict] = []
     failed: list[dict] = []
     for v in resolved:
-        if v.kind == "gguf":
-            lm = gguf_lm(v.path, tok, max_length, threads)
-        elif v.engine == "vllm":
-            lm = vllm_lm(v.path, src.path, max_length, threads)
-        else:
-            own = tok
-            if any((v.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-                own = AutoTokenizer.from_pretrained(v.path)
-            lm = hf_lm(v.path, own, max_length, batch_size, threads)
+        lm = engines.get(v.engine).task_lm(v.path, base_tokenizer=tok, base_path=src.path, max_length=max_length,
+                                           threads=threads, batch_size=batch_size)
         scores, secs = _run_tasks(lm, taskset, limit, num_fewshot)
         engine = lm.engine
         if hasattr(lm, "close"):
@@ -620,8 +434,7 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
                    "stderr": s["stderr"], "base_score": b["score"], "base_stderr": b["stderr"],
                    "recovery": rec, "recovery_se": rec_se, "higher_is_better": s["higher_is_better"],
                    "requests_sha256": s["requests_sha256"], "engine": engine,
-                   "engine_short": "llama.cpp" if v.kind == "gguf" else
-                   ("vLLM" if v.engine == "vllm" else "transformers"),
+                   "engine_short": engines.get(v.engine).short,
                    "seconds": round(secs, 2), "gates": {}}
             if g.key in gates:
                 floor = gates[g.key]["limit"]

@@ -66,22 +66,15 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
     """Load ``artifact`` (a .gguf file, or an AWQ/GPTQ/compressed-tensors folder) in its engine and score
     ``VERIFY_TOKENS`` tokens of the built-in evaluation text against the base at ``base_path`` (an HF folder).
     An HF-format folder is served by vLLM and compared with the base served by the same vLLM, where this
-    machine's vLLM can run its scheme (``engine``: :func:`quantkit.evaluate.hf_engine`); elsewhere it is loaded
+    machine's vLLM can run its scheme (``engine``: :func:`quantkit.engines.choose`); elsewhere it is loaded
     in transformers and the record says why it was not checked in vLLM (``extra.vllm``).
 
     Never raises for a broken artifact: a load or run failure comes back as ``passed=False`` with ``error``."""
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import (
-        DEFAULT_TOP_K,
-        Variant,
-        _hf_format,
-        _score_variant,
-        base_cache,
-        hf_engine,
-        load_text,
-        make_stream,
-    )
+    from quantkit import engines
+    from quantkit.engines.hf import hf_format
+    from quantkit.evaluate import DEFAULT_TOP_K, Variant, _score_variant, base_cache, load_text, make_stream
     from quantkit.texts import text_sha256
 
     t0 = time.perf_counter()
@@ -97,19 +90,19 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
     if artifact.suffix == ".gguf":
         v = Variant(artifact.stem, "gguf", artifact, "gguf", str(artifact))
     else:
-        v = Variant(artifact.name, "hf", artifact, _hf_format(artifact), str(artifact))
-        v.engine, v.engine_note = hf_engine(artifact, engine)
+        v = Variant(artifact.name, "hf", artifact, hf_format(artifact), str(artifact))
+    v.engine, v.engine_note = engines.choose(v.kind, artifact, engine)
 
     def reference(eng: str) -> dict:
         return base_cache(base_path, base_sha, text_sha256(text), stream, VERIFY_TOKENS, DEFAULT_TOP_K, threads,
                           engine=eng)[0]
 
-    if v.engine == "vllm":
-        try:
-            cache = reference("vllm")
-        except QuantkitError as e:  # the base itself does not serve: no vLLM check is possible here
-            v.engine, v.engine_note = "transformers", f"not checked in vLLM here: the base did not serve ({e})"
-    if v.engine != "vllm":
+    try:
+        cache = reference(engines.get(v.engine).reference)
+    except QuantkitError as e:  # the base itself does not serve in vLLM: no vLLM check is possible here
+        if v.engine != "vllm":
+            raise
+        v.engine, v.engine_note = "transformers", f"not checked in vLLM here: the base did not serve ({e})"
         cache = reference("transformers")
     if v.engine_note:
         res.extra["vllm"] = v.engine_note
@@ -148,9 +141,9 @@ def verify_recorded(manifest, name: str, base_path: str | Path, *, bits: int, en
     path = manifest.folder / rec.get("path", ".")
     prev = VerifyResult.from_json(rec["verify"]) if isinstance(rec.get("verify"), dict) else None
     if prev is not None and prev.passed and prev.extra.get("vllm") and enabled and engine != "transformers":
-        from quantkit.vllm import can_run
+        from quantkit import engines
 
-        if can_run(path)[0]:
+        if engines.get("vllm").can_run(path)[0]:
             prev = None  # passed in transformers where vLLM could not run it; it can now: check it there
     if prev is not None and (prev.passed or (prev.skipped and not enabled)):
         return prev

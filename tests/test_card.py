@@ -98,7 +98,8 @@ def test_llama_licence_name_rule_and_attribution(tmp_path, run_cli):
 
 
 def test_gemma_and_noncommercial_licences(tmp_path):
-    from quantkit.card import check_license, license_info, render_card
+    from quantkit.card import render_card
+    from quantkit.licenses import check_license, license_info
 
     out = make_gguf_set(tmp_path / "gemma", license="gemma", base_id="google/gemma-2-2b-it")
     text = render_card(out, repo_id="me/gemma-2-2b-it-GGUF").text

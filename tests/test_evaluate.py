@@ -113,15 +113,15 @@ def test_kld_cache_within_stated_error_of_exact(smollm2_hf, smollm2_gguf_set):
     import torch
     from transformers import AutoTokenizer
 
+    from quantkit import engines
+    from quantkit.engines.hf import load_hf_model
     from quantkit.evaluate import (
         DEFAULT_TOP_K,
         TAIL_SAMPLES,
         TOPK_P99_REL_ERROR,
         TOPK_REL_ERROR,
-        GGUFScorer,
         exact_kld,
         kld_vs_topk,
-        load_hf_model,
         make_stream,
         topk_cache_from_logits,
     )
@@ -139,8 +139,8 @@ def test_kld_cache_within_stated_error_of_exact(smollm2_hf, smollm2_gguf_set):
               for i, (b, w) in enumerate(zip(base, wins))]
     lumped_low = []
     for gtype in ("Q8_0", "Q4_K_M", "Q2_K"):
-        scorer = GGUFScorer(gguf_path(smollm2_gguf_set, gtype), 256, THREADS)
-        var = [scorer.logits(w)[:-1] for w in wins]
+        scorer = engines.get("llama.cpp").open(gguf_path(smollm2_gguf_set, gtype), ctx=256, threads=THREADS)
+        var = [scorer.score(w)[:-1].clone() for w in wins]
         scorer.close()
         exact = torch.cat([exact_kld(b, v) for b, v in zip(base, var)])
         approx = torch.cat([kld_vs_topk(v, torch.tensor(w[1:]), c["idx"], c["logp"], c["rest"], c["sidx"],

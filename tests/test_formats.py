@@ -74,7 +74,7 @@ def test_q2_k_s_without_calibration_fails_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("spelling", ["q4-k-m", "Q4_K_M", " q4_k ", "Q4-K"])
 def test_one_normaliser_for_cli_and_recipe(spelling):
-    from quantkit.gguf import normalize_types
+    from quantkit.ggufio import normalize_types
 
     assert gguf_type(spelling).name == "Q4_K_M"
     assert normalize_types([spelling]) == ["Q4_K_M"]
@@ -104,7 +104,7 @@ def test_read_gguf_header_on_a_tiny_file(tmp_path):
     import gguf
     from gguf.quants import quantize
 
-    from quantkit.gguf import read_gguf_header, read_gguf_info
+    from quantkit.ggufio import read_gguf_header, read_gguf_info
 
     path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -143,7 +143,7 @@ def test_read_gguf_header_on_a_tiny_file(tmp_path):
 
 
 def test_read_gguf_header_refuses_other_files(tmp_path):
-    from quantkit.gguf import read_gguf_header
+    from quantkit.ggufio import read_gguf_header
 
     (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(32))
     with pytest.raises(QuantkitError, match="not a GGUF file"):

@@ -18,15 +18,8 @@ import pytest
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES
-from quantkit.gguf import (
-    WORK_DIR,
-    artifact_name,
-    imatrix_method,
-    load_imatrix,
-    normalize_types,
-    quantize_gguf,
-    read_gguf_info,
-)
+from quantkit.gguf import WORK_DIR, artifact_name, imatrix_method, quantize_gguf
+from quantkit.ggufio import load_imatrix, normalize_types, read_gguf_info
 from quantkit.manifest import Manifest
 from quantkit.util import sha256_file
 
@@ -190,14 +183,14 @@ def test_logits_close_to_hf(which, request):
 # -- resume ---------------------------------------------------------------------------------------
 
 def test_llama_cpp_token_ids_are_kept_per_vocabulary(llama_set, qwen2_set, monkeypatch):
-    """evaluate.gguf_tokenize starts llama.cpp in a child once per vocabulary and text: another type of the same
-    model re-uses the ids (same tokenizer metadata), another model does not; the ids are llama.cpp's own."""
+    """engines.llama_cpp.gguf_tokenize starts llama.cpp in a child once per vocabulary and text: another type of the
+    same model re-uses the ids (same tokenizer metadata), another model does not; the ids are llama.cpp's own."""
     import subprocess
     import uuid
 
     from llama_cpp import Llama
 
-    from quantkit.evaluate import gguf_tokenize
+    from quantkit.engines.llama_cpp import gguf_tokenize
 
     text = f"def f(x):\n    return x ** 2  # {uuid.uuid4().hex}"  # new to the cache
     children = []

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.gguf_mix import allocate, parse_auto, summary
+from quantkit.formats import parse_auto
+from quantkit.gguf_mix import allocate, summary
 from quantkit.recipe import parse_recipe
 
 # -- unit: no model, no llama.cpp ------------------------------------------------------------------
@@ -133,8 +134,8 @@ def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, m
     import llama_cpp
 
     from quantkit import gguf_mix
-    from quantkit.gguf import read_gguf_info
     from quantkit.gguf_mix import tensor_bytes
+    from quantkit.ggufio import read_gguf_info
     from quantkit.util import sha256_file
 
     monkeypatch.setattr(gguf_mix, "CHECK_TOKENS", 512)  # one window per measurement keeps the default set quick

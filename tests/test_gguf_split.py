@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.gguf import (
+from quantkit.gguf import artifact_name, quantize_gguf
+from quantkit.ggufio import (
     DEFAULT_SPLIT_MAX_SIZE,
-    artifact_name,
     gguf_entry_points,
     quantize_file,
-    quantize_gguf,
     shard_count,
     shard_name,
     split_size_bytes,

@@ -130,8 +130,8 @@ def test_merge_equals_peft_and_changes_the_model(tiny_llama, tiny_lora, merged):
 
 
 def test_stricter_license_governs(tiny_llama, tiny_lora, tmp_path):
-    from quantkit.card import stricter_license
     from quantkit.hub import resolve_model
+    from quantkit.licenses import stricter_license
     from quantkit.lora import load_adapter
 
     nc = tmp_path / "nc"

@@ -62,9 +62,10 @@ def llama_cpp_scores(path: Path, requests, add_bos: bool):
 
 
 def adapter_scores(path: Path, tokenizer, requests):
-    from quantkit.tasks import gguf_lm
+    from quantkit import engines
 
-    lm = gguf_lm(path, tokenizer, max_length=256, threads=THREADS)
+    lm = engines.get("llama.cpp").task_lm(path, base_tokenizer=tokenizer, base_path=None, max_length=256,
+                                          threads=THREADS)
     try:
         return lm.loglikelihood([SimpleNamespace(args=r) for r in requests], disable_tqdm=True)
     finally:

@@ -75,9 +75,9 @@ def test_read_scheme_and_can_run(tmp_path, monkeypatch):
     ok, why = vllm.can_run(ct)
     assert not ok and "is not a vllm command" in why
     with pytest.raises(QuantkitError, match="--engine vllm: c: .*not a vllm command"):
-        from quantkit.evaluate import hf_engine
+        from quantkit import engines
 
-        hf_engine(ct, "vllm")
+        engines.choose("hf", ct, "vllm")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.delenv("QUANTKIT_VLLM")
     ok, why = vllm.can_run(ct)
