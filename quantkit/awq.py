@@ -14,7 +14,7 @@ from quantkit.hfquant import DEFAULT_FORMAT, QuantResult, run
 __all__ = ["quantize_awq", "QuantResult"]
 
 
-def quantize_awq(model: str, *, bits: int = 4, group_size: int = 128, calibration: str | None = None,
+def quantize_awq(model, *, bits: int = 4, group_size: int = 128, calibration: str | None = None,
                  samples: int = 128, seq_len: int = 2048, fmt: str = DEFAULT_FORMAT,
                  out: str | os.PathLike | None = None, revision: str | None = None, allow_pickle: bool = False,
                  device: str = "auto", offload: bool = False, verify: bool = True,

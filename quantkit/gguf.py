@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantkit import gguf_mix
 from quantkit.errors import QuantkitError
@@ -62,6 +63,9 @@ from quantkit.util import (
     versions,
 )
 from quantkit.verify import gguf_bits, raise_if_failed, verify_recorded, verify_status
+
+if TYPE_CHECKING:
+    from quantkit.hub import ModelSource
 
 OUTTYPES = ("f32", "f16", "bf16", "auto")
 WORK_DIR = ".quantkit-work"
@@ -462,7 +466,7 @@ def _place(tmp: Path, dest: Path, split_bytes: int, split_arg: str) -> list[Path
     return split_gguf(tmp, dest, split_arg)
 
 
-def quantize_gguf(model: str, types: list[str], out: str | Path | None = None, *, revision=None,
+def quantize_gguf(model: str | ModelSource, types: list[str], out: str | Path | None = None, *, revision=None,
                   calibration: str | None = None, allow_pickle=False, outtype="auto",
                   threads=None, verify: bool = True, split_max_size: str | None = None,
                   adapter: str | None = None, adapter_revision: str | None = None) -> GGUFResult:

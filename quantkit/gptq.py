@@ -15,7 +15,7 @@ from quantkit.hfquant import DEFAULT_FORMAT, QuantResult, run
 __all__ = ["quantize_gptq", "QuantResult"]
 
 
-def quantize_gptq(model: str, *, bits: int = 4, group_size: int = 128, act_order: bool = True,
+def quantize_gptq(model, *, bits: int = 4, group_size: int = 128, act_order: bool = True,
                   damp: float = 0.01, sym: bool = True, calibration: str | None = None, samples: int = 128,
                   seq_len: int = 2048, fmt: str = DEFAULT_FORMAT, out: str | os.PathLike | None = None,
                   revision: str | None = None, allow_pickle: bool = False, device: str = "auto",

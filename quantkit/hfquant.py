@@ -43,6 +43,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import (
@@ -68,6 +69,9 @@ from quantkit.util import (
     versions,
 )
 from quantkit.verify import raise_if_failed, verify_recorded, verify_status
+
+if TYPE_CHECKING:
+    from quantkit.hub import ModelSource
 
 DEFAULT_FORMAT = DEFAULT_HF_FORMAT
 RECIPE_NAME = "quantkit-recipe.json"
@@ -250,7 +254,7 @@ def _check_group_size_from_headers(model: str, revision: str | None, group_size:
     is checked from its own files, after the cache lookup)."""
     from quantkit.hub import is_local
 
-    if group_size == -1 or model.startswith("builtin:") or is_local(model):
+    if group_size == -1 or not isinstance(model, str) or model.startswith("builtin:") or is_local(model):
         return
     from quantkit.plan import plan
 
@@ -566,7 +570,7 @@ def _stage(i: int, n: int, text: str) -> None:
     print(f"[{i}/{n}] {text}", file=sys.stderr, flush=True)
 
 
-def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, group_size: int = 128,
+def run(method: str, model: str | ModelSource, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, group_size: int = 128,
         sym: bool = True, act_order: bool = True, damp: float = 0.01, calibration: str | None = None,
         samples: int = 128, seq_len: int = 2048, out: str | os.PathLike | None = None,
         revision: str | None = None, allow_pickle: bool = False, device: str = "auto",
@@ -591,7 +595,7 @@ def run(method: str, model: str, *, fmt: str = DEFAULT_FORMAT, bits: int = 4, gr
     spec = parse_spec(calibration)  # fail on a malformed SPEC before any download
     _check_group_size_from_headers(model, revision, group_size)
     n = 7
-    _stage(1, n, f"resolving {model}")
+    _stage(1, n, f"resolving {model if isinstance(model, str) else model.name}")
     src = resolve_source(model, revision, allow_pickle=allow_pickle, adapter=adapter,
                          adapter_revision=adapter_revision)
     check_architecture(src.config, method, fmt)

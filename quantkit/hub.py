@@ -86,9 +86,13 @@ def is_local(model: str) -> bool:
             or not HUB_ID_RE.match(model))
 
 
-def resolve_model(model: str, revision: str | None = None, *, allow_pickle: bool = False,
+def resolve_model(model: str | ModelSource, revision: str | None = None, *, allow_pickle: bool = False,
                   cache_dir: str | None = None, token: str | bool | None = None) -> ModelSource:
-    """Turn MODEL (Hub id or local folder) into a :class:`ModelSource` on local disk."""
+    """Turn MODEL (Hub id or local folder) into a :class:`ModelSource` on local disk. A :class:`ModelSource`
+    is already resolved and comes back as it is: the entry point resolves the model once and passes the record
+    down (quantisers, verify, eval, bench, tasks), so nothing below it looks the model up again."""
+    if isinstance(model, ModelSource):
+        return model
     if is_local(model):
         if revision:
             raise QuantkitError(f"--revision {revision} was given but {model} is a local folder, not a Hub id")

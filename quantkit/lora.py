@@ -258,11 +258,17 @@ def merge(base: ModelSource, adapter: AdapterSource) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_source(model: str, revision: str | None = None, *, adapter: str | None = None,
+def resolve_source(model: str | ModelSource, revision: str | None = None, *, adapter: str | None = None,
                    adapter_revision: str | None = None, allow_pickle: bool = False) -> ModelSource:
-    """MODEL (or ``MODEL+ADAPTER``), merged with ``adapter`` when one is given; plain resolve_model otherwise."""
+    """MODEL (or ``MODEL+ADAPTER``), merged with ``adapter`` when one is given; plain resolve_model otherwise.
+    A resolved record (:class:`ModelSource`, a merged fine-tune's :class:`MergedSource` too) comes back as it
+    is."""
     from quantkit.hub import resolve_model
 
+    if isinstance(model, ModelSource):
+        if adapter is not None:
+            raise QuantkitError(f"{model.name} is already resolved: give its adapter when resolving it")
+        return model
     if adapter is None:
         model, adapter = split_spec(model)
     if adapter is None:

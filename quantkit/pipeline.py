@@ -210,23 +210,22 @@ class Done:
     note: dict = field(default_factory=dict)  # more fields for the run log
 
 
-def _quantize_gguf(model: str, v: Variant, cal, out: Path, revision: str | None, **adapter) -> bool:
+def _quantize_gguf(src, v: Variant, cal, out: Path) -> bool:
     from quantkit.gguf import quantize_gguf
 
-    r = quantize_gguf(model, [v.params["type"]], out, revision=revision,
-                      calibration=cal.spec if v.params.get("imatrix") else None, outtype=v.params["outtype"],
-                      split_max_size=v.params.get("split_max_size"), **adapter)
+    r = quantize_gguf(src, [v.params["type"]], out, calibration=cal.spec if v.params.get("imatrix") else None,
+                      outtype=v.params["outtype"], split_max_size=v.params.get("split_max_size"))
     return bool(r.reused)
 
 
 def _quantize_hf(quantizer: Callable[[], Callable]) -> Callable[..., bool]:
-    def run(model: str, v: Variant, cal, out: Path, revision: str | None, **adapter) -> bool:
+    def run(src, v: Variant, cal, out: Path) -> bool:
         p = v.params
         extra = {k: p[k] for k in ("sym", "act_order", "damp", "engine") if k in p}
         if p.get("format"):
             extra["fmt"] = p["format"]
-        r = quantizer()(model, bits=p["bits"], group_size=p["group_size"], calibration=cal.spec,
-                        samples=cal.samples, seq_len=cal.seq_len, out=out, revision=revision, **extra, **adapter)
+        r = quantizer()(src, bits=p["bits"], group_size=p["group_size"], calibration=cal.spec,
+                        samples=cal.samples, seq_len=cal.seq_len, out=out, **extra)
         return bool(r.cached)
 
     return run
@@ -244,8 +243,8 @@ def _gptq():
     return quantize_gptq
 
 
-#: method -> quantise(model, variant, calibration, out folder, revision, [adapter=, adapter_revision=])
-#: -> whether the output was reused
+#: method -> quantise(the pulled source record, variant, calibration, out folder) -> whether the output was reused
+#: (the record is the model resolved once by the pull stage, a merged fine-tune included: nothing resolves it again)
 QUANTIZERS: dict[str, Callable[..., bool]] = {"gguf": _quantize_gguf, "awq": _quantize_hf(_awq),
                                              "gptq": _quantize_hf(_gptq)}
 
@@ -362,21 +361,6 @@ class Pipeline:
         m.save()
 
     # -- pull ------------------------------------------------------------------------------------------
-    def _model_arg(self) -> tuple[str, str | None]:
-        """What to hand the engines: a local folder, or the Hub id pinned to the resolved SHA (a merged
-        fine-tune: its base; the adapter goes separately, see _adapter_arg)."""
-        src = getattr(self.src, "base", None) or self.src
-        if src.id and not self.r.model.startswith("builtin:") and not os.path.exists(self.r.model):
-            return src.id, src.sha
-        return str(src.path), None
-
-    def _adapter_arg(self) -> dict:
-        """``adapter:`` of the recipe for the quantisers, a Hub adapter pinned to its resolved SHA."""
-        ad = getattr(self.src, "adapter", None)
-        if ad is None:
-            return {}
-        return {"adapter": ad.id or str(ad.path), "adapter_revision": ad.sha if ad.id else None}
-
     def pull(self) -> None:
         from quantkit.lora import resolve_source
 
@@ -470,8 +454,7 @@ class Pipeline:
 
     def _quantize(self, v: Variant) -> Done:
         folder = self.out / v.folder
-        model, revision = self._model_arg()
-        reused = QUANTIZERS[v.method](model, v, self.r.calibration, folder, revision, **self._adapter_arg())
+        reused = QUANTIZERS[v.method](self.src, v, self.r.calibration, folder)
         if not self._artifact_ok(v):
             raise QuantkitError(f"{v.method} finished but {folder}/quantkit.json records no artifact for {v.name}")
         return Done(reused=reused, note={"artifact": self.results[v.name].artifact})
@@ -492,7 +475,7 @@ class Pipeline:
         from quantkit.evaluate import evaluate
 
         e = self.r.eval
-        rep = evaluate(str(self.src.path), [self.results[v.name].path], text=e.text, ctx=e.ctx,
+        rep = evaluate(self.src, [self.results[v.name].path], text=e.text, ctx=e.ctx,
                        max_tokens=e.max_tokens, engine=v.params.get("engine", "auto"),
                        **{g.name: getattr(e, g.name) for g in GATES})
         return Done(result=EvalScore.from_row(rep.rows[0], rep.context))
@@ -523,7 +506,7 @@ class Pipeline:
         from quantkit.tasks import eval_tasks
 
         e = self.r.eval
-        rep = eval_tasks(str(self.src.path), [self.results[v.name].path], e.tasks, limit=e.limit,
+        rep = eval_tasks(self.src, [self.results[v.name].path], e.tasks, limit=e.limit,
                          num_fewshot=e.num_fewshot, cache_base=True,  # the base is scored once for all variants
                          engine=v.params.get("engine", "auto"))
         return Done(result=TaskScores.from_report(rep))

@@ -155,6 +155,31 @@ def test_recipe_end_to_end_with_push(tmp_path, tiny_llama, converted_tiny, hub_s
     assert not any(k.endswith(("Q8_0", "Q4_K_M")) for k in new), new
 
 
+def test_the_model_is_resolved_once_and_passed_down(tmp_path, tiny_llama, hub_server, run_cli, monkeypatch):
+    """A recipe on a Hub model: the pull stage resolves it (one Hub lookup + download) and every later stage
+    (quantise, verify on build, eval) works from that record; none looks the model up again."""
+    from quantkit import hub
+
+    sha = hub_server.seed("acme/tiny-llama", tiny_llama)
+    calls = Counter()
+    for name in ("_pull", "_local_source"):
+        real = getattr(hub, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(hub, name, counted)
+    r = tiny_recipe(tmp_path, "acme/tiny-llama", types=("Q8_0",), max_tokens=128)
+    code, stdout, err = run_cli("run", r, "--json")
+    assert code == 0, (stdout + err)[-3000:]
+    (v,) = json.loads(stdout)["variants"]
+    assert v["status"] == "done" and v["eval"]["tokens"] > 0, v
+    assert calls == Counter({"_pull": 1}), calls
+    base = json.loads((tmp_path / "out" / "tiny-llama-GGUF" / "quantkit.json").read_text())["base"]
+    assert base["id"] == "acme/tiny-llama" and base["sha"] == sha
+
+
 def test_bench_stage_measures_the_base_in_the_same_engine_once(tmp_path, tiny_llama, converted_tiny, run_cli,
                                                                 monkeypatch):
     """`quantkit run` with bench: each variant's bench record holds the base measured in llama.cpp (the folder's

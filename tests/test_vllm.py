@@ -235,6 +235,38 @@ def test_eval_in_vllm_on_the_same_tokens(served, smollm2_4, run_cli):
     assert abs(v["top1"] - t["top1"]) < 0.1
 
 
+def test_the_engine_interface_over_vllm(served, smollm2_4):
+    """vLLM behind quantkit.engines: top log-probabilities per position (sparse), greedy generation as token ids,
+    the folder's own tokens, the same answers as transformers on the same base."""
+    from transformers import AutoTokenizer
+
+    from quantkit import engines
+    from quantkit.texts import builtin_eval_text
+
+    _, folders, _, _ = served
+    v = engines.get("vllm")
+    assert v.can_run(folders["gptq-ct"])[0] and v.reference == "vllm"
+    assert v.can_run(folders["gptq-ct"], Path("adapter")) == (False, "a run-time LoRA adapter is applied in "
+                                                                     "transformers (PEFT)")
+    text = builtin_eval_text()[:2000]
+    ids = AutoTokenizer.from_pretrained(smollm2_4)(text, add_special_tokens=False).input_ids[:64]
+    assert v.tokens(smollm2_4, text)[0][:64] == ids
+    s = v.open(smollm2_4, ctx=128, threads=None)
+    t = engines.get("transformers").open(smollm2_4, ctx=128, threads=2)
+    try:
+        rows = s.score(ids, 8)
+        assert s.sparse and len(rows) == len(ids) - 1
+        assert all(nxt in r and len(r) <= 9 for r, nxt in zip(rows, ids[1:]))  # its top 8 + the prompt's token
+        top = [max(r, key=r.get) for r in rows]
+        ref = t.score(ids)[:-1].argmax(-1).tolist()
+        assert sum(a == b for a, b in zip(top, ref)) / len(ref) > 0.9
+        gv, gt = s.generate(ids[:32], 8), t.generate(ids[:32], 8)
+        assert len(gv) == 8 and gv[0] == gt[0], (gv, gt)
+    finally:
+        s.close()
+        t.close()
+
+
 def test_bench_in_vllm_against_the_base_served_the_same_way(served, smollm2_4):
     from quantkit.bench import bench
 
