@@ -95,6 +95,16 @@ def test_engines_import_nothing_above_them():
     assert not up, up
 
 
+def test_the_helpers_below_the_engines_use_only_facts():
+    """quantkit.vllm (the server), quantkit.ggufio (GGUF files, llama.cpp's C calls) and quantkit.llamacpp (where
+    llama.cpp lives) sit under the engines: facts, errors and util only."""
+    graph = _imports()
+    facts = {"quantkit", "quantkit.errors", "quantkit.formats", "quantkit.util", "quantkit.llamacpp"}
+    up = {m: sorted(graph[m] - facts) for m in ("quantkit.vllm", "quantkit.ggufio", "quantkit.llamacpp")
+          if graph[m] - facts}
+    assert not up, up
+
+
 def test_measurement_imports_no_card_publish_or_pipeline():
     graph = _imports()
     up = {m: sorted(graph[m] & ABOVE_MEASUREMENT) for m in MEASUREMENT if graph[m] & ABOVE_MEASUREMENT}

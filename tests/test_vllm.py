@@ -333,23 +333,6 @@ def test_no_vllm_process_is_left_behind(served):
     assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.unit
-def test_the_vllm_engine_imports_nothing_above_it():
-    """quantkit.vllm sits with the engines: it may use the facts (formats), errors and util, never measurement,
-    cards or the pipeline (imports run one way)."""
-    import ast
-
-    import quantkit.vllm as mod
-
-    names = set()
-    for node in ast.walk(ast.parse(Path(mod.__file__).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("quantkit"):
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names |= {a.name for a in node.names if a.name.startswith("quantkit")}
-    assert names <= {"quantkit.errors", "quantkit.formats", "quantkit.util"}, names
-
-
 @pytest.mark.slow
 def test_default_gptq_of_the_demo_model_is_served_by_vllm(smollm2_hf, vllm_on, tmp_path, run_cli):
     """The issue's own check: `quantkit gptq "$(quantkit demo-model)" --group-size 64`, defaults otherwise (here
