@@ -316,12 +316,15 @@ def _engine_option(f):
 @click.option("--limit", type=click.IntRange(1), help="With --tasks: at most this many documents per task.")
 @click.option("--num-fewshot", type=click.IntRange(0), help="With --tasks: few-shot examples (default: the task's).")
 @click.option("--min-recovery", help="Gate (--tasks): fail when a task score / base score is below this, e.g. 0.97.")
+@click.option("--chat-template", is_flag=True,
+              help="With --tasks: wrap each prompt in the base tokenizer's chat template (lm-eval's "
+                   "--apply_chat_template), the same for the base and every variant.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
 @_engine_option
 @click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, tasks, limit,
-             num_fewshot, min_recovery, threads, engine, no_write, as_json):
+             num_fewshot, min_recovery, chat_template, threads, engine, no_write, as_json):
     """Score VARIANTs (GGUF files/folders, AWQ/GPTQ folders, Hub ids) against BASE on the same tokens.
 
     Prints PPL, PPL change, KL divergence to the base (mean, p99) and same-top-token rate per variant; exits 1
@@ -332,13 +335,14 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
     from quantkit.errors import GateFailed
     from quantkit.evaluate import evaluate
 
-    if tasks is None and (limit is not None or num_fewshot is not None or min_recovery is not None):
-        raise QuantkitError("--limit, --num-fewshot and --min-recovery need --tasks")
+    if tasks is None and (limit is not None or num_fewshot is not None or min_recovery is not None or chat_template):
+        raise QuantkitError("--limit, --num-fewshot, --min-recovery and --chat-template need --tasks")
     if tasks is not None:
         from quantkit.tasks import eval_tasks
 
         rep = eval_tasks(base, list(variants), tasks, limit=limit, num_fewshot=num_fewshot,
-                         min_recovery=min_recovery, threads=threads, write_manifest=not no_write, engine=engine)
+                         min_recovery=min_recovery, threads=threads, write_manifest=not no_write, engine=engine,
+                         chat_template=chat_template)
     else:
         rep = evaluate(base, list(variants), text=text, ctx=ctx, max_tokens=max_tokens, max_kld=max_kld,
                        max_ppl_increase=max_ppl_increase, min_top1=min_top1, write_manifest=not no_write,

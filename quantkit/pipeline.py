@@ -508,7 +508,7 @@ class Pipeline:
         e = self.r.eval
         rep = eval_tasks(self.src, [self.results[v.name].path], e.tasks, limit=e.limit,
                          num_fewshot=e.num_fewshot, cache_base=True,  # the base is scored once for all variants
-                         engine=v.params.get("engine", "auto"))
+                         engine=v.params.get("engine", "auto"), chat_template=e.chat_template)
         return Done(result=TaskScores.from_report(rep))
 
     def tasks(self, v: Variant) -> None:
@@ -518,7 +518,8 @@ class Pipeline:
         if not (e.enabled and e.tasks):
             return
         key = _key(stage="tasks", quantize=self.keys.get(f"quantize:{v.name}"), base=self.base_sha,
-                   tasks=task_identity(e.tasks), limit=e.limit, num_fewshot=e.num_fewshot, engines=_engines("tasks"))
+                   tasks=task_identity(e.tasks), limit=e.limit, num_fewshot=e.num_fewshot, engines=_engines("tasks"),
+                   **({"chat_template": True} if e.chat_template else {}))
         state, _ = self.run_stage("tasks", v.name, key, f"{', '.join(e.tasks)} (limit {e.limit}, shots "
                                   f"{e.num_fewshot})", lambda: self._tasks(v), members=[self.results[v.name]])
         if state in ("cached", "done"):

@@ -25,7 +25,8 @@ Format (``quantkit: 1``)::
       max_kld: 0.05                        # gates (null = no gate)
       max_ppl_increase: 5%                 # or a fraction: 0.05
       min_top1: null
-      tasks: [arc_easy, my_task.yaml]      # optional: lm-eval task accuracy and recovery (the tasks stage)
+      tasks: [arc_easy, my_task.yaml]      # optional: lm-eval task accuracy and recovery (the tasks stage);
+                                           # generation tasks too (examples/own-gsm/own_gsm.yaml)
       limit: 200                           # documents per task; num_fewshot: null (each task's default)
       min_recovery: 97%                    # task gate: variant score / base score
       bench: {enabled: true}
@@ -147,6 +148,7 @@ class Eval:
     tasks: list[str] = field(default_factory=list)  # lm-eval task names / task YAML paths (the tasks stage)
     limit: float | None = None  # documents per task (a fraction: of each task)
     num_fewshot: int | None = None
+    chat_template: bool = False  # tasks: prompts through the base tokenizer's chat template
     min_recovery: float | None = None  # task gate: variant score / base score
     bench: Bench = field(default_factory=Bench)
 
@@ -235,7 +237,8 @@ EVAL = {"enabled": _BOOL, "text": _STR, "ctx": _POS, "max_tokens": _POS, "max_kl
         "max_ppl_increase": _FRAC, "min_top1": _FRAC, "bench": ((dict, bool), "a mapping or true/false"),
         "tasks": ((list, str), "a list of lm-eval task names or task YAML paths"),
         "limit": ((int, float, type(None)), "a positive number of documents per task (or a fraction), or null"),
-        "num_fewshot": ((int, type(None)), "an integer >= 0 or null"), "min_recovery": _FRAC}
+        "num_fewshot": ((int, type(None)), "an integer >= 0 or null"), "chat_template": _BOOL,
+        "min_recovery": _FRAC}
 BENCH = {"enabled": _BOOL, "prompt_tokens": _POS, "gen_tokens": _POS, "repeats": _POS,
          "threads": ((int, type(None)), "a positive integer or null")}
 PUBLISH = {"enabled": _BOOL, "repo": _STR, "private": _BOOL, "per": _STR, "only_passing": _BOOL,
@@ -594,6 +597,7 @@ eval:
   min_top1: null
   # tasks: [arc_easy]             # lm-eval task names or task YAML paths: accuracy and recovery vs the base
   # limit: 200                    # documents per task
+  # chat_template: false          # tasks: prompts through the base tokenizer's chat template
   # min_recovery: 97%             # gate: variant score / base score
   bench:
     enabled: true

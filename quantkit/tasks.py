@@ -21,8 +21,10 @@ How it works
   such as perplexity). Its standard error comes from the paired per-document scores (delta method for a ratio
   of means: se = sd(num_i - r*den_i) / (sqrt(n) * mean(den))), so base against itself is exactly 1 ± 0;
   metrics that are not a mean of per-document values fall back to independent propagation of the two stderrs.
-* Only log-likelihood tasks (``multiple_choice``, ``loglikelihood``, ``loglikelihood_rolling``) are supported
-  by the GGUF adapter for now; ``generate_until`` tasks stop with one line.
+* Log-likelihood tasks (``multiple_choice``, ``loglikelihood``, ``loglikelihood_rolling``) and generation tasks
+  (``generate_until``: exact match, GSM8K-style) run in every engine; generation is greedy, with the task's stop
+  strings and ``max_gen_toks``. A task with several filters (GSM8K's ``strict-match`` and ``flexible-extract``)
+  gives one row per filter (``own_gsm/strict-match``), each with its recovery.
 """
 
 from __future__ import annotations
@@ -152,10 +154,10 @@ class TaskSet:
     manager: Any
 
 
-def resolve_tasks(tasks, generation: bool = False) -> TaskSet:
+def resolve_tasks(tasks) -> TaskSet:
     """Resolve registry names and YAML paths; every task is built once here, so a bad name, YAML or dataset
-    stops before any model is loaded, with one line naming it. ``generation``: every model is served by vLLM,
-    whose lm-eval model (``local-completions``) generates too, so ``generate_until`` tasks are allowed."""
+    stops before any model is loaded, with one line naming it. Log-likelihood and generation (``generate_until``)
+    tasks both: every engine's adapter generates."""
     lm_eval_template()
     from lm_eval.tasks import TaskManager
 
@@ -178,19 +180,34 @@ def resolve_tasks(tasks, generation: bool = False) -> TaskSet:
             raise QuantkitError(f"unknown task {spec!r}: not in lm-eval's task registry and not a task YAML "
                                 f"file{hint}")
         try:
-            loaded = manager.load([spec])
+            manager.load([spec])
         except QuantkitError:
             raise
         except Exception as e:
+            dataset = _dataset_of(manager, spec)
+            if dataset and _needs_download(e):
+                raise QuantkitError(
+                    f"task {name} needs the dataset {dataset} from the Hub and could not get it "
+                    f"({_first_line(e)}): fetch it where there is a network (it is kept in the datasets cache, "
+                    f"HF_HOME), or copy its files here and point a task YAML at them (dataset_path: json, "
+                    "data_files: ...; see examples/own-gsm/own_gsm.yaml)") from None
             raise QuantkitError(f"task {name} could not be loaded: {_first_line(e)}") from None
-        for tname, task in loaded["tasks"].items():
-            otype = task.get_config("output_type")
-            if otype == "generate_until" and not generation:
-                raise QuantkitError(f"task {tname} ({name}) generates text (output_type generate_until): only "
-                                    "log-likelihood tasks (multiple_choice, loglikelihood, "
-                                    "loglikelihood_rolling) are supported for GGUF and transformers; HF-format "
-                                    "variants served by vLLM (--engine vllm) run generation tasks too")
     return TaskSet(specs=specs, names=names, manager=manager)
+
+
+def _dataset_of(manager, spec) -> str | None:
+    """The Hub dataset a task reads (``dataset_path`` of its YAML; None for a local ``json``/``csv`` one)."""
+    cfg = spec if isinstance(spec, dict) else getattr((manager.task_index or {}).get(spec), "cfg", None) or {}
+    path = cfg.get("dataset_path")
+    if not path or path in ("json", "csv", "text", "parquet", "arrow"):
+        return None
+    return path + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "")
+
+
+def _needs_download(e: BaseException) -> bool:
+    from quantkit.errors import is_network_error
+
+    return is_network_error(e) or isinstance(e, ConnectionError) or "Couldn't reach" in str(e)
 
 
 # ------------------------------------------------------------------------------------------ scores
@@ -230,20 +247,21 @@ def task_scores(results: dict) -> dict[str, dict]:
         if task not in results.get("samples", {}):
             continue  # a group's aggregate row: its member tasks are listed themselves
         metric = _primary_metric(res)
-        key = next(k for k in res if k.split(",")[0] == metric and "_stderr" not in k)
-        flt = key.split(",", 1)[1]
-        samples = [s for s in results["samples"][task] if s.get("filter", flt) == flt]
-        per_doc = {s["doc_id"]: _num(s.get(metric)) for s in samples}
-        score = _num(res[key])
-        if None in per_doc.values() or not per_doc or score is None or \
-                not math.isclose(sum(per_doc.values()) / len(per_doc), score, rel_tol=1e-9, abs_tol=1e-12):
-            per_doc = None
-        hib = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
-        out[task] = {"metric": metric, "filter": flt, "score": score,
-                     "stderr": _num(res.get(f"{metric}_stderr,{flt}")),
-                     "shots": (results.get("n-shot") or {}).get(task), "n": len(samples),
-                     "higher_is_better": True if hib is None else bool(hib), "per_doc": per_doc,
-                     "requests": (reqs := doc_requests(samples)), "requests_sha256": requests_sha256(reqs)}
+        keys = [k for k in res if k.split(",")[0] == metric and "_stderr" not in k]
+        for key in keys:  # one row per filter when there are several (GSM8K: strict-match, flexible-extract)
+            flt = key.split(",", 1)[1]
+            samples = [s for s in results["samples"][task] if s.get("filter", flt) == flt]
+            per_doc = {s["doc_id"]: _num(s.get(metric)) for s in samples}
+            score = _num(res[key])
+            if None in per_doc.values() or not per_doc or score is None or \
+                    not math.isclose(sum(per_doc.values()) / len(per_doc), score, rel_tol=1e-9, abs_tol=1e-12):
+                per_doc = None
+            hib = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
+            out[task if len(keys) == 1 else f"{task}/{flt}"] = {
+                "metric": metric, "filter": flt, "score": score, "stderr": _num(res.get(f"{metric}_stderr,{flt}")),
+                "shots": (results.get("n-shot") or {}).get(task), "n": len(samples),
+                "higher_is_better": True if hib is None else bool(hib), "per_doc": per_doc,
+                "requests": (reqs := doc_requests(samples)), "requests_sha256": requests_sha256(reqs)}
     return out
 
 
@@ -307,14 +325,14 @@ def _public(score: dict) -> dict:
     return {k: v for k, v in score.items() if k not in ("per_doc", "requests")}
 
 
-def _run_tasks(lm, taskset: TaskSet, limit, num_fewshot) -> tuple[dict, float]:
+def _run_tasks(lm, taskset: TaskSet, limit, num_fewshot, chat_template: bool = False) -> tuple[dict, float]:
     import lm_eval
 
     t0 = time.perf_counter()
     try:
         res = lm_eval.simple_evaluate(model=lm, tasks=list(taskset.specs), task_manager=taskset.manager,
                                       num_fewshot=num_fewshot, limit=limit, log_samples=True,
-                                      bootstrap_iters=BOOTSTRAP_ITERS)
+                                      bootstrap_iters=BOOTSTRAP_ITERS, apply_chat_template=chat_template)
     except QuantkitError:
         raise
     except Exception as e:
@@ -323,14 +341,14 @@ def _run_tasks(lm, taskset: TaskSet, limit, num_fewshot) -> tuple[dict, float]:
 
 
 def _base_cache_file(base_sha: str, tasks, limit, num_fewshot, max_length: int, batch_size: int,
-                     engine: str = "transformers") -> Path:
+                     engine: str = "transformers", chat_template: bool = False) -> Path:
     """Where the base's scores for these settings are kept: keyed by the base's SHA, the tasks (YAML and data
     sha256), limit, shots, max_length, batch size and the engine versions."""
     from quantkit.util import cache_home, dist_version
 
     key = hashlib.sha256(json.dumps({
         "base": base_sha, "tasks": task_identity(tasks), "limit": limit, "num_fewshot": num_fewshot,
-        "max_length": max_length, "batch_size": batch_size,
+        "max_length": max_length, "batch_size": batch_size, **({"chat_template": True} if chat_template else {}),
         "engines": {d: dist_version(d) for d in ("lm_eval", "transformers", "torch")},
         **({"engine": engines.get(engine).version()} if engine != "transformers" else {})},
         sort_keys=True).encode()).hexdigest()[:24]
@@ -358,11 +376,13 @@ def _read_base_cache(path: Path | None):
 def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | None = None,
                num_fewshot: int | None = None, min_recovery=None, max_length: int = DEFAULT_MAX_LENGTH,
                batch_size: int = 1, threads: int | None = None, write_manifest: bool = True,
-               cache_base: bool = False, engine: str = "auto") -> TaskReport:
+               cache_base: bool = False, engine: str = "auto", chat_template: bool = False) -> TaskReport:
     """Score ``base`` and every variant on ``tasks`` with lm-eval; see the module docstring. ``cache_base``: keep
     the base's scores under quantkit's cache (:func:`_base_cache_file`), so scoring N variants one at a time
     scores the base once. ``engine``: how HF-format variants run (:func:`quantkit.engines.choose`); when
-    every variant is served by vLLM, the base is served by the same vLLM and generation tasks are allowed."""
+    every variant is served by vLLM, the base is served by the same vLLM. ``chat_template``: every prompt goes
+    through the base tokenizer's chat template (lm-eval's ``apply_chat_template``), for the base and every
+    variant alike (the request hashes say so)."""
     from quantkit.evaluate import assign_engines, base_tokenizer, parse_fraction, resolve_variants, unique_names
     from quantkit.hub import resolve_model
     from quantkit.util import dist_version
@@ -381,11 +401,11 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     for v in resolved:  # one base, in one engine: with a GGUF in the run, HF formats stay with transformers
         if v.engine == "vllm" and ref != "vllm":
             v.engine = "transformers"
-    taskset = resolve_tasks(tasks, generation=ref == "vllm")
+    taskset = resolve_tasks(tasks)
     src = resolve_model(base)
     tok = base_tokenizer(src.path)
 
-    cache = (_base_cache_file(src.sha, tasks, limit, num_fewshot, max_length, batch_size, ref)
+    cache = (_base_cache_file(src.sha, tasks, limit, num_fewshot, max_length, batch_size, ref, chat_template)
              if cache_base else None)
     hit = _read_base_cache(cache)
     if hit:
@@ -399,7 +419,7 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
         base_lm = engines.get(ref).task_lm(src.path, base_tokenizer=tok, base_path=src.path, max_length=max_length,
                                            threads=threads, batch_size=batch_size)
         base_lm._max_length = max_length
-        base_scores, base_s = _run_tasks(base_lm, taskset, limit, num_fewshot)
+        base_scores, base_s = _run_tasks(base_lm, taskset, limit, num_fewshot, chat_template)
         base_engine = base_lm.engine
         del base_lm
         if cache:
@@ -413,7 +433,7 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
     for v in resolved:
         lm = engines.get(v.engine).task_lm(v.path, base_tokenizer=tok, base_path=src.path, max_length=max_length,
                                            threads=threads, batch_size=batch_size)
-        scores, secs = _run_tasks(lm, taskset, limit, num_fewshot)
+        scores, secs = _run_tasks(lm, taskset, limit, num_fewshot, chat_template)
         engine = lm.engine
         if hasattr(lm, "close"):
             lm.close()
@@ -444,7 +464,8 @@ def eval_tasks(base: str, variants: list[str], tasks, *, limit: int | float | No
                                    "shown": f"{g.shown(rec)} ({task})", "limit_shown": gates[g.key]["shown"]})
             rows.append(row)
     context = {"tasks": taskset.names, "task_names": list(base_scores), "limit": limit, "num_fewshot": num_fewshot,
-               "max_length": max_length, "lm_eval": dist_version("lm_eval"), "time": now_iso()}
+               "chat_template": chat_template, "max_length": max_length, "lm_eval": dist_version("lm_eval"),
+               "time": now_iso()}
     report = TaskReport(base={"name": src.name, "id": src.id, "sha": src.sha, "path": str(src.path),
                               "engine": base_engine, "seconds": round(base_s, 2), "tasks": base_scores,
                               "cached": bool(hit)},

@@ -1,8 +1,10 @@
 """quantkit eval --tasks: lm-eval task scores and recovery, each variant scored by its own engine (offline).
 
-The task is examples/own-eval/own_eval.yaml: 50 self-written multiple-choice questions read from a local JSONL
-(CC0). Default run: a tiny random 2-layer Llama and its Q8_0/Q2_K GGUFs (mechanics: llama.cpp's numbers, exact
-self-recovery, gate, manifest, errors). Slow: SmolLM2-135M base vs its Q8_0/Q2_K GGUFs (quality ordering).
+The tasks are examples/own-eval/own_eval.yaml (50 self-written multiple-choice questions) and
+examples/own-gsm/own_gsm.yaml (50 word problems, a generation task), read from local JSONL files (CC0). Default
+run: a tiny random 2-layer Llama and its Q8_0/Q2_K GGUFs (mechanics: llama.cpp's numbers, exact self-recovery,
+gate, manifest, errors, generation's stops and requests). Slow: SmolLM2-135M base vs its Q8_0/Q2_K GGUFs
+(quality ordering, on both tasks).
 """
 
 from __future__ import annotations
@@ -203,6 +205,78 @@ def test_bad_task_name_and_bad_yaml_one_line(run_cli, tiny_llama, tmp_path):
     assert code != 0 and "own_eval.jsonl does not exist" in line and "Traceback" not in err
     code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--min-recovery", "0.9", "--no-write")
     assert code != 0 and "need --tasks" in err
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--chat-template", "--no-write")
+    assert code != 0 and "--chat-template need --tasks" in err
+
+
+# ----------------------------------------------------------------------------------- generation tasks
+GSM_YAML = Path(__file__).resolve().parents[1] / "examples" / "own-gsm" / "own_gsm.yaml"
+
+
+def _gen(lm, context: str, until, max_gen_toks: int) -> str:
+    from lm_eval.api.instance import Instance
+
+    req = Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": max_gen_toks,
+                                                      "do_sample": False}), 0)
+    (out,) = lm.generate_until([req], disable_tqdm=True)
+    return out
+
+
+def test_generate_until_in_llama_cpp_honours_stops_and_length(tiny_gguf_set, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from quantkit import engines
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    lm = engines.get("llama.cpp").task_lm(gguf_path(tiny_gguf_set, "Q8_0"), base_tokenizer=tok,
+                                          base_path=tiny_llama, max_length=256, threads=THREADS)
+    try:
+        ctx = "Question: Tom has 3 apples and buys 2 more. How many apples does he have?\nAnswer:"
+        free = _gen(lm, ctx, [], 16)
+        ids = tok(free, add_special_tokens=False).input_ids
+        assert free.strip() and 0 < len(ids) <= 17, free  # at most 16 new tokens (re-tokenising may merge)
+        assert free.startswith(_gen(lm, ctx, [], 4))  # greedy: a shorter run is a prefix of a longer one
+        stop = free[len(free) // 2:len(free) // 2 + 2]
+        assert stop.strip(), free
+        assert _gen(lm, ctx, [stop], 16) == free.split(stop)[0]  # cut at the stop string, which is dropped
+        with pytest.raises(Exception, match="greedily"):
+            from lm_eval.api.instance import Instance
+
+            lm.generate_until([Instance("generate_until", {}, (ctx, {"do_sample": True, "temperature": 0.7}), 0)])
+    finally:
+        lm.close()
+
+
+def test_generation_task_rows_per_filter_same_requests_for_every_variant(tiny_llama, tiny_gguf_set, tiny_gptq):
+    """own_gsm (generate_until, strict-match and flexible-extract) on the base in transformers, both GGUFs in
+    llama.cpp and a GPTQ folder in transformers: one row per filter and variant, all on the base's requests."""
+    from quantkit.tasks import eval_tasks
+
+    rep = eval_tasks(str(tiny_llama), [str(tiny_gguf_set), str(tiny_gptq)], str(GSM_YAML), limit=3, threads=THREADS,
+                     write_manifest=False)
+    names = {"own_gsm/strict-match", "own_gsm/flexible-extract"}
+    assert set(rep.base["tasks"]) == names
+    for name in names:
+        b = rep.base["tasks"][name]
+        assert b["n"] == 3 and b["shots"] == 4 and b["metric"] == "exact_match"
+        rows = [r for r in rep.rows if r["task"] == name]
+        assert sorted(r["engine_short"] for r in rows) == ["llama.cpp", "llama.cpp", "transformers"]
+        assert all(r["requests_sha256"] == b["requests_sha256"] and r["n"] == 3 for r in rows)
+    ((context, kw),) = json.loads(next(iter(rep.base["tasks"]["own_gsm/strict-match"]["requests"].values())))
+    assert context.count("Question:") == 5 and kw["until"][:2] == ["Question:", "\n\n"]  # 4 shots + the doc
+
+
+def test_a_task_whose_dataset_needs_a_download_names_it(run_cli, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    y = tmp_path / "hub_task.yaml"
+    y.write_text("task: hub_task\ndataset_path: acme/word-problems\noutput_type: generate_until\ntest_split: test\n"
+                 "doc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: exact_match\n"
+                 "    higher_is_better: true\n")
+    code, out, err = run_cli("eval", tiny_llama, tiny_llama, "--tasks", y, "--no-write")
+    line = err.strip().splitlines()[-1]
+    assert code != 0 and "Traceback" not in err
+    assert "needs the dataset acme/word-problems from the Hub" in line and "dataset_path: json" in line, line
 
 
 # ----------------------------------------------------------------------------------- quantkit run: the tasks stage
@@ -296,6 +370,22 @@ def test_recipe_bad_task_path_is_one_line(tmp_path, run_cli):
 @pytest.mark.slow
 def test_smollm2_gguf_equal_to_llama_cpp(smollm2_gguf_set, smollm2_hf):
     _check_equal_to_llama_cpp(gguf_path(smollm2_gguf_set, "Q8_0"), smollm2_hf)
+
+
+@pytest.mark.slow
+def test_smollm2_generation_task_q8_recovers_more_than_q2k(smollm2_hf, smollm2_gguf_set):
+    from quantkit.tasks import eval_tasks
+
+    q8, q2 = gguf_path(smollm2_gguf_set, "Q8_0"), gguf_path(smollm2_gguf_set, "Q2_K")
+    rep = eval_tasks(str(smollm2_hf), [str(q8), str(q2)], str(GSM_YAML), threads=THREADS, write_manifest=False)
+    print(rep.table())
+    b = rep.base["tasks"]["own_gsm/strict-match"]
+    assert b["n"] == 50 and b["score"] > 0.1 and b["stderr"] > 0
+    rows = {r["type"]: r for r in rep.rows if r["task"] == "own_gsm/strict-match"}
+    assert all(r["n"] == 50 and r["requests_sha256"] == b["requests_sha256"] for r in rows.values())
+    # measured: base 38.0% +- 6.9; Q8_0 40.0% (recovery 105.3% +- 5.5), Q2_K 18.0% (47.4% +- 13.7)
+    assert rows["Q8_0"]["recovery"] > rows["Q2_K"]["recovery"], rows
+    assert rows["Q8_0"]["recovery_se"] is not None and rows["Q2_K"]["recovery_se"] is not None
 
 
 @pytest.mark.slow

@@ -280,6 +280,11 @@ def make_gguf_lm():
             import numpy as np
             import torch
 
+            self._eval(tokens)
+            return torch.from_numpy(np.array(self.scorer.llm.scores[:len(tokens)], dtype=np.float32))
+
+        def _eval(self, tokens: list[int]) -> None:
+            """Bring llama.cpp's context to ``tokens``, evaluating only what follows the prefix it already holds."""
             llm = self.scorer.llm
             if len(tokens) > llm.n_ctx():
                 raise QuantkitError(f"{len(tokens)} tokens exceed the context of {llm.n_ctx()}")
@@ -293,7 +298,6 @@ def make_gguf_lm():
             llm.n_tokens = common
             llm.eval(tokens[common:])
             self.llm_tokens = list(tokens)
-            return torch.from_numpy(np.array(llm.scores[:len(tokens)], dtype=np.float32))
 
         def _score(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
             import torch
@@ -329,8 +333,73 @@ def make_gguf_lm():
                 out.append(sum(self._score(list(c), list(t))[0] for c, t in windows))
             return out
 
+        # -- generation
+        @property
+        def max_gen_toks(self) -> int:
+            return 256  # lm-eval's default (HFLM's too)
+
+        def _greedy(self, context: list[int], max_gen_toks: int, until: list[str]) -> list[int]:
+            """Greedy tokens after ``context`` until a stop string appears in the decoded text, EOS, or
+            ``max_gen_toks``; the KV cache of the prefix shared with the previous request is kept (few-shot
+            prompts share their examples)."""
+            import numpy as np
+
+            llm = self.scorer.llm
+            self._eval(context)  # evaluates only what is new since the previous request
+            out: list[int] = []
+            eos = self.eot_token_id
+            while len(out) < max_gen_toks and llm.n_tokens < llm.n_ctx():
+                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                if tok == eos:
+                    break
+                out.append(tok)
+                if until and any(s and s in self.tok_decode(out) for s in until):
+                    break
+                llm.eval([tok])
+                self.llm_tokens.append(tok)
+            return out
+
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            raise QuantkitError("generate_until tasks are not supported by quantkit's llama.cpp adapter yet")
+            """lm-eval's ``generate_until``, as its ``HFLM`` does it: greedy (a task asking for sampling is
+            refused), the task's ``until`` strings plus EOS as stops, ``max_gen_toks`` (default 256), the context
+            left-truncated to ``max_length - max_gen_toks`` tokens of the base tokenizer, the text cut at the first
+            stop string. Requests run in order of their context, so shared few-shot prefixes stay in the KV cache.
+            """
+            from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+            args = [r.args for r in requests]
+            out: list[str | None] = [None] * len(args)
+            eos = self.tok_decode([self.eot_token_id])
+            for i in progress(sorted(range(len(args)), key=lambda i: args[i][0]), desc=f"{self.path.name} "
+                              "(llama.cpp, generate)", unit="req", disable=disable_tqdm):
+                context, gen_kwargs = args[i]
+                kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+                if kw.get("do_sample") and kw.get("temperature", 0) > 0:
+                    raise QuantkitError("a task asks for sampled generation (do_sample with a temperature): "
+                                        "quantkit's llama.cpp adapter generates greedily, as recovery needs")
+                until = handle_stop_sequences(kw.pop("until", None), eos=eos)
+                n = int(kw.pop("max_gen_toks"))
+                if n >= self._max_length:
+                    raise QuantkitError(f"max_gen_toks {n} must be below the context of {self._max_length}")
+                ctx = self.tok_encode(context)[-(self._max_length - n):]
+                out[i] = postprocess_generated_text(self.tok_decode(self._greedy(ctx, n, until)), until, None)
+            return out  # type: ignore[return-value]
+
+        # -- chat templates (lm-eval's --apply_chat_template): the base tokenizer's template
+        @property
+        def tokenizer_name(self) -> str:
+            tok = self.hf_tokenizer
+            return getattr(tok, "name_or_path", None) or str(self.path)
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            tok = self.hf_tokenizer
+            return (getattr(tok, "chat_template", None) or "") if chat_template else None
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            if self.hf_tokenizer is None or not getattr(self.hf_tokenizer, "chat_template", None):
+                raise QuantkitError(f"{self.path.name}: the base tokenizer has no chat template")
+            return self.hf_tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                         add_generation_prompt=add_generation_prompt)
 
         def close(self):
             self.scorer.close()
