@@ -10,7 +10,7 @@ import importlib.metadata as md
 import pytest, llama_cpp  # noqa: F401  (test extras, llama.cpp)
 info = llama_cpp.llama_print_system_info().decode()
 assert "AMX" not in info and "AVX512 = 1" not in info  # a native build: install.sh rebuilds it portably
-import ruff, lm_eval, peft, ray  # noqa: F401  (lint, tasks, cluster: dev extra; LoRA)
+import ruff, lm_eval, peft, ray, tenacity  # noqa: F401  (lint, tasks + lm-eval api, cluster: dev extra; LoRA)
 md.version("quantkit-llm")
 from quantkit import llamacpp
 assert (llamacpp.sources_dir() / "convert_hf_to_gguf.py").is_file()

@@ -267,6 +267,24 @@ def test_the_engine_interface_over_vllm(served, smollm2_4):
         t.close()
 
 
+def test_tasks_in_vllm_loglikelihood_and_generation(served, smollm2_4):
+    """eval --tasks with every model served by vLLM (lm-eval's local-completions model against the server): a
+    multiple-choice task and a generation task, the base served the same way, the same requests."""
+    from quantkit.tasks import eval_tasks
+
+    _, folders, _, _ = served
+    root = Path(__file__).resolve().parents[1] / "examples"
+    rep = eval_tasks(str(smollm2_4), [str(folders["gptq-ct"])],
+                     f"{root / 'own-eval' / 'own_eval.yaml'},{root / 'own-gsm' / 'own_gsm.yaml'}", limit=4,
+                     engine="vllm", write_manifest=False)
+    assert rep.base["engine"].startswith("vLLM")
+    assert set(rep.base["tasks"]) == {"own_eval_mc", "own_gsm/strict-match", "own_gsm/flexible-extract"}
+    for r in rep.rows:
+        b = rep.base["tasks"][r["task"]]
+        assert r["engine_short"] == "vLLM" and r["n"] == b["n"] == 4, r
+        assert r["requests_sha256"] == b["requests_sha256"]
+
+
 def test_bench_in_vllm_against_the_base_served_the_same_way(served, smollm2_4):
     from quantkit.bench import bench
 

@@ -146,12 +146,9 @@ class VLLM(Engine):
         """lm-eval's own OpenAI-compatible completions model (``local-completions``) against the server of
         ``path``: requests go as token ids of the base tokenizer; log-likelihoods come from the prompt's
         log-probabilities (``echo``), generation from the server."""
-        lm_eval_template()
-        from lm_eval.models.openai_completions import LocalCompletionsAPI
-
         srv = vllm.server(path, threads=threads)
         logging.getLogger("lm_eval.models.api_models").setLevel(logging.ERROR)
-        lm = LocalCompletionsAPI(base_url=f"{srv.url}/v1/completions", model=vllm.SERVED_NAME,
+        lm = make_completions_lm()(base_url=f"{srv.url}/v1/completions", model=vllm.SERVED_NAME,
                                  tokenizer=str(base_path), tokenizer_backend="huggingface", tokenized_requests=True,
                                  max_length=max_length, num_concurrent=1, max_retries=1,
                                  timeout=int(vllm.REQUEST_TIMEOUT))
@@ -160,3 +157,32 @@ class VLLM(Engine):
 
     def version(self) -> str:
         return f"{vllm.installed_label() or 'vLLM'}, concurrency {VLLM_CONCURRENCY}"
+
+
+#: The OpenAI completions schema vLLM validates allows at most this many ``stop`` strings.
+MAX_STOP = 4
+
+
+def make_completions_lm():
+    """lm-eval's ``LocalCompletionsAPI``, with a task's stop strings beyond :data:`MAX_STOP` applied here: the
+    server stops at the first four (and at EOS), the text is cut at every one of them, as the other engines do
+    (vLLM answers 400 to a request with five)."""
+    lm_eval_template()
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
+
+    class CompletionsLM(LocalCompletionsAPI):
+        def _create_payload(self, messages, generate=False, gen_kwargs=None, seed=1234, eos=None, **kwargs):
+            body = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos,
+                                           **kwargs)
+            if generate and isinstance(body.get("stop"), list):
+                body["stop"] = body["stop"][:MAX_STOP]
+            return body
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            outs = super().generate_until(requests, disable_tqdm=disable_tqdm)
+            return [postprocess_generated_text(o, handle_stop_sequences(r.args[1].get("until"), None), None)
+                    if isinstance(o, str) else o for o, r in zip(outs, requests)]
+
+    return CompletionsLM
+
