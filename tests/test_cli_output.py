@@ -54,6 +54,18 @@ def test_eval_json_is_clean_for_every_format(fmt, tiny_llama, variants, tmp_path
     assert rep["base"]["path"] == str(tiny_llama) and len(rep["variants"]) == 1
 
 
+def test_eval_table_is_all_stdout_holds(tiny_llama, variants, tmp_path):
+    """Without --json too: loading a classic GPTQ folder (gptqmodel prints its banner and kernel choice on stdout)
+    leaves stdout to the table; the engines' output goes to stderr."""
+    code, out, err = _cli("eval", tiny_llama, variants["classic"], "--ctx", 32, "--max-tokens", 128, "--threads", 2,
+                          "--no-write", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("text: ") and lines[2].startswith("variant ") and "KLD" in lines[2], out[:500]
+    assert "GPT-QModel" not in out and "GPT-QModel" in err  # the banner is there, on stderr
+    assert len(lines) == 7 and lines[6].startswith("note: ")  # text, blank, header, rule, base, variant, note
+
+
 def test_json_error_keeps_stdout_empty(tmp_path, run_cli):
     code, out, err = run_cli("pull", tmp_path / "missing", "--json")
     assert code != 0 and out == "" and err.startswith("error: ")
