@@ -22,11 +22,14 @@ Ctrl-C cancels the running tasks (``ray.cancel(force=True)``; a task's subproces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +266,38 @@ def _run(ray, recipes, pipelines, overrides, only, push, retries) -> ClusterRun:
                                  "error": j.error} for j in jobs])
 
 
+@contextlib.contextmanager
+def _ctrl_c_flag():
+    """While the driver waits on Ray, a Ctrl-C is remembered in a flag as well as raised as usual. Ray's core
+    worker checks for signals inside its blocking calls (``check_signals``) and turns a KeyboardInterrupt into a
+    status of its own, so one can be lost on the way back; the scheduling loop reads the flag after every call
+    and stops whatever happened to the exception (a driver that went on to report success after a Ctrl-C was
+    seen on a busy machine)."""
+    flag = threading.Event()
+    prev = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or prev is signal.SIG_IGN:
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        if callable(prev):
+            prev(signum, frame)  # Python's default handler raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
 def _schedule(ray, jobs: list[Job], overrides: list[str], retries: int) -> None:
+    with _ctrl_c_flag() as interrupted:
+        _schedule_loop(ray, jobs, overrides, retries, interrupted)
+
+
+def _schedule_loop(ray, jobs: list[Job], overrides: list[str], retries: int, interrupted: threading.Event) -> None:
     task = ray.remote(max_retries=retries, retry_exceptions=False)(run_variant)
     queues: dict[Path, list[Job]] = {}
     for j in jobs:
@@ -284,6 +318,8 @@ def _schedule(ray, jobs: list[Job], overrides: list[str], retries: int) -> None:
             submit(folder)
         while running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            if interrupted.is_set():
+                raise KeyboardInterrupt
             cache: dict = {}
             for j in running.values():
                 now = _stage_of(Path(j.recipe.out).expanduser(), j.variant.name, cache)
@@ -300,7 +336,11 @@ def _schedule(ray, jobs: list[Job], overrides: list[str], retries: int) -> None:
                 except Exception as e:  # the worker died more often than Ray retries
                     j.state, j.error = "lost", f"{type(e).__name__} after {retries + 1} tries"
                 log.info("[ray] %s: %s%s", j.label, j.state, f" ({j.error})" if j.error else "")
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 submit(j.folder)
+        if interrupted.is_set():  # a Ctrl-C during the last call
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         for ref in running:
             ray.cancel(ref, force=True)

@@ -170,6 +170,47 @@ def test_storage_a_node_cannot_see_stops_with_the_path(cluster, tmp_path):
         check_storage(ray, [str(tmp_path / "nowhere")])
 
 
+def test_a_ctrl_c_that_ray_swallows_still_stops_the_driver(tmp_path, tiny_llama):
+    """The window the flaky run showed: a SIGINT arrives while the driver is inside a Ray call that turns the
+    KeyboardInterrupt into a status of its own and returns normally (here a stand-in for ray.wait that does
+    exactly that). The driver must still cancel the running task and stop with the interrupted line."""
+    from quantkit.cluster import Job, _schedule
+
+    r = load_recipe(recipe(tmp_path, tiny_llama, "swallow", tmp_path / "out", types=("Q8_0",)))
+    cancelled, waits = [], []
+
+    class Task:
+        def options(self, **kw):
+            return self
+
+        def remote(self, *args):
+            return "ref-1"
+
+    class FakeRay:
+        def remote(self, **kw):
+            return lambda fn: Task()
+
+        def wait(self, refs, num_returns, timeout):
+            waits.append(1)
+            assert len(waits) == 1, "the driver went on waiting after the Ctrl-C"
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # the handler runs here, inside the call
+            except KeyboardInterrupt:
+                pass  # swallowed, as Ray's check_signals does with its Interrupted status
+            return [], refs
+
+        def cancel(self, ref, force):
+            cancelled.append((ref, force))
+
+    fake = FakeRay()
+    job = Job(r, r.variants[0], {"num_cpus": 1})
+    with pytest.raises(QuantkitError, match="interrupted: cancelled 1 running variant task"):
+        _schedule(fake, [job], [], retries=0)
+    assert cancelled == [("ref-1", True)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the driver's own handler is back
+
+
 def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama):
     import subprocess
     import sys
