@@ -90,12 +90,18 @@ def _run_isolated(engine: str, path: Path, prompt_tokens: int, gen_tokens: int, 
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
+    ex = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(_bench_child, engine, str(path), prompt_tokens, gen_tokens, repeats, threads).result()
+        return ex.submit(_bench_child, engine, str(path), prompt_tokens, gen_tokens, repeats, threads).result()
     except BrokenProcessPool:
         raise QuantkitError(f"the benchmark process for {path} died (out of memory, or the engine crashed on "
                             "this model); try fewer --prompt-tokens or check the file loads") from None
+    except KeyboardInterrupt:  # stop the measurement now, not when its child would have finished
+        for proc in list((getattr(ex, "_processes", None) or {}).values()):
+            proc.kill()
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -52,6 +53,7 @@ def setup_logging(verbosity: int = 0) -> None:
     for h in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(h)
     root.addHandler(_StderrHandler())
+    root.propagate = False  # an engine's root handler (gptqmodel, lm-eval) would print every line twice
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.ERROR if verbosity < 0 else logging.INFO)
 
 
@@ -557,6 +559,26 @@ _NO_ARGS_IS_HELP = tuple(getattr(click.exceptions, n) for n in ("NoArgsIsHelpErr
                          if hasattr(click.exceptions, n))
 
 
+INTERRUPTED = ("interrupted: what was finished is kept, the file being written was dropped; run the same command "
+               "again to resume")
+
+
+def _exit_interrupted(hard: bool) -> None:
+    """Exit 130 after Ctrl-C. As the ``quantkit`` command (``hard``): run the exit handlers (vLLM servers are
+    stopped there), flush, and leave without the interpreter's teardown, where an engine's native worker threads
+    (gptqmodel's) abort the process with SIGABRT ("terminate called without an active exception")."""
+    if not hard:
+        sys.exit(130)
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
 def main(argv=None) -> None:
     """Entry point: run the group, turning user errors into one line and an exit code."""
     from quantkit.util import quiet_third_party_logs
@@ -568,12 +590,9 @@ def main(argv=None) -> None:
     except QuantkitError as e:
         log.error(str(e))
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        log.error("aborted; re-run the same command to resume where it stopped")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        log.error("interrupted; re-run the same command to resume where it stopped")
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        log.error(INTERRUPTED)
+        _exit_interrupted(hard=argv is None)
     except _NO_ARGS_IS_HELP as e:  # a bare `quantkit` / `quantkit recipe`: the help, as --help prints it
         click.echo(e.ctx.get_help())
         sys.exit(0)

@@ -238,6 +238,49 @@ def test_bench_stage_measures_the_base_in_the_same_engine_once(tmp_path, tiny_ll
     assert q6["base"]["measured_at"] == first["measured_at"] and q6["tg_gain"] is not None
 
 
+def test_ctrl_c_during_bench_stops_now_and_a_rerun_completes(tmp_path, tiny_llama, converted_tiny):
+    """SIGINT to `quantkit run` while the bench stage measures in its child process: exit 130 within seconds with
+    one line (was: the driver waited for the child to finish its repeats), the child gone, and the same command
+    with a lighter bench finishes the run from the stage keys."""
+    import signal
+    import time
+
+    import psutil
+
+    r = tiny_recipe(tmp_path, tiny_llama, types=("Q8_0",), bench=True, max_tokens=128)
+    r.write_text(r.read_text().replace("gen_tokens: 8", "gen_tokens: 256").replace("repeats: 1", "repeats: 80"))
+    out = tmp_path / "out"
+    seed(converted_tiny, out)
+    env = {**os.environ, "QUANTKIT_NO_PROGRESS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "run", str(r)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        end = time.time() + 300
+        while time.time() < end and not any(e["stage"] == "bench:Q8_0" and e["event"] == "started"
+                                            for e in (events(out) if (out / RUN_LOG).is_file() else [])):
+            time.sleep(0.1)
+        kids = psutil.Process(p.pid).children(recursive=True)
+        while not kids and time.time() < end:  # the measurement's child process
+            time.sleep(0.1)
+            kids = psutil.Process(p.pid).children(recursive=True)
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        took = time.time() - t0
+    finally:
+        p.kill()
+    assert p.returncode == 130 and took < 5, (p.returncode, took, err[-2000:])
+    assert err.strip().splitlines()[-1].startswith("error: interrupted: what was finished is kept")
+    assert "Traceback" not in err
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive
+    r.write_text(r.read_text().replace("repeats: 80", "repeats: 1"))
+    code = subprocess.run([sys.executable, "-m", "quantkit.cli", "run", str(r)], env=env, capture_output=True,
+                          text=True)
+    assert code.returncode == 0, code.stderr[-2000:]
+    assert done_counts(out)["bench:Q8_0"] == 1 and done_counts(out)["quantize:Q8_0"] == 1
+
+
 def test_crash_mid_stage_then_resume(tmp_path, tiny_llama, converted_tiny):
     """SIGKILL while quantising Q4_K_M; the re-run finishes and no stage is done twice."""
     r = tiny_recipe(tmp_path, tiny_llama, max_tokens=256)
