@@ -349,6 +349,24 @@ def test_recipe_tasks_stage_report_card_cache_and_gate(tmp_path, tiny_llama, con
         assert v["error"].startswith("min_recovery 100000%: own_eval_mc")
 
 
+def test_recipe_generation_task_rows_reach_manifest_report_and_card(tmp_path, tiny_llama, converted_tiny, run_cli):
+    from test_pipeline import seed
+
+    r, out = _tasks_recipe(tmp_path, tiny_llama, tasks=(GSM_YAML,)), tmp_path / "out"
+    r.write_text(r.read_text().replace("types: [Q8_0, Q4_K_M]", "types: [Q8_0]").replace(f"limit: {LIMIT}",
+                                                                                         "limit: 2"))
+    seed(converted_tiny, out)
+    code, stdout, err = run_cli("run", r, "--json")
+    assert code == 0, err
+    folder = out / converted_tiny.name
+    (art,) = json.loads((folder / "quantkit.json").read_text())["artifacts"].values()
+    names = {"own_gsm/strict-match", "own_gsm/flexible-extract"}
+    assert set(art["tasks"]) == names and all(art["tasks"][n]["n"] == 2 for n in names)
+    for page in (out / "quantkit-report.md", folder / "README.md"):
+        text = page.read_text()
+        assert all(f"| {n} | exact_match | 4 |" in text for n in names), page
+
+
 def test_recipe_bad_task_path_is_one_line(tmp_path, run_cli):
     r = _tasks_recipe(tmp_path, "builtin:smollm2-135m", tasks=(TASK_YAML, "no/such/task.yaml"))
     code, out, err = run_cli("recipe", "check", r)
