@@ -333,6 +333,22 @@ def engine_env_defaults() -> None:
     os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(cache_home() / "torch_extensions"))
 
 
+#: What makes a quantisation the same bytes again (quantkit-recipe.json ``reproducible``; measured on a tiny Llama:
+#: 1 vs 2 torch threads give different GPTQ weights, the same thread count the same sha256).
+REPRODUCIBLE = ("same bytes for the same base, parameters, calibration, engine versions and torch CPU threads "
+                "(`threads`: the reductions' order depends on it); a GPU run depends on the device instead")
+
+
+def torch_threads() -> int:
+    """Set torch's CPU threads to quantkit's count (``QUANTKIT_THREADS``, else the cores this process may use)
+    and return it: the environment (a Ray task's ``OMP_NUM_THREADS=1``) must not change the bytes written."""
+    import torch
+
+    n = default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
 @contextlib.contextmanager
 def gptqmodel_logs_redirect():
     """gptqmodel writes ``./logs/<processor>_log_*.log`` into the current directory: send it to the cache."""
@@ -650,6 +666,7 @@ def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int
     os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the published folder gets the usual mode
     try:
         engine_env_defaults()
+        threads = torch_threads()
         with Timer() as t, stdout_to_stderr():
             if fmt == "classic":
                 call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used, max_shard_size)
@@ -660,7 +677,8 @@ def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,
                   "calibration": cal.as_dict(), "device": device_used, "offload": offload,
-                  "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists),
+                  "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists), "threads": threads,
+                  "reproducible": REPRODUCIBLE,
                   **({"moe": moe} if moe else {})}
         (work / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         _stage(5, n, "hashing files")
