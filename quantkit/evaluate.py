@@ -7,7 +7,7 @@ How it works
   those token ids, cut into the same **non-overlapping windows** of ``ctx`` tokens (the base tokenizer's BOS,
   if it adds one, then ``ctx - len(BOS)`` text tokens). Inside a window every position after the first is
   scored, so each text token is predicted once (the first text token of a window without BOS is context only).
-* Engines (:mod:`quantkit.engines`, one interface; nothing here asks for a format): a GGUF runs in llama.cpp
+* Engines (:mod:`quantkit.engines`, one interface; nothing here picks an engine by format): a GGUF runs in llama.cpp
   (llama-cpp-python, ``logits_all=True``): its own kernels, never a dequantised copy. HF-format models (AWQ,
   GPTQ, compressed-tensors) are served by vLLM where this machine's vLLM can run the scheme
   (:func:`quantkit.engines.choose`), against the base served by the same vLLM (its top log-probabilities only:
