@@ -23,7 +23,7 @@ from quantkit.pipeline import PARTS
 log = logging.getLogger("quantkit.cli")  # not __name__: that is "__main__" under `python -m quantkit.cli`
 
 # -- output: results on stdout, everything else through logging on stderr ----------------------------------------------
-_JSON_OUT = "quantkit.json_out"  # click context meta: JSON texts held back until stdout is the real one again
+_RESULT_OUT = "quantkit.result_out"  # click context meta: results held back until stdout is the real one again
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -61,7 +61,7 @@ def emit(text: str, nl: bool = True) -> None:
     """A command's result on stdout: held while the command runs (fd 1 goes to stderr then, see _Command) and
     written when it returns."""
     ctx = click.get_current_context(silent=True)
-    pending = ctx.meta.get(_JSON_OUT) if ctx is not None else None
+    pending = ctx.meta.get(_RESULT_OUT) if ctx is not None else None
     if pending is None:
         click.echo(text, nl=nl)
     else:
@@ -80,7 +80,7 @@ class _Command(click.Command):
     def invoke(self, ctx):
         from quantkit.util import stdout_to_stderr
 
-        pending = ctx.meta[_JSON_OUT] = []
+        pending = ctx.meta[_RESULT_OUT] = []
         try:
             with stdout_to_stderr():
                 return super().invoke(ctx)
@@ -170,7 +170,7 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
         emit(res.table())
         extra = f"; imatrix: {res.imatrix.name}" if res.imatrix else ""
         emit(f"\n{res.folder} (manifest {res.manifest.path.name}{extra}; "
-                   f"{'converted' if res.converted else 'no conversion needed'})")
+             f"{'converted' if res.converted else 'no conversion needed'})")
 
 
 # ---------------------------------------------------------------------------------------------- lora
@@ -195,7 +195,7 @@ def lora(adapter, base, out, outtype, revision, adapter_revision, as_json):
     else:
         a = res.adapter
         emit(f"{res.path} ({'converted' if res.converted else 'already there'}; rank {a['rank']}, "
-                   f"alpha {a['alpha']}, targets {', '.join(a['target_modules'] or [])})")
+             f"alpha {a['alpha']}, targets {', '.join(a['target_modules'] or [])})")
 
 
 # [gguf commands] (insert above this line)
@@ -411,7 +411,7 @@ def card(outdir, repo_id, revision, license_id, quantized_by, as_json):
         return
     meta = res.metadata
     emit(f"wrote {res.path} ({len(res.text.encode())} bytes): base_model={meta.get('base_model', '-')}, "
-               f"license={meta.get('license', 'unknown')}, tags={','.join(meta.get('tags', []))}")
+         f"license={meta.get('license', 'unknown')}, tags={','.join(meta.get('tags', []))}")
 
 
 # ---------------------------------------------------------------------------------------------- push

@@ -248,6 +248,7 @@ def task_scores(results: dict) -> dict[str, dict]:
             continue  # a group's aggregate row: its member tasks are listed themselves
         metric = _primary_metric(res)
         keys = [k for k in res if k.split(",")[0] == metric and "_stderr" not in k]
+        hib = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
         for key in keys:  # one row per filter when there are several (GSM8K: strict-match, flexible-extract)
             flt = key.split(",", 1)[1]
             samples = [s for s in results["samples"][task] if s.get("filter", flt) == flt]
@@ -256,7 +257,6 @@ def task_scores(results: dict) -> dict[str, dict]:
             if None in per_doc.values() or not per_doc or score is None or \
                     not math.isclose(sum(per_doc.values()) / len(per_doc), score, rel_tol=1e-9, abs_tol=1e-12):
                 per_doc = None
-            hib = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
             out[task if len(keys) == 1 else f"{task}/{flt}"] = {
                 "metric": metric, "filter": flt, "score": score, "stderr": _num(res.get(f"{metric}_stderr,{flt}")),
                 "shots": (results.get("n-shot") or {}).get(task), "n": len(samples),
