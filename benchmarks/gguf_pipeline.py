@@ -6,7 +6,9 @@
 For each model and for 1 type (Q4_K_M) and 4 types (Q4_K_M,Q5_K_M,Q6_K,Q8_0), every pipeline starts from a
 fresh output folder (the HF download/folder is shared):
 
-* ``quantkit``     ``quantkit gguf MODEL --types ... --out DIR`` (convert once, quantise in-process)
+* ``quantkit``     ``quantkit gguf MODEL --types ... --out DIR`` (convert once, quantise in-process, verify each
+                   type against the base; the base's reference and llama.cpp's token ids are not cached:
+                   every run is a first run)
 * ``direct``       ``convert_hf_to_gguf.py`` once, then one ``llama-quantize`` per type (what the llama.cpp
                    README says to do), with the same outtype and ``--model-name`` so the files can be compared
 * ``direct/type``  a conversion per type, then ``llama-quantize`` (a script that loops over types naively;
@@ -73,35 +75,6 @@ def run_tree(cmd: list[str], env: dict | None = None, log: Path | None = None) -
     return {"seconds": round(wall, 2), "peak_rss_mb": round(peak / 1e6, 1)}
 
 
-def build_synthetic(work: Path, layers: int, hidden: int) -> Path:
-    """A random Llama with SmolLM2's tokenizer, bf16 safetensors (~1 GB at 8 layers x 2048)."""
-    final = work / f"synthetic-llama-{layers}x{hidden}"
-    if (final / "config.json").is_file():
-        return final
-    import fixtures_models as fm
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    smol = fm.build_smollm2_hf()
-    tok = AutoTokenizer.from_pretrained(str(smol))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 128,
-                      num_key_value_heads=max(1, hidden // 512),
-                      max_position_embeddings=2048, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    tmp = work / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "README.md").write_text("---\nlicense: apache-2.0\n---\n# synthetic random Llama (benchmark only)\n")
-    os.replace(tmp, final)
-    return final
-
-
 def bench_model(label: str, model: Path, work: Path, per_type: bool) -> list[dict]:
     conv_dir = llamacpp.ensure_sources()
     conv_env = llamacpp.converter_env()
@@ -115,6 +88,10 @@ def bench_model(label: str, model: Path, work: Path, per_type: bool) -> list[dic
         qdir = work / f"{label}-quantkit-{len(types)}"
         shutil.rmtree(qdir, ignore_errors=True)
         env = {**os.environ, "QUANTKIT_NO_PROGRESS": "1"}
+        from quantkit.util import cache_home
+
+        for sub in ("eval", "tokenize"):  # a first run: the base's reference and llama.cpp's token ids not cached
+            shutil.rmtree(cache_home() / sub, ignore_errors=True)
         r = run_tree([sys.executable, "-m", "quantkit.cli", "gguf", str(model), "--types", ",".join(types),
                       "--out", str(qdir), "--outtype", outtype], env=env, log=work / f"{qdir.name}.log")
         rows.append({"model": label, "types": tag, "pipeline": "quantkit", **r})
@@ -168,7 +145,7 @@ def main() -> None:
         if label == "smollm2":
             model = fm.build_smollm2_hf()
         elif label == "synthetic":
-            model = build_synthetic(work, args.synthetic_layers, args.synthetic_hidden)
+            model = fm.build_synthetic_llama(args.synthetic_layers, args.synthetic_hidden, root=work)
         else:
             model = Path(label)
         size = sum(p.stat().st_size for p in model.glob("*.safetensors"))

@@ -17,7 +17,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.formats import DEFAULT_GROUP_SIZE, DEFAULT_HF_FORMAT, HF_FORMATS, HF_METHODS
+from quantkit.formats import DEFAULT_GROUP_SIZE, DEFAULT_HF_FORMAT, EVAL_MAX_TOKENS, HF_FORMATS, HF_METHODS
 from quantkit.pipeline import PARTS
 
 log = logging.getLogger("quantkit.cli")  # not __name__: that is "__main__" under `python -m quantkit.cli`
@@ -310,7 +310,7 @@ def _engine_option(f):
 @click.option("--text", default="builtin", show_default=True,
               help="Evaluation text: a UTF-8 file, or `builtin` (Python FAQ; never the calibration text).")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(16), help="Window length in tokens.")
-@click.option("--max-tokens", default=32768, show_default=True, type=click.IntRange(1),
+@click.option("--max-tokens", default=EVAL_MAX_TOKENS, show_default=True, type=click.IntRange(1),
               help="Use at most this many tokens of the text (whole windows).")
 @click.option("--max-kld", type=click.FloatRange(0), help="Gate: fail when a variant's mean KLD is above this.")
 @click.option("--max-ppl-increase", help="Gate: fail when PPL rises more than this vs the base, e.g. 3%.")

@@ -52,6 +52,7 @@ from typing import Any
 from quantkit import engines
 from quantkit.engines.hf import hf_format
 from quantkit.errors import QuantkitError
+from quantkit.formats import EVAL_MAX_TOKENS
 from quantkit.records import GATE_BY_KEY, GATES, EvalScore
 from quantkit.util import (
     atomic_path,
@@ -529,7 +530,8 @@ def _cache_key(base_sha: str, text_sha: str, stream: TokenStream, max_tokens: in
 
 
 def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStream, max_tokens: int, k: int,
-               threads: int | None, engine: str = "transformers") -> tuple[dict, Path, bool]:
+               threads: int | None, engine: str = "transformers", show_progress: bool = True
+               ) -> tuple[dict, Path, bool]:
     """Base model's top-k distribution over the stream, from the disk cache or computed now: in transformers
     (full logits: top k + tail samples), or with ``engine="vllm"`` served by vLLM (its top k only), the
     reference of variants scored in vLLM."""
@@ -546,15 +548,15 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
                 return data, path, True
         except Exception:
             pass  # unreadable cache: recompute
-    session = engines.get(engine).open(base_path, ctx=stream.ctx, threads=threads)
+    session = engines.get(engine).open_reference(base_path, ctx=stream.ctx, threads=threads)
     chunks: dict[str, list] = {}
     t0 = time.perf_counter()
-    for w in progress(range(stream.n_windows), desc=f"base ({session.label.split(' (')[0]})", unit="win"):
-        win = stream.window(w)
+    windows = [stream.window(w) for w in range(stream.n_windows)]
+    for w, (win, res) in enumerate(zip(windows, session.score_windows(windows, progress=progress if show_progress else None, k=k))):
         if session.sparse:
-            rec = topk_rows_to_cache(session.score(win, k), win[1:], k)
+            rec = topk_rows_to_cache(res, win[1:], k)
         else:
-            logits = session.score(win)
+            logits = res
             rec = {n: t.numpy() for n, t in topk_cache_from_logits(logits[:-1], torch.tensor(win[1:]), k,
                                                                     TAIL_SAMPLES, seed=w).items()}
         for name, t in rec.items():
@@ -746,7 +748,7 @@ def base_tokenizer(path: Path):
 
 
 def evaluate(base: str, variants: list[str], *, text: str | None = "builtin", ctx: int = 512,
-             max_tokens: int = 32768, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
+             max_tokens: int = EVAL_MAX_TOKENS, max_kld: float | None = None, max_ppl_increase=None, min_top1=None,
              write_manifest: bool = True, top_k: int = DEFAULT_TOP_K, threads: int | None = None,
              engine: str = "auto") -> EvalReport:
     """Score every variant against ``base`` on one token stream; see the module docstring. ``engine`` picks the

@@ -196,6 +196,8 @@ HF_METHODS: dict[str, HFMethod] = {m.name: m for m in (
 )}
 DEFAULT_GROUP_SIZE = 128
 MIN_GROUP_SIZE = 16
+#: ``quantkit eval --max-tokens`` by default (and what ``plan`` sizes the base's reference for)
+EVAL_MAX_TOKENS = 32768
 #: ``--engine`` / recipe ``engine:`` of HF-format variants: vLLM where this machine's vLLM can run the scheme,
 #: else transformers (auto); or one of them.
 HF_ENGINES = ("auto", "vllm", "transformers")

@@ -436,13 +436,27 @@ def _intact(folder: Path, rec: dict | None, check_sha: bool = True) -> bool:
     return sha256_file(p) == rec.get("sha256")
 
 
-def _preload() -> None:
-    """Import what quantising needs while the converter subprocess runs (it leaves a core idle)."""
+def _preload(src, verify: bool, threads: int) -> None:
+    """While the converter subprocess runs (it leaves a core idle): import what quantising needs and, when the
+    variants will be verified, compute the base's reference for it (:func:`quantkit.verify.prepare`)."""
     try:
         import gguf  # noqa: F401
         import llama_cpp  # noqa: F401
     except Exception:  # the main thread will report it
-        pass
+        return
+    if verify:
+        from quantkit.verify import prepare
+
+        prepare(src.path, src.sha, threads=max(1, threads - 1))
+
+
+def _ahead(target, *args, **kwargs):
+    """``target`` started in a daemon thread (joined before its result is needed)."""
+    import threading
+
+    t = threading.Thread(target=target, args=args, kwargs=kwargs, name="quantkit-ahead", daemon=True)
+    t.start()
+    return t
 
 
 def _lock(work: Path, what: str):
@@ -533,11 +547,14 @@ def quantize_gguf(model: str | ModelSource, types: list[str], out: str | Path | 
 
     converted = False
     inter_path = None
+    ahead = []
     if todo or not imatrix_ok():
-        import threading
-
-        threading.Thread(target=_preload, name="quantkit-preload", daemon=True).start()
+        ahead.append(_ahead(_preload, src, verify and bool(todo), threads))
         inter_path, converted = _ensure_intermediate(src, folder, work, manifest, conv_key, outtype)
+        if verify and todo:  # llama.cpp's token ids of the verify text (every type shares the vocabulary)
+            from quantkit.verify import prepare
+
+            ahead.append(_ahead(prepare, src.path, src.sha, gguf=inter_path))
 
     if calib is not None and not imatrix_ok():
         with _lock(work, imatrix_path.name):
@@ -566,6 +583,9 @@ def quantize_gguf(model: str | ModelSource, types: list[str], out: str | Path | 
             _record_variant(manifest, name, t, paths, q, info, seconds, outtype, threads, split_arg, calib,
                             imatrix_path, imx_rec, imx_key, tools, mix)
         built.append(name)
+        for a in ahead:
+            a.join()
+        ahead = []
         checks[name] = verify_recorded(manifest, name, src.path, bits=gguf_bits(t), enabled=verify,
                                        base_sha=src.sha, threads=threads)
 

@@ -120,6 +120,8 @@ class Plan:
     rows: list[Row] = field(default_factory=list)
     needs: dict[str, Need] = field(default_factory=dict)
     linear_widths: dict[int, str] = field(default_factory=dict)  # input width -> a matrix AWQ/GPTQ quantise
+    #: the base's reference distribution (verify and eval compare with it; see :mod:`quantkit.engines.hf_stream`)
+    reference: Need | None = None
 
     # -- output ---------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -149,7 +151,8 @@ class Plan:
         t = format_table(rows, ["variant", "bits/w", "weights GB", "KV GB", "total GB", "fits on",
                                 "checked here by"])
         why = sorted({r.not_in_vllm for r in p.rows if r.not_in_vllm})
-        needs = format_table([(m, _gb(n.disk_bytes), _gb(n.ram_bytes), n.note) for m, n in p.needs.items()],
+        ref = [("base reference", "-", _gb(p.reference.ram_bytes), p.reference.note)] if p.reference else []
+        needs = format_table([(m, _gb(n.disk_bytes), _gb(n.ram_bytes), n.note) for m, n in p.needs.items()] + ref,
                              ["quantise with", "disk GB", "RAM GB", "notes"])
         foot = ("total = weights + KV cache + runtime overhead (0.5 GiB + 5%). Apple: 75% of unified memory. "
                 "GGUF bits/weight: llama.cpp quantize.cpp (Llama-3-8B sizes) and ggml block sizes.")
@@ -277,7 +280,7 @@ def params_from_config(config: dict) -> dict:
     active = a["layers"] * layer_active + embed + head + h
     linear = a["layers"] * (attn + mlp_linear)
     return {"total": total, "active": active, "linear": linear, "embed": embed + head,
-            "largest": max(embed, h * a["inter"], h * a["moe_inter"])}
+            "largest": max(embed, h * a["inter"], h * a["moe_inter"]), "block": max(embed, layer_total)}
 
 
 def _is_expert(name: str) -> bool:
@@ -296,8 +299,11 @@ def _is_linear(name: str, shape: list[int]) -> bool:
 
 def params_from_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict) -> dict:
     """Counts from ``{name: (dtype, shape)}`` (safetensors headers)."""
+    from quantkit.engines.hf_stream import block_of
+
     total = linear = expert = embed = largest = nbytes = 0
     widths: dict[int, str] = {}
+    blocks: dict[str, int] = {}
     for name, (dtype, shape) in tensors.items():
         n = 1
         for s in shape:
@@ -305,6 +311,7 @@ def params_from_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict)
         total += n
         nbytes += n * DTYPE_BYTES.get(dtype, 2)
         largest = max(largest, n)
+        blocks[block_of(name)] = blocks.get(block_of(name), 0) + n
         if _is_expert(name):
             expert += n
         if _is_linear(name, shape):
@@ -317,7 +324,7 @@ def params_from_tensors(tensors: dict[str, tuple[str, list[int]]], config: dict)
     if a["experts"] and expert:
         active = total - expert + expert * a["top_k"] // a["experts"]
     return {"total": total, "active": active, "linear": linear, "embed": embed, "largest": largest,
-            "bytes": nbytes, "widths": widths}
+            "bytes": nbytes, "widths": widths, "block": max(blocks.values(), default=0)}
 
 
 def _local_inputs(folder: Path) -> tuple[dict, dict | None, int]:
@@ -440,7 +447,24 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
     for m in ("awq", "gptq"):
         p.needs[m] = Need(disk_bytes=int(dl + int4 + GiB), ram_bytes=int(total * 2 + 2 * GiB),
                           note="download + INT4 output; model loaded in 16-bit, quantised layer by layer")
+    p.reference = _reference_need(config, tensors, counts, a["hidden"])
+    for n in p.needs.values():  # every job verifies against the base's reference
+        n.ram_bytes = max(n.ram_bytes, p.reference.ram_bytes)
     return p
+
+
+def _reference_need(config: dict, tensors: dict | None, counts: dict, hidden: int) -> Need:
+    """RAM of the base's reference distribution over ``EVAL_MAX_TOKENS`` tokens (fp32 in transformers): a layer at a
+    time when its parameters are its checkpoint's tensors, else the whole model."""
+    from quantkit.engines.hf_stream import reference_bytes, stream_check_config
+    from quantkit.formats import EVAL_MAX_TOKENS
+
+    ok, why = stream_check_config(config, list(tensors) if tensors else None)
+    if ok:
+        return Need(disk_bytes=0, ram_bytes=reference_bytes(counts["block"], hidden, EVAL_MAX_TOKENS),
+                    note=f"verify/eval in transformers fp32, a layer at a time ({EVAL_MAX_TOKENS} tokens)")
+    return Need(disk_bytes=0, ram_bytes=reference_bytes(counts["total"], hidden, EVAL_MAX_TOKENS),
+                note=f"verify/eval in transformers fp32, the whole model: {why}")
 
 
 def plan(model: str, *, context: int = 8192, batch: int = 1, revision: str | None = None,

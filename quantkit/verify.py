@@ -16,6 +16,7 @@ refuses to publish an artifact without a passed check unless ``--allow-unverifie
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -74,8 +75,7 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
 
     from quantkit import engines
     from quantkit.engines.hf import hf_format
-    from quantkit.evaluate import DEFAULT_TOP_K, Variant, _score_variant, base_cache, load_text, make_stream
-    from quantkit.texts import text_sha256
+    from quantkit.evaluate import Variant, _score_variant
 
     t0 = time.perf_counter()
     base_path, artifact = Path(base_path), Path(artifact)
@@ -84,8 +84,7 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
 
         base_sha = resolve_model(str(base_path)).sha
     bound = kld_bound(bits)
-    text = load_text("builtin")[0][:VERIFY_CHARS]
-    stream = make_stream(AutoTokenizer.from_pretrained(base_path), text, VERIFY_CTX, VERIFY_TOKENS)
+    text, stream = _verify_stream(base_path)
     res = VerifyResult(passed=False, bits=bits, bound=bound, time=now_iso())
     if artifact.suffix == ".gguf":
         v = Variant(artifact.stem, "gguf", artifact, "gguf", str(artifact))
@@ -94,8 +93,7 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
     v.engine, v.engine_note = engines.choose(v.kind, artifact, engine)
 
     def reference(eng: str) -> dict:
-        return base_cache(base_path, base_sha, text_sha256(text), stream, VERIFY_TOKENS, DEFAULT_TOP_K, threads,
-                          engine=eng)[0]
+        return _reference(base_path, base_sha, text, stream, threads, eng)
 
     try:
         cache = reference(engines.get(v.engine).reference)
@@ -125,6 +123,52 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
     res.passed = res.error is None and res.kld <= bound
     res.seconds = round(time.perf_counter() - t0, 2)
     return res
+
+
+def _verify_stream(base_path: Path):
+    """The verify text and its token stream under the base's tokenizer (kept for the process: every type of
+    a GGUF run, and the check made ahead, use the same)."""
+    folder = Path(base_path).resolve()
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(folder.glob("tokenizer*")))
+    return _stream_for(str(folder), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _stream_for(base_path: str, _tokenizer_files: tuple):
+    from transformers import AutoTokenizer
+
+    from quantkit.evaluate import load_text, make_stream
+
+    text = load_text("builtin")[0][:VERIFY_CHARS]
+    return text, make_stream(AutoTokenizer.from_pretrained(base_path), text, VERIFY_CTX, VERIFY_TOKENS)
+
+
+def _reference(base_path: Path, base_sha: str, text: str, stream, threads: int | None, engine: str,
+               show_progress: bool = True) -> dict:
+    from quantkit.evaluate import DEFAULT_TOP_K, base_cache
+    from quantkit.texts import text_sha256
+
+    return base_cache(base_path, base_sha, text_sha256(text), stream, VERIFY_TOKENS, DEFAULT_TOP_K, threads,
+                      engine=engine, show_progress=show_progress)[0]
+
+
+def prepare(base_path: str | Path, base_sha: str, *, threads: int | None = None, gguf: str | Path | None = None,
+            engine: str = "llama.cpp") -> None:
+    """Make ahead what the first verify of a base spends its time on, e.g. in a thread while llama.cpp's
+    converter runs: the imports, the base's reference over the verify tokens (cached on disk), and with ``gguf``
+    llama.cpp's token ids of the verify text for that vocabulary (cached too). Never raises: whatever fails here
+    is done again, and reported, by :func:`verify_artifact`."""
+    from quantkit import engines
+
+    try:
+        text, stream = _verify_stream(Path(base_path))
+        if gguf is not None:
+            engines.get("llama.cpp").tokens(Path(gguf), text)
+        else:
+            _reference(Path(base_path), base_sha, text, stream, threads, engines.get(engine).reference,
+                       show_progress=False)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 def _finite(x) -> float | None:

@@ -137,6 +137,32 @@ def build_tiny(arch: str, seed: int = 0, **overrides) -> Path:
     return _publish_dir(tmp, final)
 
 
+def build_synthetic_llama(layers: int, hidden: int, root: Path | None = None, dtype: str = "bfloat16") -> Path:
+    """A random Llama with SmolLM2's tokenizer (tied embeddings, GQA 4:1, MLP 2.75x), saved in ``dtype``: a
+    model of any size for memory and speed measurements (8 x 2048 is about 1 GB in bf16)."""
+    root = Path(root or TEST_CACHE)
+    final = root / f"synthetic-llama-{layers}x{hidden}-{dtype}"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(build_smollm2_hf()))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
+                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 128),
+                      num_key_value_heads=max(1, hidden // 512), max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "README.md").write_text("---\nlicense: apache-2.0\n---\n# synthetic random Llama (measurements only)\n")
+    return _publish_dir(tmp, final)
+
+
 # -- tiny MoE / fused-layer models (issue 9) -----------------------------------------------------------
 # Each row: transformers model_type, architecture, tokenizer ("llama" SmolLM2 BPE, "qwen2" llama.cpp's Qwen2
 # vocab, "spm" mistral-common's SentencePiece model) and the config values that make it look like the real

@@ -14,7 +14,8 @@ import quantkit
 pytestmark = pytest.mark.unit
 
 PKG = Path(quantkit.__file__).parent
-ENGINE_MODULES = {"quantkit.engines", "quantkit.engines.llama_cpp", "quantkit.engines.hf", "quantkit.engines.served"}
+ENGINE_MODULES = {"quantkit.engines", "quantkit.engines.llama_cpp", "quantkit.engines.hf", "quantkit.engines.hf_stream",
+                  "quantkit.engines.served"}
 #: what the engines may use: facts, errors, helpers, and the GGUF / llama.cpp / vLLM code below them
 BELOW_ENGINES = {"quantkit", "quantkit.errors", "quantkit.formats", "quantkit.util", "quantkit.texts",
                  "quantkit.ggufio", "quantkit.llamacpp", "quantkit.vllm"} | ENGINE_MODULES

@@ -15,6 +15,8 @@ is a row of :data:`ENGINES`; its class (a subclass of :class:`Engine`) says
   unless the engine is a server of its own, ``in_process``);
 * ``task_lm(path, base_tokenizer=, base_path=, max_length=, threads=, batch_size=)``: an lm-eval ``LM`` for
   ``eval --tasks``;
+* ``open_reference(path, ctx=, threads=)``: the base as the reference of comparisons, ``session.score_windows``
+  giving every window's logits in order (transformers scores it a layer at a time, :mod:`quantkit.engines.hf_stream`);
 * ``reference``: the engine whose scores of the base its variants are compared with; ``version()`` for cache keys.
 
 :func:`choose` says which engine runs a model (GGUF: llama.cpp; HF formats: vLLM where it can run the scheme,
@@ -54,6 +56,11 @@ class Session:
     def score(self, window: list[int], k: int | None = None):
         raise NotImplementedError
 
+    def score_windows(self, windows: list[list[int]], progress=None, k: int | None = None):
+        """``score`` of each window in turn (an engine that scores many windows at once overrides it)."""
+        for w in progress(windows, desc=f"base ({self.label.split(' (')[0]})", unit="win") if progress else windows:
+            yield self.score(w, k)
+
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         raise NotImplementedError
 
@@ -73,6 +80,11 @@ class Engine:
 
     def open(self, path: Path, *, ctx: int, threads: int | None, adapter: Path | None = None) -> Session:
         raise NotImplementedError
+
+    def open_reference(self, path: Path, *, ctx: int, threads: int | None) -> Session:
+        """The base as the reference of comparisons (``reference`` names this engine): ``open`` unless the
+        engine has a bounded-memory way to score it."""
+        return self.open(path, ctx=ctx, threads=threads)
 
     def tokens(self, path: Path, text: str) -> tuple[list[int] | None, str | None]:
         return None, None
