@@ -3,8 +3,10 @@
 from the verify record every build gets; transformers for the HF formats) with a mean KLD to the base under a
 bound, or is refused up front with the line from ``hfquant.unsupported_reason`` / ``gguf.UNTIED_ONLY``.
 
-Default run: GGUF Q8_0 for every architecture plus one classic and one compressed-tensors MoE case; the rest
-is marked slow. The README's architecture table is this matrix's result.
+MoE models in compressed-tensors have their own test (``test_moe_compressed_tensors``: load report, the expert
+names vLLM reads, 16-bit router and embeddings, measured expert tokens). Default run: GGUF Q8_0 for every
+architecture, one classic MoE refusal and five MoE compressed-tensors cases (every MoE architecture once, both
+methods); the rest is marked slow. The README's architecture table is this matrix's result.
 """
 
 import re
