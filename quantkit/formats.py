@@ -386,3 +386,48 @@ def parse_auto(spec: str) -> AutoSpec:
     if row is None or row.name not in _MIX_PRESETS:
         raise QuantkitError(f"bad GGUF type {raw!r}: {how}")
     return AutoSpec(preset=row.name)
+
+
+# ------------------------------------------------------------------------------------ MoE checkpoint layouts
+
+@dataclass(frozen=True)
+class MoELayout:
+    """How a routed-expert (MoE) architecture's checkpoint names its experts, as vLLM's loader for it reads them
+    (``vllm/model_executor/models/<file>``, vLLM 0.32): per layer ``model.layers.L.<block>.experts.E.<proj>.*``
+    for every expert E and projection, never one fused tensor for all experts; the router (and
+    ``unquantised``) stay 16-bit (vLLM builds them with ``GateLinear`` / ``quant_config=None``).
+    ``module_projs`` are the names transformers' modules (and llm-compressor's 2-D experts) use for gate, up
+    and down when they differ from the checkpoint's (Mixtral's ``w1/w3/w2``)."""
+
+    model_type: str
+    block: str                              # the module holding experts and router in the checkpoint
+    projs: tuple[str, str, str]             # checkpoint names of gate, up, down
+    source: str                             # where in vLLM this was read
+    router: str = "gate"
+    unquantised: tuple[str, ...] = ()       # other per-layer modules vLLM loads unquantised
+    shared: str | None = None               # the shared expert(s) module (dense MLP, quantised like attention)
+    module_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+_GUD = ("gate_proj", "up_proj", "down_proj")
+#: model_type -> layout; an MoE architecture without a row is refused for the GPU formats (hfquant)
+MOE_LAYOUTS: dict[str, MoELayout] = {r.model_type: r for r in (
+    MoELayout("mixtral", "block_sparse_moe", ("w1", "w3", "w2"),
+              "mixtral.py: MixtralMoE (GateLinear gate, FusedMoE ckpt_names w1/w2/w3)"),
+    MoELayout("qwen2_moe", "mlp", _GUD, "qwen2_moe.py: Qwen2MoeSparseMoeBlock (GateLinear gate, "
+              "shared_expert_gate quant_config=None, FusedMoE gate_proj/down_proj/up_proj)",
+              unquantised=("shared_expert_gate",), shared="shared_expert"),
+    MoELayout("qwen3_moe", "mlp", _GUD, "qwen3_moe.py: Qwen3MoeSparseMoeBlock (GateLinear gate, FusedMoE "
+              "gate_proj/down_proj/up_proj)"),
+    MoELayout("deepseek_v2", "mlp", _GUD, "deepseek_v2.py: DeepseekV2MoE (GateLinear gate) and load_weights "
+              "(make_expert_params_mapping gate_proj/down_proj/up_proj)", shared="shared_experts"),
+    MoELayout("deepseek_v3", "mlp", _GUD, "deepseek_v2.py (DeepseekV3ForCausalLM): as deepseek_v2, plus the "
+              "gate's e_score_correction_bias", shared="shared_experts"),
+)}
+
+#: Why an MoE model's compressed-tensors variant is written symmetric whatever the method's default (AWQ is
+#: asymmetric elsewhere): transformers 5.17 loads per-expert packed tensors into its fused 3-D experts through
+#: ``DecompressExperts``, which has no zero point (measured on a tiny Mixtral, AWQ asymmetric: "Asymmetric quant
+#: requires zero-point values", the load fails); vLLM's WNA16 MoE kernels take either.
+MOE_CT_SYMMETRIC = ("MoE experts in compressed-tensors are quantised symmetric: transformers' loader of per-expert "
+                    "tensors (DecompressExperts) has no zero point")

@@ -45,16 +45,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quantkit import moe
 from quantkit.errors import QuantkitError
 from quantkit.formats import (
     DEFAULT_HF_FORMAT,
     HF_FORMATS,
     HF_METHODS,
+    MOE_CT_SYMMETRIC,
     check_group_size,
     hf_param_problems,
     vllm_refusal,
     written_scheme,
 )
+from quantkit.moe import moe_experts, moe_layers
 from quantkit.util import (
     Timer,
     cache_home,
@@ -141,51 +144,36 @@ def check_params(method: str, *, bits: int, group_size: int, fmt: str, samples: 
 
 # -- architectures: MoE, fused layers, what an engine cannot do (issue 9) ---------------------------
 
-# Config keys that hold the number of routed experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3).
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-
 # Why an engine cannot make a loadable artifact of an architecture, and what works instead; measured with
 # transformers 5.17, gptqmodel 7.6.0, llm-compressor 0.14 (tests/test_arch_matrix.py). A refusal comes right
 # after the model's config is read, before calibration data or any engine work.
 _CLASSIC_MOE = ("transformers 5 holds MoE experts as fused 3-D tensors and cannot load gptqmodel's per-expert "
                 "qweight/qzeros/scales (reported UNEXPECTED: the experts would stay random)")
-_CT_NO_MOE_LOADER = ("llm-compressor has no MoE load mapping for this architecture, so it saves experts as "
-                     "mlp.experts.N.*_proj, names transformers 5 reports UNEXPECTED (the experts would stay random)")
+_CT_NO_LAYOUT = ("quantkit has no measured expert layout for this MoE architecture (formats.MOE_LAYOUTS: the "
+                 "names transformers and vLLM read its experts under), so the saved experts could load random")
 _PHI3_CLASSIC = ("gptqmodel's defuser splits Phi-3's fused gate_up_proj and saves mlp.gate_proj/up_proj, which "
                  "transformers does not load (gate_up_proj stays MISSING and the CPU kernel then fails in "
                  "_build_ret_idx); use --format compressed-tensors, or quantkit gguf")
 # (model_type, method, format) -> reason, for dense architectures; MoE models follow the two rules in
-# unsupported_reason (classic: never; compressed-tensors: only where llm-compressor can load experts as 2-D).
+# unsupported_reason (classic: never; compressed-tensors: where formats.MOE_LAYOUTS has the architecture).
 UNSUPPORTED: dict[tuple[str, str, str], str] = {
     ("phi3", "gptq", "classic"): _PHI3_CLASSIC, ("phi3", "awq", "classic"): _PHI3_CLASSIC,
 }
 
 
-def moe_experts(config: dict) -> int:
-    """Number of routed experts per MoE layer (0 for a dense model)."""
-    cfg = config.get("text_config") or config
-    return max([int(cfg.get(k) or 0) for k in _EXPERT_KEYS] + [0])
-
-
-def _ct_loads_moe(model_type: str) -> bool:
-    """llm-compressor's own answer: can ``load_quantizable_moe`` load (and save back) this MoE as 2-D experts."""
-    from llmcompressor.modeling.moe.conversion_mappings import has_linearize_load_mappings
-
-    return has_linearize_load_mappings(model_type)
-
-
 def unsupported_reason(config: dict, method: str, fmt: str) -> str | None:
     """Why ``method``/``fmt`` cannot make a loadable artifact of this model, or None."""
-    mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
+    mt = moe.model_type(config)
     if (mt, method, fmt) in UNSUPPORTED:
         return UNSUPPORTED[(mt, method, fmt)]
     if not moe_experts(config):
         return None
+    known = moe.layout(config) is not None
     if fmt == "classic":
-        return _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf" if _ct_loads_moe(mt)
+        return _CLASSIC_MOE + ("; use --format compressed-tensors, or quantkit gguf" if known
                                else "; use quantkit gguf")
-    if not _ct_loads_moe(mt):
-        return _CT_NO_MOE_LOADER + "; use quantkit gguf"
+    if not known:
+        return _CT_NO_LAYOUT + "; use quantkit gguf"
     return None
 
 
@@ -193,8 +181,8 @@ def check_architecture(config: dict, method: str, fmt: str) -> None:
     """Refuse (one line) an architecture x method x format the engines cannot make a loadable artifact of."""
     reason = unsupported_reason(config, method, fmt)
     if reason:
-        mt = (config.get("text_config") or config).get("model_type") or config.get("model_type")
-        raise QuantkitError(f"{method.upper()} --format {fmt} is not supported for {mt} models: {reason}")
+        raise QuantkitError(f"{method.upper()} --format {fmt} is not supported for {moe.model_type(config)} "
+                            f"models: {reason}")
 
 
 def moe_settings(config: dict) -> dict:
@@ -207,24 +195,7 @@ def moe_settings(config: dict) -> dict:
                            "every calibration token"}
 
 
-def moe_layers(config: dict) -> list[int]:
-    """Indices of the decoder layers that hold routed experts (DeepSeek's first_k_dense_replace, Qwen's
-    mlp_only_layers / decoder_sparse_step)."""
-    cfg = config.get("text_config") or config
-    n = int(cfg.get("num_hidden_layers") or 0)
-    dense = set(cfg.get("mlp_only_layers") or [])
-    first = int(cfg.get("first_k_dense_replace") or 0)
-    step = int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1)
-    return [i for i in range(n) if i not in dense and i >= first and (i + 1) % step == 0]
-
-
-def expert_token_counts(moe: dict, token_count: int) -> dict:
-    """Per MoE layer, the calibration tokens its least / most fed expert saw (quantkit.json ``moe``)."""
-    per_layer = {str(i): {"min": token_count, "max": token_count} for i in moe["layers"]}
-    starved = [i for i, c in per_layer.items() if c["min"] == 0]
-    if starved:
-        print(f"warning: an expert got no calibration tokens in layer(s) {', '.join(starved)}", file=sys.stderr)
-    return {**moe, "expert_tokens": per_layer, "starved_layers": starved}
+expert_token_counts = moe.expert_token_record
 
 
 # -- sizes and resources ------------------------------------------------------------------------
@@ -464,7 +435,9 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
     return call
 
 
-def _ct_modifiers(method: str, p: dict):
+def _ct_modifiers(method: str, p: dict, ignore: tuple[str, ...] = (), awq_mappings: list | None = None):
+    """llm-compressor's modifiers; ``lm_head`` and ``ignore`` (an MoE model's routers) stay unquantised;
+    ``awq_mappings``: AWQ's smoothing pairs (None: llm-compressor's own for the architecture)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     group = p["group_size"]
@@ -475,58 +448,72 @@ def _ct_modifiers(method: str, p: dict):
 
         scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
         # actorder at modifier level: its default ("static") would otherwise override a None in the scheme
-        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=p["damp"],
+        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head", *ignore], dampening_frac=p["damp"],
                              actorder="static" if p["act_order"] else None)]
     from llmcompressor.modifiers.awq import AWQModifier
 
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
-    return [AWQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
+    return [AWQModifier(config_groups={"group_0": scheme}, ignore=["lm_head", *ignore], mappings=awq_mappings)]
 
 
 def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str], p: dict, tokenizer,
-                       offload: bool, moe: bool = False, max_shard_size: str = MAX_SHARD_SIZE) -> dict:
+                       offload: bool, moe_config: dict | None = None, max_shard_size: str = MAX_SHARD_SIZE) -> dict:
+    """llm-compressor's ``oneshot`` and ``save_pretrained``. For an MoE model (``moe_config``: its config.json) the
+    experts are loaded as 2-D Linears by llm-compressor's MoE loader under the checkpoint's own names
+    (:mod:`quantkit.moe`), every expert is calibrated on every token, the tokens each saw are counted
+    (``call["expert_tokens"]``) and transformers' conversion table is restored after saving."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
     load_kw = {"dtype": "auto"}
-    if offload:
-        from compressed_tensors.offload import load_offloaded_model
+    with contextlib.ExitStack() as stack:
+        if moe_config:
+            stack.enter_context(moe.conversion_mappings_restored())
+        if offload:
+            from compressed_tensors.offload import load_offloaded_model
 
-        offload_dir = work / ".offload"
-        with load_offloaded_model():
-            model = AutoModelForCausalLM.from_pretrained(src_path, device_map="auto_offload",
-                                                         offload_folder=str(offload_dir), **load_kw)
-    elif moe:
-        # llm-compressor's own MoE loader: experts load as 2-D Linears and the model keeps a save mapping, so
-        # the saved names are the ones transformers' expert converters read back (a post-load linearisation
-        # saves `mlp.experts.N.gate_proj.*`, which transformers 5 reports UNEXPECTED)
-        from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+            offload_dir = work / ".offload"
+            with load_offloaded_model():
+                model = AutoModelForCausalLM.from_pretrained(src_path, device_map="auto_offload",
+                                                             offload_folder=str(offload_dir), **load_kw)
+        elif moe_config:
+            # llm-compressor's own MoE loader: experts load as 2-D Linears and the model keeps a save mapping, so
+            # the saved names are the ones transformers' expert converters read back (a post-load linearisation
+            # of Mixtral saves `experts.N.gate_proj.*`, which transformers 5 reports UNEXPECTED)
+            from llmcompressor.modeling.moe.linearize import load_quantizable_moe
 
-        with transformers_patch_scan_guard(), load_quantizable_moe():
+            with transformers_patch_scan_guard(), moe.checkpoint_names(moe_config), load_quantizable_moe():
+                model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
+        else:
             model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(src_path, **load_kw)
-    recipe = _ct_modifiers(method, p)
-    ds = Dataset.from_dict({"text": texts})
-    with llmcompressor_cpu_pin_memory_patch() as patched:
-        oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=p["seq_len"],
-                num_calibration_samples=len(texts), shuffle_calibration_samples=False,
-                moe_calibrate_all_experts=moe)
-    model.save_pretrained(str(work), save_compressed=True, max_shard_size=max_shard_size)
+        recipe = _ct_modifiers(method, p, tuple(moe.ignore_targets(moe_config)) if moe_config else (),
+                               moe.awq_mappings(model, moe_config) if moe_config and method == "awq" else None)
+        ds = Dataset.from_dict({"text": texts})
+        counter = moe.ExpertTokenCounter(model) if moe_config else None
+        with llmcompressor_cpu_pin_memory_patch() as patched:
+            oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=p["seq_len"],
+                    num_calibration_samples=len(texts), shuffle_calibration_samples=False,
+                    moe_calibrate_all_experts=bool(moe_config))
+        if counter is not None:
+            counter.close()
+        model.save_pretrained(str(work), save_compressed=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(work))
     shutil.rmtree(work / ".offload", ignore_errors=True)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"load": {"model": str(src_path), "dtype": "auto", "device_map": "auto_offload" if offload else None},
+    call = {"load": {"model": str(src_path), "dtype": "auto", "device_map": "auto_offload" if offload else None},
             "oneshot": {"recipe": "recipe.yaml", "max_seq_length": p["seq_len"],
                         "num_calibration_samples": len(texts), "shuffle_calibration_samples": False,
-                        "moe_calibrate_all_experts": moe,
+                        "moe_calibrate_all_experts": bool(moe_config),
                         "dataset": f"{len(texts)} texts (column text)"},
             "save_pretrained": {"save_compressed": True, "max_shard_size": max_shard_size},
             "cpu_pin_memory_patch": patched}
+    if counter is not None:
+        call["expert_tokens"] = counter.per_layer()
+    return call
 
 
 # -- folders ------------------------------------------------------------------------------------
@@ -615,7 +602,10 @@ def run(method: str, model: str | ModelSource, *, fmt: str = DEFAULT_FORMAT, bit
     src = resolve_source(model, revision, allow_pickle=allow_pickle, adapter=adapter,
                          adapter_revision=adapter_revision)
     check_architecture(src.config, method, fmt)
-    moe = moe_settings(src.config)
+    moe_info = moe_settings(src.config)
+    if moe_info and fmt == "compressed-tensors" and not sym:  # AWQ: transformers cannot load asymmetric experts
+        print(f"note: {MOE_CT_SYMMETRIC}", file=sys.stderr)
+        sym = True
     name = variant_name(src.name, method, fmt, bits, group_size, sym)
     folder = Path(out).expanduser() if out else Path.cwd() / name
     folder = folder.absolute()
@@ -628,12 +618,12 @@ def run(method: str, model: str | ModelSource, *, fmt: str = DEFAULT_FORMAT, bit
     with file_lock(folder_lock_file(folder), what=f"{folder.name} is being built by another process"):
         return _build(method, src, name, folder, params, spec, n, fmt=fmt, bits=bits, group_size=group_size,
                       calibration=calibration, samples=samples, seq_len=seq_len, device=device, offload=offload,
-                      max_shard_size=max_shard_size, moe=moe, verify=verify, verify_engine=engine)
+                      max_shard_size=max_shard_size, moe_info=moe_info, verify=verify, verify_engine=engine)
 
 
 def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int, *, fmt: str, bits: int,
            group_size: int, calibration, samples: int, seq_len: int, device: str, offload: bool,
-           max_shard_size: str, moe: dict, verify: bool, verify_engine: str = "auto") -> QuantResult:
+           max_shard_size: str, moe_info: dict, verify: bool, verify_engine: str = "auto") -> QuantResult:
     from quantkit.calibration import load_calibration
     from quantkit.manifest import Manifest, file_record
 
@@ -672,14 +662,16 @@ def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int
                 call = _run_gptqmodel(method, src.path, work, cal.texts, params, device_used, max_shard_size)
             else:
                 call = _run_llmcompressor(method, src.path, work, cal.texts, params, tokenizer, offload,
-                                          moe=bool(moe), max_shard_size=max_shard_size)
+                                          moe_config=src.config if moe_info else None, max_shard_size=max_shard_size)
+        expert_names = moe.check_expert_names(work, src.config) if moe_info else None
+        expert_tokens = call.pop("expert_tokens", None)
         _stage(4, n, f"quantised in {t.seconds:.1f} s; writing recipe, licence and manifest")
         copied = _copy_license_files(src.path, work)
         recipe = {"method": method, "format": fmt, "engine": engine, "params": params,
                   "calibration": cal.as_dict(), "device": device_used, "offload": offload,
                   "engine_call": call, "tools": versions(*HF_FORMATS[fmt].dists), "threads": threads,
                   "reproducible": REPRODUCIBLE,
-                  **({"moe": moe} if moe else {})}
+                  **({"moe": moe_info} if moe_info else {})}
         (work / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         _stage(5, n, "hashing files")
         files = [file_record(work, p) for p in _folder_files(work)]
@@ -701,7 +693,8 @@ def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int
             "size": size,
             "params": params,
             "calibration": cal.as_dict(),
-            **({"moe": expert_token_counts(moe, cal.token_count)} if moe else {}),
+            **({"moe": {**expert_token_counts(moe_info, expert_tokens or {}), "vllm_names": expert_names}}
+               if moe_info else {}),
             "tools": recipe["tools"],
             "device": device_used,
             "seconds": round(t.seconds, 2),

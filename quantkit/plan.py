@@ -86,6 +86,7 @@ class Row:
     bits: int | None = None  # AWQ/GPTQ weight bits
     checked_by: str = ""  # the engine that checks such a variant on this machine (plan(); see checked_here)
     not_in_vllm: str | None = None  # HF formats checked in transformers here: why not in vLLM
+    active_weight_bytes: int | None = None  # MoE: the weights one token reads (its top-k experts), this format
 
 
 @dataclass
@@ -146,16 +147,21 @@ class Plan:
                 f"{p.layers} layers, hidden {p.hidden_size}, {p.heads} heads / {p.kv_heads} KV heads x {p.head_dim}, "
                 f"vocab {p.vocab_size}; KV cache fp16 for context {p.context} x batch {p.batch}: "
                 f"{p.kv_bytes / GB:.2f} GB")
-        rows = [(r.name, f"{r.bits_per_weight:.2f}", _gb(r.weight_bytes), _gb(r.kv_bytes), _gb(r.total_bytes),
-                 ", ".join(_short(r.fits)) or "none of the listed", r.checked_by) for r in p.rows]
-        t = format_table(rows, ["variant", "bits/w", "weights GB", "KV GB", "total GB", "fits on",
-                                "checked here by"])
+        active = [[_gb(r.active_weight_bytes)] if p.experts else [] for r in p.rows]
+        rows = [(r.name, f"{r.bits_per_weight:.2f}", _gb(r.weight_bytes), *a, _gb(r.kv_bytes), _gb(r.total_bytes),
+                 ", ".join(_short(r.fits)) or "none of the listed", r.checked_by) for r, a in zip(p.rows, active)]
+        t = format_table(rows, ["variant", "bits/w", "weights GB", *(["active GB/token"] if p.experts else []),
+                                "KV GB", "total GB", "fits on", "checked here by"])
         why = sorted({r.not_in_vllm for r in p.rows if r.not_in_vllm})
         ref = [("base reference", "-", _gb(p.reference.ram_bytes), p.reference.note)] if p.reference else []
         needs = format_table([(m, _gb(n.disk_bytes), _gb(n.ram_bytes), n.note) for m, n in p.needs.items()] + ref,
                              ["quantise with", "disk GB", "RAM GB", "notes"])
         foot = ("total = weights + KV cache + runtime overhead (0.5 GiB + 5%). Apple: 75% of unified memory. "
                 "GGUF bits/weight: llama.cpp quantize.cpp (Llama-3-8B sizes) and ggml block sizes.")
+        if p.experts:
+            foot += ("\nMoE: every expert must be resident (total, fits on); a token reads only its "
+                     f"{p.experts_per_token} routed experts plus the shared weights (active GB/token), which sets "
+                     "decode speed.")
         split = [f"{r.name.removeprefix('GGUF ')} ({r.shards} files)" for r in p.rows if r.shards > 1]
         if split:
             from quantkit.ggufio import DEFAULT_SPLIT_MAX_SIZE
@@ -412,28 +418,33 @@ def plan_from_config(config: dict, *, model: str = "model", tensors: dict | None
              linear_widths=counts.get("widths") or {w: "a layer (config.json)" for w in
                                                      (a["hidden"], a["heads"] * a["head_dim"], a["inter"])})
 
-    def add(name, method, weight_bytes, source, kinds=("nvidia", "apple")):
+    active = counts["active"]
+    inactive = total - active  # routed experts a token does not use: all in quantised Linear layers
+
+    def add(name, method, weight_bytes, source, kinds=("nvidia", "apple"), active_bytes=None):
         weight_bytes = int(weight_bytes)
         overhead = int(OVERHEAD_FIXED + OVERHEAD_FRACTION * weight_bytes)
         tot = weight_bytes + kv + overhead
         fits = [d.name for d in DEVICES if d.kind in kinds and tot <= d.memory]
         p.rows.append(Row(name=name, method=method, bits_per_weight=round(weight_bytes * 8 / total, 3),
                           weight_bytes=weight_bytes, kv_bytes=kv, overhead_bytes=overhead, total_bytes=tot,
-                          fits=fits, source=source))
+                          fits=fits, source=source,
+                          active_weight_bytes=int(active_bytes) if a["experts"] and active_bytes is not None
+                          else None))
 
-    add("FP16/BF16", "fp16", total * 2, "2 bytes/parameter")
+    add("FP16/BF16", "fp16", total * 2, "2 bytes/parameter", active_bytes=active * 2)
     rest = total - linear
     for bits in (8, 4):
         bpw = bits + (16 + bits) / group_size
         add(f"INT{bits} AWQ/GPTQ g{group_size}", "awq", linear * bpw / 8 + rest * 2,
             f"{bpw:.3f} bits/w on Linear layers (+fp16 scale and {bits}-bit zero per {group_size}), rest 16-bit",
-            kinds=("nvidia",))
+            kinds=("nvidia",), active_bytes=(linear - inactive) * bpw / 8 + rest * 2)
         p.rows[-1].bits = bits
     from quantkit.ggufio import shard_count
 
     for t in GGUF_COMMON:
         bpw, src = GGUF_TYPES[t].bits_per_weight()
-        add(f"GGUF {t}", "gguf", total * bpw / 8, src)
+        add(f"GGUF {t}", "gguf", total * bpw / 8, src, active_bytes=active * bpw / 8)
         p.rows[-1].shards = shard_count(p.rows[-1].weight_bytes)
 
     dl = 0 if local else p.checkpoint_bytes

@@ -196,6 +196,18 @@ TINY_ARCHS = {
                                     routed_scaling_factor=1.0, q_lora_rank=128, kv_lora_rank=256,
                                     qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, head_dim=64,
                                     tie_word_embeddings=False)),
+    # DeepSeek-V3 (671B): MLA with q LoRA, first layers dense, one shared expert, sigmoid router with a score
+    # correction bias and group-limited top-k (n_group/topk_group), renormalised top-k scaled by 2.5, interleaved
+    # RoPE, untied; random non-zero e_score_correction_bias (the real checkpoints carry trained ones)
+    "deepseek_v3": dict(model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", tokenizer="llama",
+                        config=dict(_MOE_DIMS, num_key_value_heads=4, intermediate_size=512,
+                                    moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
+                                    num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                    norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=128,
+                                    kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                                    head_dim=64, rope_interleave=True, topk_method="noaux_tc",
+                                    scoring_func="sigmoid", tie_word_embeddings=False),
+                        buffers={"e_score_correction_bias": 0.1}),
     # Phi-3-mini: fused qkv_proj / gate_up_proj, Llama SentencePiece vocab + <|endoftext|> (vocab 32064), untied
     "phi3": dict(model_type="phi3", architecture="Phi3ForCausalLM", tokenizer="spm", vocab_size=32064,
                  added_tokens=["<|endoftext|>"],
@@ -206,7 +218,7 @@ TINY_ARCHS = {
                    config=dict(TINY_DIMS, head_dim=64, query_pre_attn_scalar=64, tie_word_embeddings=True,
                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=512)),
 }
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 
 def tiny_arch_available(arch: str) -> bool:
@@ -242,6 +254,10 @@ def _build_tiny_arch(arch: str, seed: int, overrides: dict) -> Path:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08 if "embed" in name else 0.05)
+        for name, b in model.named_buffers():  # trained router buffers (DeepSeek-V3's score correction bias)
+            std = row.get("buffers", {}).get(name.rsplit(".", 1)[-1])
+            if std:
+                b.normal_(0.0, std)
         model.tie_weights()
     TEST_CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=TEST_CACHE))

@@ -3,10 +3,13 @@
 from the verify record every build gets; transformers for the HF formats) with a mean KLD to the base under a
 bound, or is refused up front with the line from ``hfquant.unsupported_reason`` / ``gguf.UNTIED_ONLY``.
 
-Default run: GGUF Q8_0 for every architecture plus one classic and one compressed-tensors MoE case; the rest
-is marked slow. The README's architecture table is this matrix's result.
+MoE models in compressed-tensors have their own test (``test_moe_compressed_tensors``: load report, the expert
+names vLLM reads, 16-bit router and embeddings, measured expert tokens). Default run: GGUF Q8_0 for every
+architecture, one classic MoE refusal and five MoE compressed-tensors cases (every MoE architecture once, both
+methods); the rest is marked slow. The README's architecture table is this matrix's result.
 """
 
+import re
 from pathlib import Path
 
 import fixtures_models as fm
@@ -27,7 +30,13 @@ BOUND = {"Q8_0": 0.01, "Q4_K_M": 0.1, "hf": 0.1}
 MIN_TOP1 = {"Q8_0": 0.85, "Q4_K_M": 0.0, "hf": 0.0}
 EVAL = dict(text="builtin", ctx=128, max_tokens=256, write_manifest=False)  # HF cases (the bounds above)
 SAMPLES, SEQ_LEN = 8, 128  # 4 x 64 tokens measured KLD 0.13 on Qwen2-MoE: too close to broken
-DEFAULT = {("*", "gguf", "Q8_0"), ("mixtral", "gptq", "classic"), ("qwen2_moe", "gptq", "compressed-tensors")}
+DEFAULT = {("*", "gguf", "Q8_0"), ("mixtral", "gptq", "classic")}
+# MoE x compressed-tensors: in their own test below (load-back report, vLLM names, measured expert tokens)
+MOE_CT = [(a, m) for a in fm.MOE_ARCHS for m in ("gptq", "awq")]
+# default run: every MoE architecture once, both methods (~50 s); the other five are slow. Mixtral GPTQ goes
+# through the command line (`quantkit gptq --format compressed-tensors`), the others through hfquant.run
+MOE_CT_DEFAULT = {("mixtral", "gptq"), ("qwen2_moe", "awq"), ("qwen3_moe", "gptq"), ("deepseek_v2", "awq"),
+                  ("deepseek_v3", "gptq")}
 
 
 def _cases():
@@ -35,7 +44,8 @@ def _cases():
         for t in GGUF_TYPES:
             yield arch, "gguf", t
         for m, f in HF:
-            yield arch, m, f
+            if not (arch in fm.MOE_ARCHS and f == "compressed-tensors"):
+                yield arch, m, f
 
 
 def _param(arch, method, fmt):
@@ -137,6 +147,106 @@ def test_moe_settings_from_real_configs():
     if "deepseek_v2" in got:  # first_k_dense_replace=1: layer 0 is a dense MLP
         assert got["deepseek_v2"]["experts"] == 8 and got["deepseek_v2"]["layers"] == [1]
     assert hfquant.moe_settings(json.loads((fm.build_tiny("llama") / "config.json").read_text())) == {}
-    counts = hfquant.expert_token_counts(got["mixtral"], 512)
-    assert counts["expert_tokens"] == {"0": {"min": 512, "max": 512}, "1": {"min": 512, "max": 512}}
+    if "deepseek_v3" in got:  # first_k_dense_replace=1, 8 routed experts
+        assert got["deepseek_v3"]["experts"] == 8 and got["deepseek_v3"]["layers"] == [1]
+    fed = {"min": 512, "max": 512, "routed_min": 0, "routed_max": 300}
+    counts = hfquant.expert_token_counts(got["mixtral"], {"0": fed})  # as measured: layer 1 not seen
+    assert counts["expert_tokens"] == {"0": fed} and counts["unmeasured_layers"] == ["1"]
     assert counts["starved_layers"] == []
+    assert hfquant.expert_token_counts(got["mixtral"], {"0": fed, "1": {**fed, "min": 0}})["starved_layers"] == ["1"]
+
+
+def _build_moe_ct(arch: str, method: str, base: Path, out: Path) -> tuple[Path, dict]:
+    """(folder, its quantkit.json record): Mixtral GPTQ by the command a user runs, the others in-process."""
+    from quantkit import hfquant
+
+    if (arch, method) != ("mixtral", "gptq"):
+        res = hfquant.run(method, str(base), fmt="compressed-tensors", samples=SAMPLES, seq_len=SEQ_LEN, out=out)
+        return res.folder, res.artifact
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "quantkit.cli", "gptq", str(base), "--format", "compressed-tensors",
+                           "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN), "--out", str(out), "--json"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    data = json.loads(proc.stdout)
+    return Path(data["folder"]), data["artifact"]
+
+
+def _load_report(folder: Path) -> dict:
+    """transformers' own load report of ``folder`` (checkpoint tensors it did not use, parameters it did not find)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    return {k: sorted(v) for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+
+
+@pytest.mark.parametrize("arch,method", [pytest.param(a, m, id=f"{a}-{m}", marks=[] if (a, m) in MOE_CT_DEFAULT
+                                                      else [pytest.mark.slow]) for a, m in MOE_CT])
+def test_moe_compressed_tensors(arch, method, tmp_path):
+    """An MoE model through GPTQ / AWQ W4A16 compressed-tensors: transformers loads every expert back (its load report
+    is empty, and so is the base's in the same process afterwards: llm-compressor's loader changes transformers'
+    conversion table), the saved tensors carry the names vLLM's loader reads (formats.MOE_LAYOUTS), the router and
+    embeddings stay 16-bit, the mean KLD to the base is under the HF bound, and the tokens each expert was fed
+    during calibration are measured."""
+    import json
+
+    from quantkit import moe
+    from quantkit.formats import MOE_LAYOUTS
+    from quantkit.util import safetensors_tensors
+
+    base = _model(arch)
+    folder, art = _build_moe_ct(arch, method, base, tmp_path / "v")
+    assert _load_report(folder) == {} and _load_report(base) == {}
+    cfg = json.loads((base / "config.json").read_text())
+    names = {n: dtype for n, dtype, *_ in safetensors_tensors(folder)}
+    lay, experts, layers = MOE_LAYOUTS[cfg["model_type"]], moe.moe_experts(cfg), moe.moe_layers(cfg)
+    for layer in layers:
+        block = f"model.layers.{layer}.{lay.block}"
+        assert {f"{block}.experts.{e}.{p}.weight_packed" for e in range(experts) for p in lay.projs} <= set(names)
+        assert names[f"{block}.{lay.router}.weight"] in ("F32", "BF16", "F16")
+        assert not [n for n in names if n.startswith(f"{block}.{lay.router}.weight_")]
+        for other in lay.unquantised:
+            assert f"{block}.{other}.weight" in names and f"{block}.{other}.weight_packed" not in names
+    assert names["model.embed_tokens.weight"] == names["lm_head.weight"] == "F32"
+    assert not [n for n in names if re.search(r"\.experts\.(gate_up|down|up|gate)_proj", n)]  # never fused
+    rec = art["moe"]
+    assert rec["vllm_names"]["passed"] and rec["vllm_names"]["expert_tensors"] == len(layers) * experts * 3
+    assert sorted(map(int, rec["expert_tokens"])) == layers and not rec["starved_layers"]
+    for c in rec["expert_tokens"].values():  # every expert fed every calibration token; the router's top-k picks
+        assert c["min"] == c["max"] >= art["calibration"]["token_count"]
+        assert 0 <= c["routed_min"] <= c["routed_max"] < c["max"]
+    v = art["verify"]
+    assert v["passed"] and v["engine"].startswith("transformers"), v
+    print(f"{arch} {method} compressed-tensors: KLD {v['kld']:.4f} top-1 {v['top1']:.3f} "
+          f"(sym {art['params']['sym']}; tokens {rec['expert_tokens']})")
+    assert 0 <= v["kld"] < BOUND["hf"], (arch, method, v["kld"], v["top1"])
+
+
+def test_moe_expert_names_refused():
+    """The post-save check fails on what vLLM would not load: Mixtral's experts under transformers' module names
+    (what llm-compressor wrote before), fused experts, a quantised router or embedding; one line each."""
+    import json
+
+    from quantkit import moe
+
+    cfg = json.loads((_model("mixtral") / "config.json").read_text())
+    good = {f"model.layers.{i}.block_sparse_moe.experts.{e}.{p}.{part}" for i in (0, 1) for e in range(8)
+            for p in ("w1", "w2", "w3") for part in ("weight_packed", "weight_scale", "weight_shape")}
+    good |= {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in (0, 1)} | {"model.embed_tokens.weight",
+                                                                                  "lm_head.weight"}
+    assert moe.expert_name_problems(good, cfg) == []
+    renamed = {n.replace(".w1.", ".gate_proj.") for n in good}
+    assert "experts.0.gate_proj" in moe.expert_name_problems(renamed, cfg)[0]
+    fused = {n for n in good if ".experts." not in n} | {"model.layers.0.block_sparse_moe.experts.gate_up_proj_packed"}
+    assert any(p.startswith("fused experts") for p in moe.expert_name_problems(fused, cfg))
+    routed = good | {"model.layers.1.block_sparse_moe.gate.weight_packed"}
+    assert any("gate is quantised" in p for p in moe.expert_name_problems(routed, cfg))
+    embed = good | {"model.embed_tokens.weight_packed"}
+    assert any("embedding" in p for p in moe.expert_name_problems(embed, cfg))

@@ -108,7 +108,15 @@ def test_mixtral_moe_needs_total_memory():
     p = plan_from_config(cfg("mixtral-8x22b"))
     assert p.experts == 8 and p.experts_per_token == 2
     assert 270 * GB < p.row("FP16/BF16").weight_bytes < 290 * GB  # all experts are resident
-    assert "MoE 8 experts / 2 active" in p.table()
+    assert "MoE 8 experts / 2 active" in p.table() and "active GB/token" in p.table()
+    # a token reads 2 of 8 experts: the published 39,152,031,744 active parameters, per format
+    assert p.row("FP16/BF16").active_weight_bytes == 2 * 39_152_031_744
+    int4, inactive = p.row("INT4 AWQ/GPTQ g128"), p.params_total - p.params_active
+    rest = p.params_total - p.params_linear
+    assert int4.active_weight_bytes == int((p.params_linear - inactive) * (4 + 20 / 128) / 8 + rest * 2)
+    assert int4.active_weight_bytes < int4.weight_bytes / 3  # 4-bit experts: 20.9 GB of 73.6 GB per token
+    assert plan_from_config(cfg("llama-3.1-8b")).row("FP16/BF16").active_weight_bytes is None  # dense: no column
+    assert "active GB/token" not in plan_from_config(cfg("llama-3.1-8b")).table()
 
 
 def test_headers_agree_with_config(tiny_llama, tiny_qwen2):
