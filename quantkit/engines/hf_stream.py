@@ -146,8 +146,7 @@ def _param_keys(model, ckpt) -> tuple[dict[str, str], list[str]]:
 def _check(model, names) -> tuple[bool, str | None]:
     _, missing = _param_keys(model, set(names))
     if missing:
-        return False, (f"{len(missing)} parameters are not checkpoint tensors as they are (e.g. {missing[0]}): "
-                       "transformers converts them on load")
+        return False, f"transformers converts {len(missing)} parameters on load (e.g. {missing[0]})"
     if not len(getattr(model.get_decoder(), "layers", None) or ()):
         return False, "the decoder has no list of layers"
     return True, None
