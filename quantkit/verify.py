@@ -71,8 +71,6 @@ def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, b
     in transformers and the record says why it was not checked in vLLM (``extra.vllm``).
 
     Never raises for a broken artifact: a load or run failure comes back as ``passed=False`` with ``error``."""
-    from transformers import AutoTokenizer
-
     from quantkit import engines
     from quantkit.engines.hf import hf_format
     from quantkit.evaluate import Variant, _score_variant
