@@ -552,7 +552,8 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
     chunks: dict[str, list] = {}
     t0 = time.perf_counter()
     windows = [stream.window(w) for w in range(stream.n_windows)]
-    for w, (win, res) in enumerate(zip(windows, session.score_windows(windows, progress=progress if show_progress else None, k=k))):
+    scored = session.score_windows(windows, progress=progress if show_progress else None, k=k)
+    for w, (win, res) in enumerate(zip(windows, scored)):
         if session.sparse:
             rec = topk_rows_to_cache(res, win[1:], k)
         else:

@@ -9,10 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import fixtures_models as fm
 import pytest
 import torch
 
-import fixtures_models as fm
 from quantkit.engines import hf_stream
 from quantkit.engines.hf import HFSession, Transformers
 from quantkit.engines.hf_stream import StreamedSession, stream_check

@@ -3,8 +3,8 @@
 Every verify and eval compares a variant with the base's distribution in transformers, fp32
 (:func:`quantkit.evaluate.base_cache`). Loading that model whole takes 4 bytes a parameter (about 282 GB for a
 70B), so here it is built without weights (meta tensors; buffers such as rotary frequencies real) and the
-windows go through it a block at a time: a decoder layer's weights are read from the safetensors
-(plain reads, no mapping), cast to fp32, run on every window, and dropped. The model's own code does everything else: what
+windows go through it a block at a time: a decoder layer's weights are read from the safetensors (plain reads,
+no mapping), cast to fp32, run on every window, and dropped. The model's own code does everything else: what
 happens before the first layer (embedding, its scaling, rotary tables, masks) is captured as the arguments the
 model passes each layer, and what happens after the last (final norm, ``lm_head``, soft-capping) runs in the
 model's forward with the layers passed through. So the numbers are the whole model's.
