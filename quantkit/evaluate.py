@@ -562,6 +562,8 @@ def base_cache(base_path: Path, base_sha: str, text_sha: str, stream: TokenStrea
                                                                     TAIL_SAMPLES, seed=w).items()}
         for name, t in rec.items():
             chunks.setdefault(name, []).append(t)
+    if hasattr(scored, "close"):  # a generator: let it drop what it holds while the session is open
+        scored.close()
     seconds = time.perf_counter() - t0
     vocab = _vocab_size(base_path) if session.sparse else int(logits.shape[1])
     idx_dtype = np.uint16 if vocab <= 65536 else np.int32

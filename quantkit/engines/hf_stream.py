@@ -215,6 +215,8 @@ class StreamedSession(Session):
     def _drop(self, module) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
+        if self.model is None:  # closed before its generator was: nothing is held any more
+            return
         for name, _ in module.named_parameters(prefix=self.names[module], remove_duplicate=False):
             set_module_tensor_to_device(self.model, name, "meta")
         _trim()
