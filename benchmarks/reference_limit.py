@@ -15,15 +15,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gguf_pipeline import run_tree  # noqa: E402 - the process-tree RSS sampler
+
 CG = Path("/sys/fs/cgroup/memory/quantkit-limit")
 
 
@@ -48,32 +48,16 @@ def main() -> None:
         shutil.rmtree(cache_home() / sub, ignore_errors=True)
     cmd = ["sh", "-c", f'echo $$ > {CG}/cgroup.procs && exec "$0" "$@"', sys.executable, "-m", "quantkit.cli",
            "gguf", args.model, "--types", args.types, "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "QUANTKIT_NO_PROGRESS": "1"})
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        total = 0
-        try:
-            procs = [ps] + ps.children(recursive=True)
-        except psutil.NoSuchProcess:
-            break
-        for q in procs:
-            try:
-                total += q.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        peak = max(peak, total)
-        time.sleep(0.05)
-    log = proc.stdout.read().decode(errors="replace")
-    wall = time.perf_counter() - t0
+    log_path = out.parent / f"{out.name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    r = run_tree(cmd, env={**os.environ, "QUANTKIT_NO_PROGRESS": "1"}, log=log_path)  # exits if the job fails
+    log, wall, peak = log_path.read_text(errors="replace"), r["seconds"], int(r["peak_rss_mb"] * 1e6)
     oom = dict(line.split() for line in (CG / "memory.oom_control").read_text().splitlines())
     manifest = json.loads((out / "quantkit.json").read_text()) if (out / "quantkit.json").is_file() else {}
     verify = {k: v.get("verify") for k, v in manifest.get("artifacts", {}).items()}
     res = {"model": args.model, "params": p.params_total, "fp32_bytes": p.params_total * 4, "limit_bytes": limit,
            "plan_gguf_ram_bytes": p.needs["gguf"].ram_bytes, "plan_reference_bytes": p.reference.ram_bytes,
-           "plan_reference_note": p.reference.note, "rc": proc.returncode, "seconds": round(wall, 1),
+           "plan_reference_note": p.reference.note, "rc": 0, "seconds": round(wall, 1),
            "peak_tree_rss_bytes": peak, "oom_kills": int(oom.get("oom_kill", 0)), "verify": verify,
            "log_tail": log[-1500:]}
     (ROOT / "benchmarks" / "reference_limit.json").write_text(json.dumps(res, indent=2))
