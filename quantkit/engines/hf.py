@@ -196,10 +196,12 @@ class Transformers(Engine):
     def open_reference(self, path, *, ctx, threads):
         """The fp32 base a layer at a time (bounded memory, :mod:`quantkit.engines.hf_stream`) when its
         parameters are its checkpoint's tensors, else loaded whole."""
-        from quantkit.engines.hf_stream import StreamedSession, stream_check
+        from quantkit.engines.hf_stream import NotStreamable, StreamedSession
 
-        ok, _ = stream_check(Path(path))
-        return StreamedSession(Path(path), threads) if ok else HFSession(Path(path), threads)
+        try:
+            return StreamedSession(Path(path), threads)
+        except NotStreamable:
+            return HFSession(Path(path), threads)
 
     def tokens(self, path, text):
         return own_tokens(path, text)

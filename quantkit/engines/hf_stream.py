@@ -177,6 +177,10 @@ def stream_check_config(config: dict, names: list[str] | None) -> tuple[bool, st
     return _config_check(json.dumps(config, sort_keys=True), tuple(sorted(names)) if names is not None else None)
 
 
+class NotStreamable(QuantkitError):
+    """The base cannot be scored a layer at a time (the reason is the message): load it whole."""
+
+
 class StreamedSession(Session):
     """The fp32 base, scored over many windows at once with one block's weights in memory at a time."""
 
@@ -186,11 +190,15 @@ class StreamedSession(Session):
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)
-        self.model = _skeleton(self.path)
-        ckpt = checkpoint_index(self.path)
-        self.keys, missing = _param_keys(self.model, ckpt)
-        if missing:
-            raise QuantkitError(f"{path}: {len(missing)} parameters have no checkpoint tensor (e.g. {missing[0]})")
+        try:
+            self.model = _skeleton(self.path)
+            ckpt = checkpoint_index(self.path)
+        except Exception as e:  # noqa: BLE001 - as stream_check: any failure means load it whole
+            raise NotStreamable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        ok, why = _check(self.model, ckpt)
+        if not ok:
+            raise NotStreamable(why)
+        self.keys, _ = _param_keys(self.model, ckpt)
         self._ckpt = ckpt
         self.decoder = self.model.get_decoder()
         self.layers = list(self.decoder.layers)[: getattr(self.model.config, "num_hidden_layers", None)]
