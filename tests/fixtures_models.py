@@ -40,6 +40,13 @@ def build_smollm2_hf() -> Path:
     return _build(TEST_CACHE)
 
 
+def build_smollm2_continuous() -> Path:
+    """``builtin:smollm2-135m-continuous`` (quantkit.demo), cached here: the model of quality tests."""
+    from quantkit.demo import build_continuous_hf
+
+    return build_continuous_hf(TEST_CACHE)
+
+
 def build_smollm2_layers(n: int = 4) -> Path:
     """SmolLM2-135M-Instruct cut to its first ``n`` decoder layers (real embeddings, norms and layers, tied
     head): quick to quantise, and its next-token distributions are peaked like a real model's, which a random

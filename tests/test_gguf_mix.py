@@ -191,12 +191,18 @@ def test_auto_mix_needs_calibration(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_auto_beats_or_matches_the_preset(smollm2_hf, calib_file, tmp_path):
+def test_smollm2_auto_beats_the_preset_on_the_continuous_model(smollm2_continuous, calib_file, tmp_path):
+    """On the continuous SmolLM2 (not the gridded builtin, whose Q4_1 grid flatters a mix), on the held-out eval
+    text and on prose quantkit never sees."""
     from quantkit.evaluate import evaluate
+    from quantkit.texts import unseen_text
 
-    res = _run(smollm2_hf, tmp_path / "s", calib_file)
-    rep = evaluate(str(smollm2_hf), [str(p) for p in res.paths()], max_tokens=1024, write_manifest=False)
-    kld_preset, kld_auto = (r["kld_mean"] for r in rep.rows)
-    print(f"SmolLM2 auto:Q4_K_M KLD {kld_auto:.4f} vs Q4_K_M {kld_preset:.4f} ({kld_auto / kld_preset:.3f})")
+    res = _run(smollm2_continuous, tmp_path / "s", calib_file)
     assert res.paths()[1].stat().st_size <= res.paths()[0].stat().st_size
-    assert kld_auto <= 0.9 * kld_preset  # the goal: >= 10% lower mean KLD at no larger size (measured 0.732)
+    for name, text in (("eval", "builtin"), ("unseen", unseen_text())):
+        rep = evaluate(str(smollm2_continuous), [str(p) for p in res.paths()], text=text, max_tokens=2048,
+                       write_manifest=False)
+        kld_preset, kld_auto = (r["kld_mean"] for r in rep.rows)
+        print(f"SmolLM2 (continuous, {name} text) auto:Q4_K_M KLD {kld_auto:.4f} vs Q4_K_M {kld_preset:.4f} "
+              f"({kld_auto / kld_preset:.3f})")
+        assert kld_auto <= 0.9 * kld_preset  # the goal: >= 10% lower mean KLD at no larger size
