@@ -45,8 +45,10 @@ from quantkit.util import (
     cache_home,
     format_table,
     human_size,
+    ignore_sigint,
     now_iso,
     safetensors_tensors,
+    sigint_held,
     write_json_atomic,
 )
 
@@ -90,9 +92,11 @@ def _run_isolated(engine: str, path: Path, prompt_tokens: int, gen_tokens: int, 
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    ex = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+    ex = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=ignore_sigint)
     try:
-        return ex.submit(_bench_child, engine, str(path), prompt_tokens, gen_tokens, repeats, threads).result()
+        with sigint_held():  # the child starts whole (a Ctrl-C now is raised right after, and kills it)
+            fut = ex.submit(_bench_child, engine, str(path), prompt_tokens, gen_tokens, repeats, threads)
+        return fut.result()
     except BrokenProcessPool:
         raise QuantkitError(f"the benchmark process for {path} died (out of memory, or the engine crashed on "
                             "this model); try fewer --prompt-tokens or check the file loads") from None

@@ -189,6 +189,44 @@ def progress(iterable: Iterable | None = None, **kw) -> tqdm:
 
 
 @contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise it: for starting a
+    child process, which must not be interrupted half-way (a spawned child whose start-up data was cut off dies
+    printing ``EOFError: Ran out of input``, and one not yet registered cannot be killed). The starting thread's
+    signal mask blocks SIGINT meanwhile, so a child started here begins with SIGINT blocked (the mask survives
+    exec): :func:`ignore_sigint` in its initializer keeps it out of the user's Ctrl-C, which the parent owns.
+    Outside the main thread (where Python delivers no KeyboardInterrupt) the block just runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    prev = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending SIGINT lands now, in the holding handler
+        signal.signal(signal.SIGINT, prev)
+    if held:
+        if callable(prev):
+            prev(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+        elif prev == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
+def ignore_sigint() -> None:
+    """In a child started under :func:`sigint_held`: ignore SIGINT from now on (a pending one is dropped), so a
+    Ctrl-C at the terminal reaches only the parent, which stops the child itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Send whatever is printed meanwhile (Python, C libraries, child processes: fd 1) to stderr."""
     sys.stdout.flush()
