@@ -182,8 +182,11 @@ def checked_line(verify: dict | None) -> str | None:
         return None
     v = VerifyResult.from_json(verify)
     where = f"loaded in {v.engine}" if v.engine else "did not load"
-    what = (f"mean KLD {v.kld:.4f} to the base on {v.tokens} tokens (bound {v.bound:g})" if v.passed
+    limits = f"bound {v.bound:g}" + (f", healthy up to {v.expected:g}" if v.expected is not None else "")
+    what = (f"mean KLD {v.kld:.4f} to the base on {v.tokens} tokens ({limits})" if v.passed
             else f"FAILED: {v.problem()}")
+    if v.high:
+        what += f"; HIGH: {v.high_line()}"
     why = v.extra.get("vllm")
     return f"{where}: {what}" + (f"; {why}" if why else "")
 

@@ -255,6 +255,7 @@ class VerifyResult(Record):
     top1: float | None = None
     bits: int | None = None
     bound: float | None = None
+    expected: float | None = None  # the healthy ceiling for its bits (verify.KLD_EXPECTED); above it: "high"
     seconds: float = 0.0
     error: str | None = None
     skipped: bool = False
@@ -268,7 +269,21 @@ class VerifyResult(Record):
             return "skipped"
         if not self.passed:
             return "FAILED"
-        return f"KLD {self.kld:.4f} ok"
+        return f"KLD {self.kld:.4f} " + ("high" if self.high else "ok")
+
+    @property
+    def high(self) -> bool:
+        """Passed (it loads and is far from broken) but above what healthy quantisations of its bits measure."""
+        return bool(self.passed and self.expected is not None and self.kld is not None
+                    and self.kld > self.expected)
+
+    def high_line(self) -> str | None:
+        """The word a passed-but-high check gets in tables, logs and the card (None when not high)."""
+        if not self.high:
+            return None
+        return (f"mean KLD {self.kld:.4g} is above {self.expected:g}, the most a healthy {self.bits}-bit "
+                f"quantisation measured on the reference model: it loads and is not broken, but expect a real "
+                f"quality loss (measure it with `quantkit eval`)")
 
     def problem(self) -> str | None:
         """What failed, in words (None when it passed)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import fixtures_models as fm
 import pytest
 
-from quantkit.verify import VerifyResult, gguf_bits, kld_bound, verify_artifact
+from quantkit.verify import VerifyResult, gguf_bits, kld_bound, kld_expected, verify_artifact
 
 
 def test_bound_per_bit_width():
@@ -21,6 +21,23 @@ def test_bound_per_bit_width():
     r = VerifyResult(passed=False, engine="llama.cpp", tokens=255, kld=0.9, top1=0.5, bits=4, bound=kld_bound(4))
     assert VerifyResult.from_json(json.loads(json.dumps(r.to_json()))) == r
     assert "0.9" in r.problem() and "4-bit" in r.problem()
+
+
+def test_a_passed_check_above_the_healthy_ceiling_is_marked_high():
+    from quantkit.card import checked_line
+
+    expected = [kld_expected(b) for b in (8, 6, 5, 4, 3, 2, 1)]
+    assert expected == sorted(expected) and all(e < kld_bound(b) for e, b in zip(expected, (8, 6, 5, 4, 3, 2, 1)))
+    ok = VerifyResult(passed=True, engine="transformers", tokens=255, kld=0.8 * kld_expected(4), bits=4,
+                      bound=kld_bound(4), expected=kld_expected(4))
+    high = VerifyResult(passed=True, engine="transformers", tokens=255, kld=1.2 * kld_expected(4), bits=4,
+                        bound=kld_bound(4), expected=kld_expected(4))
+    assert ok.status.endswith(" ok") and not ok.high and ok.high_line() is None
+    assert high.status.endswith(" high") and high.high and "4-bit" in high.high_line()
+    assert "HIGH" in checked_line(high.to_json()) and "HIGH" not in checked_line(ok.to_json())
+    assert f"healthy up to {kld_expected(4):g}" in checked_line(ok.to_json())
+    old = dict(high.to_json(), expected=None)  # a record made before the ceiling existed: as before
+    assert VerifyResult.from_json(old).status.endswith(" ok")
 
 
 # -- GGUF: a real tiny model through llama.cpp ------------------------------------------------------------------
