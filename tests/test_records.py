@@ -43,7 +43,7 @@ BASE_ROW = {"name": "base", "engine": "transformers", "pp_tps": 450.0, "tg_tps":
     (EvalScore, EvalScore.from_row(EVAL_ROW, EVAL_CTX).to_json()),
     (BenchScore, BenchScore.from_row(BENCH_ROW, BENCH_CTX, BASE_ROW).to_json()),
     (VerifyResult, {"passed": True, "engine": "llama.cpp", "tokens": 256, "kld": 0.01, "top1": 0.95, "bits": 4,
-                    "bound": 0.75, "seconds": 6.5, "error": None, "skipped": False, "time": "2026-12-01T00:00:00Z"}),
+                    "bound": 0.75, "expected": 0.3, "seconds": 6.5, "error": None, "skipped": False, "time": "2026-12-01T00:00:00Z"}),
     (PushResult, {"repo": "a/b", "url": "http://hub/a/b", "commit": "c" * 40, "revision": "main", "pr_url": None}),
     (QuantResult, {"method": "gguf", "type": "Q4_K_M", "path": "m.gguf", "size": 10, "bits_per_weight": 4.9,
                    "files": [{"path": "m.gguf", "size": 10, "sha256": "d" * 64}]}),
