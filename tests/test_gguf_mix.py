@@ -191,9 +191,13 @@ def test_auto_mix_needs_calibration(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the goal is not met on the continuous model: benchmarks/gguf_mix.md "
+                   "measured the mix falling back to the preset at Q4_K_M and Q5_K_M (ratio 1.000), and 0.912 / "
+                   "1.101 at Q3_K_M on the eval / unseen text (issue 22, item 5)")
 def test_smollm2_auto_beats_the_preset_on_the_continuous_model(smollm2_continuous, calib_file, tmp_path):
     """On the continuous SmolLM2 (not the gridded builtin, whose Q4_1 grid flatters a mix), on the held-out eval
-    text and on prose quantkit never sees."""
+    text and on prose quantkit never sees. Strict xfail: a mix that meets the goal makes this fail until the mark
+    goes."""
     from quantkit.evaluate import evaluate
     from quantkit.texts import unseen_text
 
