@@ -72,17 +72,22 @@ def _publish_dir(tmp: Path, final: Path) -> Path:
     return final
 
 
-def build_smollm2_hf(dest_root: str | os.PathLike | None = None) -> Path:
-    """Build (once) and return the SmolLM2-135M-Instruct HF folder under ``dest_root``."""
-    if dest_root is None:  # the builtin: named like the original, so artifacts are SmolLM2-135M-Instruct-*.gguf
+def _where(dest_root, cache_dir: str, builtin_name: str, name: str) -> tuple[Path, Path]:
+    """``(root, folder)`` of a demo model: the builtin's under quantkit's cache (``dest_root`` None), else
+    ``dest_root / name`` (the tests' cache)."""
+    if dest_root is None:
         from quantkit.util import cache_home
 
-        dest_root = cache_home() / "models" / f"smollm2-v{SMOLLM2_VERSION}"
-        final = dest_root / "SmolLM2-135M-Instruct"
-    else:
-        dest_root = Path(dest_root)
-        final = dest_root / f"smollm2-135m-instruct-v{SMOLLM2_VERSION}"
-    dest_root = Path(dest_root)
+        root = cache_home() / "models" / cache_dir
+        return root, root / builtin_name
+    return Path(dest_root), Path(dest_root) / name
+
+
+def build_smollm2_hf(dest_root: str | os.PathLike | None = None) -> Path:
+    """Build (once) and return the SmolLM2-135M-Instruct HF folder under ``dest_root``."""
+    # the builtin is named like the original, so artifacts are SmolLM2-135M-Instruct-*.gguf
+    dest_root, final = _where(dest_root, f"smollm2-v{SMOLLM2_VERSION}", "SmolLM2-135M-Instruct",
+                              f"smollm2-135m-instruct-v{SMOLLM2_VERSION}")
     if (final / "config.json").is_file():
         repair_bytelevel_tokenizer(final)
         return final
@@ -217,15 +222,8 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None, *, steps: in
     """Build (once) and return ``builtin:smollm2-135m-continuous`` (see the module docstring) under
     ``dest_root``: draw, heal, then score gridded, drawn and healed on the held-out evaluation text."""
     builtin = dest_root is None
-    if builtin:
-        from quantkit.util import cache_home
-
-        dest_root = cache_home() / "models" / f"smollm2-continuous-v{CONTINUOUS_VERSION}"
-        final = dest_root / "SmolLM2-135M-Instruct-continuous"
-    else:
-        dest_root = Path(dest_root)
-        final = dest_root / f"smollm2-135m-continuous-v{CONTINUOUS_VERSION}"
-    dest_root = Path(dest_root)
+    dest_root, final = _where(dest_root, f"smollm2-continuous-v{CONTINUOUS_VERSION}",
+                              "SmolLM2-135M-Instruct-continuous", f"smollm2-135m-continuous-v{CONTINUOUS_VERSION}")
     if (final / "config.json").is_file():
         return final
     import copy
