@@ -211,7 +211,7 @@ def heal(student, teacher, ids: list[int], *, steps: int = HEAL_STEPS, batch: in
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         if on_step is not None:
             on_step(step + 1, losses[-1])
     student.eval()
