@@ -2,13 +2,14 @@
 
     python3 benchmarks/quality.py [--gguf Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K]
                                   [--hf gptq:classic,awq:classic,gptq:compressed-tensors,awq:compressed-tensors]
-                                  [--group-size 128] [--samples 32] [--seq-len 256] [--tokens 4096]
+                                  [--group-size 64] [--samples 32] [--seq-len 256] [--tokens 4096]
 
 Model: ``builtin:smollm2-135m-continuous`` (quantkit.demo: weights redrawn from their quantisation cells and
 healed, so no type is favoured by a grid the weights already sit on). GGUF presets are made by
 ``quantize_gguf`` without an importance matrix (llama.cpp's defaults); AWQ/GPTQ by ``quantize_awq`` /
-``quantize_gptq`` at their defaults except the calibration size (``--samples`` x ``--seq-len`` of the builtin
-calibration text: the defaults, 128 x 2048, take hours on 2 CPU cores). Every artifact is verified on build
+``quantize_gptq`` at their defaults except the group size (64: the default 128 does not divide SmolLM2's width
+576) and the calibration size (``--samples`` x ``--seq-len`` of the builtin calibration text: the defaults,
+128 x 2048, take hours on 2 CPU cores). Every artifact is verified on build
 (its record's KLD on the verify window, ``quantkit.verify``) and then scored against the base in transformers
 (``QUANTKIT_VLLM=off``: full-logit KLD) on two held-out texts: the builtin eval text and ``texts.unseen_text``.
 Reported: size, verify KLD, mean KLD ± standard error, PPL change ± error, top-1, build seconds.
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--hf", default="gptq:classic,awq:classic,gptq:compressed-tensors,awq:compressed-tensors")
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=64, help="128, the default, does not divide SmolLM2's 576")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=4096)
