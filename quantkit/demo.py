@@ -233,7 +233,6 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None, *, steps: in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantkit.evaluate import evaluate
     from quantkit.texts import BUILTIN_CALIBRATION_NAME, BUILTIN_EVAL_NAME, builtin_calibration_text
     from quantkit.util import progress
 
@@ -257,9 +256,8 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None, *, steps: in
         student.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         del teacher, student
-        rep = evaluate(str(gridded), [str(work / "drawn"), str(tmp)], max_tokens=CONTINUOUS_EVAL_TOKENS,
-                       ctx=CONTINUOUS_EVAL_CTX, write_manifest=False, engine="transformers")
-        b, d, h = rep.base, rep.rows[0], rep.rows[1]
+        rep = _evaluate(gridded, [work / "drawn", tmp])
+        b, d, h = rep["base"], rep["variants"][0], rep["variants"][1]
 
         def stat(r):
             return {"ppl": r["ppl"], "ppl_ratio": r["ppl_ratio"], "ppl_ratio_se": r["ppl_ratio_se"],
@@ -271,7 +269,7 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None, *, steps: in
             "heal": {"steps": steps, "batch": HEAL_BATCH, "seq": HEAL_SEQ, "lr": HEAL_LR, "text":
                      BUILTIN_CALIBRATION_NAME, "tokens": steps * HEAL_BATCH * HEAL_SEQ, "loss_first": losses[0],
                      "loss_last": losses[-1], "seconds": heal_s, "torch_threads": torch.get_num_threads()},
-            "eval": {"text": BUILTIN_EVAL_NAME, "tokens": rep.context["tokens"], "ctx": CONTINUOUS_EVAL_CTX,
+            "eval": {"text": BUILTIN_EVAL_NAME, "tokens": rep["context"]["tokens"], "ctx": CONTINUOUS_EVAL_CTX,
                      "gridded_ppl": b["ppl"], "drawn": stat(d), "healed": stat(h)},
         }
         (tmp / "continuous.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -279,6 +277,21 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None, *, steps: in
         return _publish_dir(tmp, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _evaluate(base: Path, variants: list[Path]) -> dict:
+    """``quantkit eval BASE VARIANT... --json`` on the held-out text, full logits in transformers: run as a command,
+    as a user would, since the demo models sit below the measurement code they are measured with."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "quantkit.cli", "eval", str(base), *map(str, variants), "--engine", "transformers",
+           "--ctx", str(CONTINUOUS_EVAL_CTX), "--max-tokens", str(CONTINUOUS_EVAL_TOKENS), "--no-write", "--json"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise QuantkitError(f"scoring the continuous SmolLM2 failed (exit {p.returncode}): {' '.join(cmd)}")
+    return json.loads(p.stdout)
 
 
 def continuous_card(rec: dict) -> str:
