@@ -45,8 +45,8 @@ CONTINUOUS_SEED = 0
 HEAL_STEPS, HEAL_BATCH, HEAL_SEQ, HEAL_LR = 40, 4, 256, 1e-4
 #: Held-out perplexity of the copies: the first CONTINUOUS_EVAL_TOKENS tokens of the built-in evaluation text.
 CONTINUOUS_EVAL_TOKENS, CONTINUOUS_EVAL_CTX = 8192, 512
-#: The grid each weight of the gridded SmolLM2 sits on, as (levels - 1) per 32-weight block: Q4_1 (w = d*q + m,
-#: q in 0..15: d = (max - min) / 15) and Q8_0 (w = d*q, |q| <= 127: d = max|w| / 127).
+#: The grids the gridded SmolLM2's weights sit on, in blocks of CELL_BLOCK weights along a row: Q4_1 (w = d*q + m,
+#: q in 0..15, so d = (max - min) / 15) and Q8_0 (w = d*q, |q| <= 127, so d = max|w| / 127).
 CELL_BLOCK = 32
 
 
@@ -218,9 +218,10 @@ def heal(student, teacher, ids: list[int], *, steps: int = HEAL_STEPS, batch: in
     return losses
 
 
-def build_continuous_hf(dest_root: str | os.PathLike | None = None, *, steps: int = HEAL_STEPS) -> Path:
+def build_continuous_hf(dest_root: str | os.PathLike | None = None) -> Path:
     """Build (once) and return ``builtin:smollm2-135m-continuous`` (see the module docstring) under
     ``dest_root``: draw, heal, then score gridded, drawn and healed on the held-out evaluation text."""
+    steps = HEAL_STEPS
     builtin = dest_root is None
     dest_root, final = _where(dest_root, f"smollm2-continuous-v{CONTINUOUS_VERSION}",
                               "SmolLM2-135M-Instruct-continuous", f"smollm2-135m-continuous-v{CONTINUOUS_VERSION}")
