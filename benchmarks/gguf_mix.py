@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from quantkit.evaluate import evaluate  # noqa: E402
 from quantkit.gguf import quantize_gguf  # noqa: E402
-from quantkit.texts import UNSEEN_NAME, unseen_text  # noqa: E402
+from quantkit.texts import held_out_texts  # noqa: E402
 from quantkit.util import format_table, human_size  # noqa: E402
 
 HEADERS = ["model", "text", "budget", "preset size", "auto size", "KLD preset", "KLD auto", "KLD ratio", "ΔPPL preset",
@@ -60,30 +60,28 @@ def run(name: str, budgets: list[str], work: Path, tokens: int) -> list[dict]:
     total = time.perf_counter() - t0
     arts = dict(zip(types, res.artifacts))
     rows = []
-    for text in ("builtin", unseen_text()):
-        rows += _score(name, base, res, arts, budgets, text, tokens, total)
+    for label, text, text_name in held_out_texts():
+        rows += _score(name, base, res, arts, budgets, label, text, text_name, tokens, total)
     return rows
 
 
-def _score(name, base, res, arts, budgets, text, tokens, total) -> list[dict]:
+def _score(name, base, res, arts, budgets, label, text, text_name, tokens, total) -> list[dict]:
     rep = evaluate(str(base), [str(p) for p in res.paths()], text=text, max_tokens=tokens, write_manifest=False)
     by_path = {Path(r["path"]).name: r for r in rep.rows}
-    shown = "eval" if text == "builtin" else "unseen"
     rows = []
     for b in budgets:
         p, a = res.manifest.artifacts[arts[b]], res.manifest.artifacts[arts[f"auto:{b}"]]
         rp, ra = by_path[p["path"]], by_path[a["path"]]
         mix = a["mix"]
         rows.append({
-            "model": name, "text": shown, "budget": b, "preset_size": p["size"], "auto_size": a["size"],
+            "model": name, "text": label, "budget": b, "preset_size": p["size"], "auto_size": a["size"],
             "kld_preset": rp["kld_mean"], "kld_preset_se": rp.get("kld_se"), "kld_auto": ra["kld_mean"],
             "kld_auto_se": ra.get("kld_se"), "kld_ratio": ra["kld_mean"] / rp["kld_mean"],
             "ppl_change_preset": rp["ppl_ratio"] - 1, "ppl_change_auto": ra["ppl_ratio"] - 1,
             "top1_preset": rp["top1"], "top1_auto": ra["top1"], "search_seconds": mix["search"]["seconds"],
             "sensitivity_seconds": mix["search"]["sensitivity_seconds"], "fallback": mix["fallback"],
             "check": mix["search"]["check"], "tensor_types": mix["tensor_types"], "total_seconds": total,
-            "eval_tokens": rep.context["tokens"],
-            "eval_text": UNSEEN_NAME if shown == "unseen" else rep.context["text"],
+            "eval_tokens": rep.context["tokens"], "eval_text": text_name,
             # the unit the search cost is stated in: one quantisation of the preset plus one scoring of it
             "preset_quantize_seconds": p["seconds"], "preset_eval_seconds": rp.get("seconds"),
         })

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from quantkit.evaluate import evaluate  # noqa: E402
-from quantkit.texts import UNSEEN_NAME, unseen_text  # noqa: E402
+from quantkit.texts import held_out_texts  # noqa: E402
 from quantkit.util import format_table, human_size  # noqa: E402
 
 HEADERS = ["variant", "bits", "size", "verify KLD", "text", "KLD", "ΔPPL", "top-1", "build s"]
@@ -66,12 +66,12 @@ def build(base: Path, work: Path, gguf: list[str], hf: list[str], group: int, sa
 
 def score(base: Path, built: list[dict], tokens: int) -> list[dict]:
     rows = []
-    for shown, text in (("eval", "builtin"), ("unseen", unseen_text())):
+    for label, text, text_name in held_out_texts():
         rep = evaluate(str(base), [b["path"] for b in built], text=text, max_tokens=tokens, write_manifest=False,
                        engine="transformers")
         for b, r in zip(built, rep.rows):
             v = b["verify"] or {}
-            rows.append({**b, "text": shown, "eval_text": UNSEEN_NAME if shown == "unseen" else rep.context["text"],
+            rows.append({**b, "text": label, "eval_text": text_name,
                          "tokens": rep.context["tokens"], "bits": v.get("bits"), "verify_kld": v.get("kld"),
                          "verify_bound": v.get("bound"), "verify_passed": v.get("passed"),
                          "kld": r["kld_mean"], "kld_se": r["kld_se"], "ppl": r["ppl"], "base_ppl": r["base_ppl"],

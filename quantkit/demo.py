@@ -221,7 +221,6 @@ def heal(student, teacher, ids: list[int], *, steps: int = HEAL_STEPS, batch: in
 def build_continuous_hf(dest_root: str | os.PathLike | None = None) -> Path:
     """Build (once) and return ``builtin:smollm2-135m-continuous`` (see the module docstring) under
     ``dest_root``: draw, heal, then score gridded, drawn and healed on the held-out evaluation text."""
-    steps = HEAL_STEPS
     builtin = dest_root is None
     dest_root, final = _where(dest_root, f"smollm2-continuous-v{CONTINUOUS_VERSION}",
                               "SmolLM2-135M-Instruct-continuous", f"smollm2-135m-continuous-v{CONTINUOUS_VERSION}")
@@ -249,8 +248,8 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None) -> Path:
         student.save_pretrained(work / "drawn")
         tok.save_pretrained(work / "drawn")
         ids = tok(builtin_calibration_text()).input_ids
-        with progress(total=steps, desc="healing the continuous SmolLM2 (once)", unit="step") as bar:
-            losses = heal(student, teacher, ids, steps=steps,
+        with progress(total=HEAL_STEPS, desc="healing the continuous SmolLM2 (once)", unit="step") as bar:
+            losses = heal(student, teacher, ids,
                           on_step=lambda i, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.3f}")))
         heal_s = time.perf_counter() - t0
         tmp = work / "healed"
@@ -267,8 +266,8 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None) -> Path:
         record = {
             "version": CONTINUOUS_VERSION, "from": "builtin:smollm2-135m", "seed": CONTINUOUS_SEED,
             "cells": {"linear": "Q4_1", "embedding": "Q8_0", "block": CELL_BLOCK, "weights_drawn": drawn},
-            "heal": {"steps": steps, "batch": HEAL_BATCH, "seq": HEAL_SEQ, "lr": HEAL_LR, "text":
-                     BUILTIN_CALIBRATION_NAME, "tokens": steps * HEAL_BATCH * HEAL_SEQ, "loss_first": losses[0],
+            "heal": {"steps": HEAL_STEPS, "batch": HEAL_BATCH, "seq": HEAL_SEQ, "lr": HEAL_LR, "text":
+                     BUILTIN_CALIBRATION_NAME, "tokens": HEAL_STEPS * HEAL_BATCH * HEAL_SEQ, "loss_first": losses[0],
                      "loss_last": losses[-1], "seconds": heal_s, "torch_threads": torch.get_num_threads()},
             "eval": {"text": BUILTIN_EVAL_NAME, "tokens": rep["context"]["tokens"], "ctx": CONTINUOUS_EVAL_CTX,
                      "gridded_ppl": b["ppl"], "drawn": stat(d), "healed": stat(h)},

@@ -41,3 +41,9 @@ def unseen_text() -> str:
 
     lib = Path(sysconfig.get_paths()["stdlib"])
     return "\n\n".join((lib / f).read_text(encoding="utf-8") for f in ("LICENSE.txt", "idlelib/HISTORY.txt"))
+
+
+def held_out_texts() -> list[tuple[str, str, str]]:
+    """The texts quality is measured on, as ``(label, text for evaluate(), name)``: the built-in evaluation text
+    and the unseen prose."""
+    return [("eval", "builtin", BUILTIN_EVAL_NAME), ("unseen", unseen_text(), UNSEEN_NAME)]

@@ -68,14 +68,18 @@ KLD_EXPECTED: tuple[tuple[int, float], ...] = ((8, 0.01), (6, 0.025), (5, 0.09),
                                                (0, 2.0))
 
 
+def _by_bits(table: tuple[tuple[int, float], ...], bits: int) -> float:
+    return next(value for b, value in table if bits >= b)
+
+
 def kld_bound(bits: int) -> float:
     """Highest mean KLD to the base that a quantisation of ``bits`` bits may reach and pass (see KLD_BOUNDS)."""
-    return next(bound for b, bound in KLD_BOUNDS if bits >= b)
+    return _by_bits(KLD_BOUNDS, bits)
 
 
 def kld_expected(bits: int) -> float:
     """Highest mean KLD that healthy ``bits``-bit quantisations measured (see KLD_EXPECTED)."""
-    return next(e for b, e in KLD_EXPECTED if bits >= b)
+    return _by_bits(KLD_EXPECTED, bits)
 
 
 def verify_artifact(base_path: str | Path, artifact: str | Path, *, bits: int, base_sha: str | None = None,

@@ -199,11 +199,11 @@ def test_smollm2_auto_beats_the_preset_on_the_continuous_model(smollm2_continuou
     text and on prose quantkit never sees. Strict xfail: a mix that meets the goal makes this fail until the mark
     goes."""
     from quantkit.evaluate import evaluate
-    from quantkit.texts import unseen_text
+    from quantkit.texts import held_out_texts
 
     res = _run(smollm2_continuous, tmp_path / "s", calib_file)
     assert res.paths()[1].stat().st_size <= res.paths()[0].stat().st_size
-    for name, text in (("eval", "builtin"), ("unseen", unseen_text())):
+    for name, text, _ in held_out_texts():
         rep = evaluate(str(smollm2_continuous), [str(p) for p in res.paths()], text=text, max_tokens=2048,
                        write_manifest=False)
         kld_preset, kld_auto = (r["kld_mean"] for r in rep.rows)
