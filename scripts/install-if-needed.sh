@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if "$PY" - <<'PYEOF' >/dev/null 2>&1; then
 import importlib.metadata as md
-import pytest, llama_cpp  # noqa: F401  (test extras, llama.cpp)
+import pytest, xdist, llama_cpp  # noqa: F401  (test extras, llama.cpp)
 info = llama_cpp.llama_print_system_info().decode()
 assert "AMX" not in info and "AVX512 = 1" not in info  # a native build: install.sh rebuilds it portably
 import ruff, lm_eval, peft, ray, tenacity  # noqa: F401  (lint, tasks + lm-eval api, cluster: dev extra; LoRA)
