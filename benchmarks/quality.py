@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "quantkit-bench" / "quality"))
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows of the variants built now in the stored JSON, keep the others")
     a = ap.parse_args(argv)
     from quantkit.demo import resolve_builtin
 
@@ -103,12 +105,15 @@ def main(argv=None) -> None:
     split = [x for x in a.gguf.split(",") if x], [x for x in a.hf.split(",") if x]
     built = build(base, Path(a.work), *split, a.group_size, a.samples, a.seq_len)
     rows = score(base, built, a.tokens)
+    res = ROOT / "benchmarks"
+    if a.update and (res / "quality.json").is_file():
+        now = {r["variant"] for r in rows}
+        rows += [r for r in json.loads((res / "quality.json").read_text()) if r["variant"] not in now]
     rows.sort(key=lambda r: (r["text"], -(r["bits"] or 0), r["variant"]))
     text = (f"Model builtin:smollm2-135m-continuous (base PPL {rows[0]['base_ppl']:.3f} on the eval text); "
             f"{rows[0]['tokens']} tokens per text; AWQ/GPTQ group {a.group_size}, calibration {a.samples} x "
             f"{a.seq_len} tokens of the builtin calibration text; GGUF presets without an imatrix.\n\n"
             + table(rows))
-    res = ROOT / "benchmarks"
     (res / "quality.json").write_text(json.dumps(rows, indent=1, default=str))
     (res / "quality.md").write_text(text + "\n")
     print(text)

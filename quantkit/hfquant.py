@@ -25,6 +25,13 @@ Engine quirks handled here (measured with gptqmodel 7.6.0 / llmcompressor 0.14 o
   ``quantize_config.json``: removed, so two runs with the same inputs write the same configs; its disk
   offload goes into the work folder instead of ``/tmp`` (so the disk check covers it) and is deleted there.
 * gptqmodel AWQ on a machine without an accelerator needs ``backend=BACKEND.AWQ_TORCH``.
+* gptqmodel's AWQ searches a clipping range per weight group after the scales (AutoAWQ's ``apply_clip``, fitted on
+  512 calibration tokens, always on: no setting turns it off); llm-compressor's AWQ has no such search. It is
+  turned off (:data:`AWQ_CLIP_SEARCH`, recorded in the params): on the continuous SmolLM2 (4-bit, g64, 32 x 256
+  calibration tokens) it raised the KLD from 0.166 to 0.243 on the eval text and from 0.299 to 0.548 on unseen
+  prose, worse there than round-to-nearest (0.526); without it classic AWQ matches llm-compressor's (0.160 /
+  0.296). Loading in float16 instead of GPTQModel's CPU default bfloat16 changed nothing measurable
+  (``benchmarks/awq_ablation.md``).
 * llm-compressor's AWQ pins its cached activations with ``Tensor.pin_memory()``, which raises
   "Cannot access accelerator device" on CPU-only torch. Pinning only speeds host-to-device copies, so while
   ``oneshot`` runs on a machine where ``torch.accelerator.is_available()`` is false, quantkit replaces
@@ -333,6 +340,29 @@ def gptqmodel_logs_redirect():
         loop_processor._PROJECT_LOG_DIR = old
 
 
+#: Whether classic AWQ (GPTQModel) searches a clipping range per group; see the module docstring for why not.
+AWQ_CLIP_SEARCH = False
+
+
+@contextlib.contextmanager
+def gptqmodel_awq_clip_search(enabled: bool):
+    """GPTQModel's AWQ processor sets ``apply_clip = True`` in its constructor, with no setting to change it: for
+    the duration of one quantisation, processors are made with ``apply_clip = enabled``."""
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    original = AWQProcessor.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.apply_clip = enabled
+
+    AWQProcessor.__init__ = init
+    try:
+        yield
+    finally:
+        AWQProcessor.__init__ = original
+
+
 @contextlib.contextmanager
 def llmcompressor_cpu_pin_memory_patch():
     """llm-compressor 0.14's AWQ calls ``pin_memory()`` unconditionally, which fails without an accelerator.
@@ -424,8 +454,10 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
                         if method == "gptq" else {"sym": False})},
             "quantize": {"calibration": f"{len(texts)} strings", "batch_size": 1,
                          **({"backend": "AWQ_TORCH"} if kw else {})},
-            "save": {"max_shard_size": max_shard_size}}
-    with gptqmodel_logs_redirect():
+            "save": {"max_shard_size": max_shard_size},
+            **({"awq_processor": {"apply_clip": p["clip_search"]}} if method == "awq" else {})}
+    clip = gptqmodel_awq_clip_search(p["clip_search"]) if method == "awq" else contextlib.nullcontext()
+    with gptqmodel_logs_redirect(), clip:
         model = GPTQModel.load(str(src_path), cfg, device=device)
         model.quantize(texts, batch_size=1, **kw)
         model.save(str(work), max_shard_size=max_shard_size)
@@ -612,6 +644,8 @@ def run(method: str, model: str | ModelSource, *, fmt: str = DEFAULT_FORMAT, bit
     params = {"method": method, "format": fmt, "bits": bits, "group_size": group_size, "sym": sym,
               "calibration": spec.source, "samples": samples, "seq_len": seq_len}
     params.update({k: v for k, v in (("act_order", act_order), ("damp", damp)) if k in m.options})
+    if method == "awq" and fmt == "classic":
+        params["clip_search"] = AWQ_CLIP_SEARCH
     if spec.path is not None:
         params["calibration_file_sha256"] = sha256_file(spec.path)
     # one process builds a folder at a time; another one waits, then finds it cached

@@ -120,7 +120,15 @@ _BUILT = {}
 def test_quantise_loads_back_close_to_base(arch, method, fmt, kw, tmp_path, monkeypatch, request):
     base = request.getfixturevalue(f"tiny_{arch}")
     monkeypatch.chdir(tmp_path)  # default output folder is ./<name>; engines must not write ./logs
+    clip_searches = []
+    if method == "awq" and fmt == "classic":  # GPTQModel's clipping search is off (hfquant.AWQ_CLIP_SEARCH)
+        from gptqmodel.looper.awq_processor import AWQProcessor
+
+        search = AWQProcessor._search_best_clip
+        monkeypatch.setattr(AWQProcessor, "_search_best_clip",
+                            lambda self, *a, **k: clip_searches.append(1) or search(self, *a, **k))
     res = _quantise(method, fmt, base, None, **kw)
+    assert not clip_searches
     bits, group = kw.get("bits", 4), kw.get("group_size", 128)
     kind = f"INT{bits}" if fmt == "classic" else f"W{bits}A16"
     expected = f"{Path(base).name}-{method.upper()}-{kind}-g{group}{'-asym' if kw.get('sym') is False else ''}"
@@ -133,6 +141,9 @@ def test_quantise_loads_back_close_to_base(arch, method, fmt, kw, tmp_path, monk
         assert qc["desc_act"] is False and qc["sym"] is True
         assert qc["meta"]["act_group_aware"] is kw.get("act_order", True)
         assert qc["meta"]["damp_percent"] == kw.get("damp", 0.01)
+    if method == "awq" and fmt == "classic":
+        rec = json.loads((Path(res.folder) / "quantkit-recipe.json").read_text())
+        assert rec["params"]["clip_search"] is False and rec["engine_call"]["awq_processor"] == {"apply_clip": False}
     if method == "gptq" and fmt == "compressed-tensors":
         w = qc["config_groups"]["group_0"]["weights"]
         assert w["actorder"] == ("static" if kw.get("act_order", True) else None)
