@@ -31,7 +31,7 @@ Engine quirks handled here (measured with gptqmodel 7.6.0 / llmcompressor 0.14 o
   calibration tokens) it raised the KLD from 0.166 to 0.243 on the eval text and from 0.299 to 0.548 on unseen
   prose, worse there than round-to-nearest (0.526); without it classic AWQ matches llm-compressor's (0.160 /
   0.296). Loading in float16 instead of GPTQModel's CPU default bfloat16 changed nothing measurable
-  (``benchmarks/awq_ablation.md``).
+  (``benchmarks/hf_ablation.md``).
 * llm-compressor's AWQ pins its cached activations with ``Tensor.pin_memory()``, which raises
   "Cannot access accelerator device" on CPU-only torch. Pinning only speeds host-to-device copies, so while
   ``oneshot`` runs on a machine where ``torch.accelerator.is_available()`` is false, quantkit replaces
