@@ -21,7 +21,9 @@ AWQ (asymmetric), classic (GPTQModel):
 GPTQ (symmetric), by ordering:
 
 * ``gptq-gar``: classic at quantkit's defaults (``--act-order``: GPTQModel's group-aware reordering, what vLLM
-  serves with grouped scales); ``gptq-noorder``: classic, ``--no-act-order``;
+  serves with grouped scales); ``gptq-noorder``: classic, ``--no-act-order``; ``gptq-noorder-staticgroups``: the
+  same with GPTQModel's ``static_groups=True`` (each group's scale and zero from the weights before any GPTQ
+  update, as llm-compressor 0.14 does: its ``quantize_weight`` takes the weight observer's qparams up front);
 * ``gptq-ct-static``: compressed-tensors at quantkit's defaults (llm-compressor ``actorder="static"``);
   ``gptq-ct-noorder``: ``--no-act-order``.
 
@@ -36,7 +38,11 @@ Measured (``hf_ablation.md``):
 * GPTQ: ordering is worth most of what GPTQ gains: group-aware ordering (classic) 0.223 vs 0.306 without;
   llm-compressor's static order 0.305 vs 0.487 without. At the same ordering GPTQModel's GPTQ loses less than
   llm-compressor's (no order: 0.306 vs 0.487), and llm-compressor's GPTQ without ordering is no better than
-  symmetric round-to-nearest (0.485; unseen 0.775 vs 0.705: worse). Not explained here.
+  symmetric round-to-nearest (0.485; unseen 0.775 vs 0.705: worse). The difference is the group scales: with
+  ``static_groups=True`` (scales from the weights before GPTQ's updates, as llm-compressor computes them)
+  GPTQModel falls to 0.455 / 0.756, next to llm-compressor's 0.487 / 0.775; fixed scales cannot follow the
+  weights GPTQ's error feedback moves. So for GPTQ the classic format is the better engine here (0.223 vs 0.305
+  at quantkit's defaults); for AWQ the two are equal and the classic one is faster.
 
 Build seconds are the quantisation's own (the folder's record), measured with other work on the machine.
 
@@ -63,30 +69,33 @@ from quantkit.util import format_table, human_size  # noqa: E402
 HEAD = ["variant", "size", "text", "KLD", "ΔPPL", "top-1", "build s"]
 OUT = ROOT / "benchmarks" / "hf_ablation.json"
 
-#: name -> (method, format, quantise keywords, GPTQModel load dtype or None, AWQ clipping search or None)
+#: name -> (method, format, quantise keywords, GPTQModel load dtype or None, AWQ clipping search or None,
+#: extra GPTQConfig fields)
 VARIANTS = {
-    "awq-bf16-clip": ("awq", "classic", {}, "bfloat16", True),
-    "awq-bf16-noclip": ("awq", "classic", {}, "bfloat16", False),
-    "awq-fp16-clip": ("awq", "classic", {}, "float16", True),
-    "awq-fp16-noclip": ("awq", "classic", {}, "float16", False),
-    "gptq-gar": ("gptq", "classic", {}, None, None),
-    "gptq-noorder": ("gptq", "classic", {"act_order": False}, None, None),
-    "gptq-ct-static": ("gptq", "compressed-tensors", {}, None, None),
-    "gptq-ct-noorder": ("gptq", "compressed-tensors", {"act_order": False}, None, None),
+    "awq-bf16-clip": ("awq", "classic", {}, "bfloat16", True, {}),
+    "awq-bf16-noclip": ("awq", "classic", {}, "bfloat16", False, {}),
+    "awq-fp16-clip": ("awq", "classic", {}, "float16", True, {}),
+    "awq-fp16-noclip": ("awq", "classic", {}, "float16", False, {}),
+    "gptq-gar": ("gptq", "classic", {}, None, None, {}),
+    "gptq-noorder": ("gptq", "classic", {"act_order": False}, None, None, {}),
+    "gptq-noorder-staticgroups": ("gptq", "classic", {"act_order": False}, None, None, {"static_groups": True}),
+    "gptq-ct-static": ("gptq", "compressed-tensors", {}, None, None, {}),
+    "gptq-ct-noorder": ("gptq", "compressed-tensors", {"act_order": False}, None, None, {}),
 }
 RTN = {"rtn-asym": False, "rtn-sym": True}
 
 
 @contextlib.contextmanager
-def gptqmodel_settings(dtype: str | None, clip: bool | None):
-    """GPTQModel's load dtype and quantkit's AWQ clipping-search setting for the duration of one quantisation
-    (``None``: as quantkit has them)."""
+def gptqmodel_settings(dtype: str | None, clip: bool | None, gptq_cfg: dict):
+    """GPTQModel's load dtype, quantkit's AWQ clipping-search setting and extra GPTQConfig fields for the duration
+    of one quantisation (``None`` / empty: as quantkit has them)."""
+    import gptqmodel.quantization as gq
     import torch
     from gptqmodel import GPTQModel
 
     from quantkit import hfquant
 
-    load, before = GPTQModel.load, hfquant.AWQ_CLIP_SEARCH
+    load, before, config = GPTQModel.load, hfquant.AWQ_CLIP_SEARCH, gq.GPTQConfig
 
     def _load(*a, **kw):
         kw["dtype"] = getattr(torch, dtype)
@@ -96,10 +105,12 @@ def gptqmodel_settings(dtype: str | None, clip: bool | None):
         GPTQModel.load = _load
     if clip is not None:
         hfquant.AWQ_CLIP_SEARCH = clip
+    if gptq_cfg:
+        gq.GPTQConfig = lambda **kw: config(**kw, **gptq_cfg)
     try:
         yield
     finally:
-        GPTQModel.load, hfquant.AWQ_CLIP_SEARCH = load, before
+        GPTQModel.load, hfquant.AWQ_CLIP_SEARCH, gq.GPTQConfig = load, before, config
 
 
 def build_seconds(folder: Path) -> float | None:
@@ -158,9 +169,9 @@ def main(argv=None) -> None:
             built.append({"variant": v, "path": str(folder), "size": size, "verify": {"bits": 4},
                           "seconds": round(time.perf_counter() - t0, 1)})
             continue
-        method, fmt, kw, dtype, clip = VARIANTS[v]
+        method, fmt, kw, dtype, clip, gptq_cfg = VARIANTS[v]
         fn = quantize_awq if method == "awq" else quantize_gptq
-        with gptqmodel_settings(dtype, clip):
+        with gptqmodel_settings(dtype, clip, gptq_cfg):
             res = fn(str(base), group_size=a.group_size, samples=a.samples, seq_len=a.seq_len, fmt=fmt,
                      out=work / v, verify=False, **kw)
         built.append({"variant": v, "path": str(res.folder), "size": res.artifact.get("size"),
