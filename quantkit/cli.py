@@ -563,46 +563,66 @@ INTERRUPTED = ("interrupted: what was finished is kept, the file being written w
                "again to resume")
 
 
-def _exit_interrupted(hard: bool) -> None:
-    """Exit 130 after Ctrl-C. As the ``quantkit`` command (``hard``): run the exit handlers (vLLM servers are
-    stopped there), flush, and leave without the interpreter's teardown, where an engine's native worker threads
-    (gptqmodel's) abort the process with SIGABRT ("terminate called without an active exception")."""
+def _leave(code: int, hard: bool) -> None:
+    """Exit with ``code``. In-process (``hard`` false: ``main(argv)``) that is ``sys.exit``. As the ``quantkit``
+    command: wait for the program's own threads (not after a Ctrl-C), run the exit handlers (vLLM servers are
+    stopped there, Ray is shut down, temporary folders go), flush, and leave without the interpreter's teardown.
+    After a Ctrl-C an engine's native worker threads (gptqmodel's) abort that teardown with SIGABRT ("terminate
+    called without an active exception"); after a normal run it only frees what the process holds, which took
+    1.1 s of `quantkit gguf`'s 11.9 s on SmolLM2."""
     if not hard:
-        sys.exit(130)
+        sys.exit(code)
     import atexit
+    import threading
 
     try:
+        if code != 130:
+            for t in threading.enumerate():
+                if t is not threading.current_thread() and not t.daemon:
+                    t.join()
         atexit._run_exitfuncs()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`quantkit ... | head`)
+                pass
+        os._exit(code)
 
 
 def main(argv=None) -> None:
     """Entry point: run the group, turning user errors into one line and an exit code."""
     from quantkit.util import quiet_third_party_logs
 
+    hard = argv is None
     quiet_third_party_logs()
     setup_logging()
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except QuantkitError as e:
         log.error(str(e))
-        sys.exit(e.exit_code)
+        _leave(e.exit_code, hard)
     except (click.exceptions.Abort, KeyboardInterrupt):
         log.error(INTERRUPTED)
-        _exit_interrupted(hard=argv is None)
+        _leave(130, hard)
     except _NO_ARGS_IS_HELP as e:  # a bare `quantkit` / `quantkit recipe`: the help, as --help prints it
         click.echo(e.ctx.get_help())
-        sys.exit(0)
+        _leave(0, hard)
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "quantkit"
         log.error(f"{e.format_message()} (see `{where} --help`)")
-        sys.exit(e.exit_code)
+        _leave(e.exit_code, hard)
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        _leave(e.exit_code, hard)
+    except SystemExit as e:  # a command's own exit (a failed gate: 1)
+        if not hard:
+            raise
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        _leave(e.code if isinstance(e.code, int) else (0 if e.code is None else 1), hard)
+    if hard:
+        _leave(0, hard)
 
 
 if __name__ == "__main__":  # pragma: no cover

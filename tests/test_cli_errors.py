@@ -103,3 +103,35 @@ def test_pull_bad_input(case, tmp_path, run_cli):
     expect = {"missing": "does not exist", "no-config": "no config.json", "pickle-only": "--allow-pickle",
               "revision-on-folder": "local folder"}[case]
     assert expect in line, line
+
+
+_LEAVE_PROBE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from quantkit.cli import main
+out = Path(sys.argv[1])
+def late():  # a thread of the program's own, still working when the command returns
+    time.sleep(0.5)
+    (out / "thread").write_text("done")
+threading.Thread(target=late).start()
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+sys.stdout.write("buffered, never flushed by hand")
+sys.argv = ["quantkit", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args, code", [(["--version"], 0), (["no-such-command"], 2)])
+def test_the_command_leaves_after_its_threads_and_exit_handlers(tmp_path, args, code):
+    """`quantkit` leaves without the interpreter's teardown (cli._leave), but only after the program's own threads
+    finished and its exit handlers ran, with stdout flushed and the command's exit code."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LEAVE_PROBE, str(tmp_path), *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == code, r.stderr
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
+    assert r.stdout.startswith("buffered, never flushed by hand")
+    assert "Traceback" not in r.stderr
