@@ -113,12 +113,6 @@ def gptqmodel_settings(dtype: str | None, clip: bool | None, gptq_cfg: dict):
         GPTQModel.load, hfquant.AWQ_CLIP_SEARCH, gq.GPTQConfig = load, before, config
 
 
-def build_seconds(folder: Path) -> float | None:
-    """The quantisation's own seconds, from the folder's record (a cached folder keeps its build's)."""
-    rec = json.loads((folder / "quantkit.json").read_text()) if (folder / "quantkit.json").is_file() else {}
-    return next(iter(rec.get("artifacts", {}).values()), {}).get("seconds")
-
-
 def build_rtn(base: Path, out: Path, group: int, sym: bool) -> Path:
     """Round-to-nearest, min-max per group, no calibration (llm-compressor, compressed-tensors)."""
     if (out / "config.json").is_file():
@@ -174,8 +168,9 @@ def main(argv=None) -> None:
         with gptqmodel_settings(dtype, clip, gptq_cfg):
             res = fn(str(base), group_size=a.group_size, samples=a.samples, seq_len=a.seq_len, fmt=fmt,
                      out=work / v, verify=False, **kw)
+        # the quantisation's own seconds, from the folder's record (a cached folder keeps its build's)
         built.append({"variant": v, "path": str(res.folder), "size": res.artifact.get("size"),
-                      "verify": {"bits": 4}, "seconds": build_seconds(res.folder)})
+                      "verify": {"bits": 4}, "seconds": res.artifact.get("seconds")})
     rows = score(base, built, a.tokens)
     if a.update and OUT.is_file():
         now = {r["variant"] for r in rows}
@@ -186,8 +181,6 @@ def main(argv=None) -> None:
 def write(rows: list[dict], a) -> None:
     order = [*VARIANTS, *RTN]
     rows.sort(key=lambda r: (r["text"], order.index(r["variant"])))
-    for r in rows:  # a folder cached from an earlier run keeps its own build's seconds
-        r["seconds"] = build_seconds(Path(r["path"])) or r["seconds"] if Path(r["path"]).is_dir() else r["seconds"]
     text = (f"4-bit, group {a.group_size}, on builtin:smollm2-135m-continuous (base PPL {rows[0]['base_ppl']:.3f} "
             f"on the eval text); calibration {a.samples} x {a.seq_len} tokens of the builtin calibration text; "
             f"{rows[0]['tokens']} tokens per held-out text, transformers, full logits.\n\n"
