@@ -146,7 +146,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.from_json:
         return write(json.loads(OUT.read_text()), a)
-    from quality import score
+    from quality import score, with_stored
 
     from quantkit.awq import quantize_awq
     from quantkit.demo import resolve_builtin
@@ -172,9 +172,8 @@ def main(argv=None) -> None:
         built.append({"variant": v, "path": str(res.folder), "size": res.artifact.get("size"),
                       "verify": {"bits": 4}, "seconds": res.artifact.get("seconds")})
     rows = score(base, built, a.tokens)
-    if a.update and OUT.is_file():
-        now = {r["variant"] for r in rows}
-        rows += [r for r in json.loads(OUT.read_text()) if r["variant"] not in now]
+    if a.update:
+        rows = with_stored(rows, OUT)
     write(rows, a)
 
 

@@ -79,6 +79,14 @@ def score(base: Path, built: list[dict], tokens: int) -> list[dict]:
     return rows
 
 
+def with_stored(rows: list[dict], stored: Path) -> list[dict]:
+    """``rows`` plus the rows in the ``stored`` JSON of variants not among them (``--update``)."""
+    if not stored.is_file():
+        return rows
+    now = {r["variant"] for r in rows}
+    return rows + [r for r in json.loads(stored.read_text()) if r["variant"] not in now]
+
+
 def table(rows: list[dict]) -> str:
     return format_table([[r["variant"], r["bits"], human_size(r["size"]) if r["size"] else "",
                           f"{r['verify_kld']:.4f}" if r["verify_kld"] is not None else "-", r["text"],
@@ -106,9 +114,8 @@ def main(argv=None) -> None:
     built = build(base, Path(a.work), *split, a.group_size, a.samples, a.seq_len)
     rows = score(base, built, a.tokens)
     res = ROOT / "benchmarks"
-    if a.update and (res / "quality.json").is_file():
-        now = {r["variant"] for r in rows}
-        rows += [r for r in json.loads((res / "quality.json").read_text()) if r["variant"] not in now]
+    if a.update:
+        rows = with_stored(rows, res / "quality.json")
     rows.sort(key=lambda r: (r["text"], -(r["bits"] or 0), r["variant"]))
     text = (f"Model builtin:smollm2-135m-continuous (base PPL {rows[0]['base_ppl']:.3f} on the eval text); "
             f"{rows[0]['tokens']} tokens per text; AWQ/GPTQ group {a.group_size}, calibration {a.samples} x "
