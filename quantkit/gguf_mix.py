@@ -9,11 +9,12 @@ standard ggml type to every weight tensor from measurements on *this* model and 
    (= the expected squared error of that matrix's output on the calibration activations), computed on up to
    :data:`SAMPLE_ROWS` evenly spaced rows (rows quantise independently) and scaled to the whole tensor, plus the
    tensor's exact byte count. A tensor without an imatrix entry (an untied embedding lookup) gets uniform
-   weights. That proxy is in output-error units that do not compare across tensor kinds, so it is put into KLD
-   units by measurement (:func:`_calibrate`): per category (``attn_q``, ``ffn_down``, ``output``, ...) one file
-   with only that category at :data:`PROBE` and the rest at Q8_0 is scored against the base on the calibration
-   text, and ``scale = measured KLD increase / proxy increase``. The table is cached by base SHA + intermediate +
-   imatrix key (calibration sha256, method) + candidates + llama.cpp version, so every budget re-uses it.
+   weights. That proxy is in output-error units that compare neither across tensor kinds nor across depth, so it
+   is put into KLD units by measurement (:func:`_calibrate`): one file per category (``attn_q``, ``ffn_down``,
+   ``output``, ...) and one per layer, each with only that group at :data:`PROBE` and the rest at Q8_0, is scored
+   against the base on the calibration text, and a per-tensor factor ``scale(category) x gain(layer)`` is fitted
+   to the measured KLD increases. The table is cached by base SHA + intermediate + imatrix key (calibration
+   sha256, method) + candidates + llama.cpp version, so every budget re-uses it.
 2. **Allocation** (:func:`allocate`): start every tensor at its cheapest option and take upgrades in order of
    error removed per byte (the lower convex hull of each tensor's (bytes, error) points), while the predicted
    file size stays within the budget. The predicted size is exact: header bytes + every tensor's bytes aligned
@@ -25,10 +26,11 @@ standard ggml type to every weight tensor from measurements on *this* model and 
    quantised to find it; none: the mix stands alone).
 
 Search cost (once per model + calibration): one quantisation per candidate (6), a read-back of a row sample, one
-Q8_0-speed pass + one short eval per tensor category (~8); per budget: two quantisations (preset + mix) and
-one eval of both on :data:`CHECK_TOKENS` calibration tokens (the base's distribution is computed once and
-cached). The files are made with ``llama_model_quantize`` and its ``tt_overrides`` (the same code as
-``llama-quantize --tensor-type``), so every tensor has a standard type and the result loads everywhere.
+Q8_0-speed pass + one short eval per tensor category (~8) and per layer (at most :data:`LAYER_PROBES`); per
+budget: two quantisations (preset + mix) and one eval of both on :data:`CHECK_TOKENS` calibration tokens (the
+base's distribution is computed once and cached). The files are made with ``llama_model_quantize`` and its
+``tt_overrides`` (the same code as ``llama-quantize --tensor-type``), so every tensor has a standard type and the
+result loads everywhere.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ SAMPLE_ROWS = 256       # rows per tensor whose error is measured (evenly spaced
 CHECK_TOKENS = 2048     # calibration tokens for the mix-vs-preset check
 CHECK_CTX = 512
 ALIGN = 32              # GGUF default general.alignment
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2      # 2: per-layer gains beside the per-category scales
+LAYER_PROBES = 32       # at most this many layer probes (consecutive layers share one beyond)
+PROBE_BATCH = 8         # probe files on disk (and scored together) at a time
+FIT_ROUNDS = 10         # rounds of the category x layer fit
+GAIN_FLOOR = 0.05       # a layer's gain is at least this x the median gain
 PRESET_TRIES = 4        # presets quantised to find the comparator of an auto:BPW / auto:SIZE budget
 
 
@@ -174,7 +180,8 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
     from quantkit.util import atomic_path, sha256_bytes
 
     full_key = {**key, "candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "search": SEARCH_VERSION,
-                "probe": PROBE, "check_tokens": CHECK_TOKENS, "check_ctx": CHECK_CTX}
+                "probe": PROBE, "check_tokens": CHECK_TOKENS, "check_ctx": CHECK_CTX,
+                "layer_probes": LAYER_PROBES, "fit_rounds": FIT_ROUNDS, "gain_floor": GAIN_FLOOR}
     kid = sha256_bytes(json.dumps(full_key, sort_keys=True).encode())[:24]
     cache = _cache_dir() / f"{kid}.json"
     if cache.is_file():
@@ -202,7 +209,7 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
         log.info("mix: measured %s (%.0f s so far)", cand, time.perf_counter() - t0)
     out = {"key": full_key, "tensors": table}
     if score is not None:
-        out["categories"] = _calibrate(table, inter_path, imatrix_path, scratch, score, threads)
+        out.update(_calibrate(table, inter_path, imatrix_path, scratch, score, threads))
     (scratch / f"pure-{CANDIDATES[-1]}.gguf").unlink()
     out["seconds"] = round(time.perf_counter() - t0, 1)
     blob = json.dumps(out, sort_keys=True).encode()
@@ -212,12 +219,29 @@ def sensitivities(inter_path: Path, imatrix_path: Path, work: Path, *, key: dict
     return out, sha256_bytes(blob), False
 
 
+def layer_of(name: str) -> int | None:
+    """``blk.7.attn_v.weight`` -> 7; ``output.weight`` -> None."""
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def layer_bins(layers: list[int], n_bins: int = LAYER_PROBES) -> dict[int, int]:
+    """``{layer: bin}``: consecutive layers share a probe when there are more than ``n_bins`` of them."""
+    layers = sorted(set(layers))
+    return {layer: i * n_bins // len(layers) for i, layer in enumerate(layers)}
+
+
 def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path, score, threads: int) -> dict:
-    """Measured KLD per tensor category: only that category at :data:`PROBE`, the rest at the top candidate.
+    """Measured KLD per tensor category and per layer; ``{"categories": ..., "layers": ...}``.
 
     The proxy is in output-error units that do not compare across categories (an error in ``attn_q`` passes
-    a softmax, one in ``ffn_down`` lands in the residual stream); ``scale`` = measured KLD increase / proxy
-    increase puts every category in KLD units. Costs one Q8_0-speed pass + one eval per category."""
+    a softmax, one in ``ffn_down`` lands in the residual stream) nor across depth (an error in an early layer
+    passes every later one: on the continuous SmolLM2 the same proxy costs ~30x more KLD in layer 0 than in the
+    last layers). Two sets of probes, each file one group at :data:`PROBE` and the rest at the top candidate:
+    one per category, one per layer (bins of consecutive layers beyond :data:`LAYER_PROBES`). The per-tensor
+    factor ``scale(category) x gain(layer)`` is fitted to both sets of measured KLD increases (iterative
+    proportional fitting: each category's and each layer's predicted increase equals its measured one). Costs
+    one Q8_0-speed quantisation + one scoring per probe, :data:`PROBE_BATCH` files on disk at a time."""
     from quantkit.ggufio import quantize_file
     from quantkit.util import atomic_path
 
@@ -226,23 +250,69 @@ def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path,
     for n, opts in sorted(table.items()):
         if len({o["type"] for o in opts.values()}) > 1:
             cats.setdefault(category(n), []).append(n)
-    files = [scratch / f"pure-{top}.gguf"]
-    for c, names in cats.items():
-        path = scratch / f"probe-{c}.gguf"
-        with atomic_path(path) as tmp:
-            quantize_file(inter_path, tmp, "Q4_K_M", threads=threads, imatrix=imatrix_path,
-                          overrides={**overrides({n: table[n][PROBE]["type"] for n in names}), ".*": top})
-        files.append(path)
-    klds = score(files)
-    out = {}
-    for (c, names), kld in zip(cats.items(), klds[1:]):
-        proxy = sum(table[n][PROBE]["err"] - table[n][top]["err"] for n in names)
-        gain = max(kld - klds[0], 1e-9)
-        out[c] = {"tensors": len(names), "kld": kld, "kld_increase": kld - klds[0], "proxy_increase": proxy,
-                  "scale": gain / proxy if proxy > 0 else 1.0}
-    for f in files[1:]:
-        f.unlink()
-    return out
+    varying = [n for names in cats.values() for n in names]
+    bins = layer_bins([layer_of(n) for n in varying if layer_of(n) is not None])
+    groups: dict[int, list[str]] = {}
+    for n in varying:
+        if layer_of(n) is not None:
+            groups.setdefault(bins[layer_of(n)], []).append(n)
+    probes = [("category", c, names) for c, names in cats.items()]
+    if len(groups) > 1:  # one layer: its probe would repeat the category probes' sum
+        probes += [("layer", g, names) for g, names in sorted(groups.items())]
+    base_kld = score([scratch / f"pure-{top}.gguf"])[0]
+    klds = []
+    for i in range(0, len(probes), PROBE_BATCH):
+        files = []
+        for kind, key, names in probes[i:i + PROBE_BATCH]:
+            path = scratch / f"probe-{kind}-{key}.gguf"
+            with atomic_path(path) as tmp:
+                quantize_file(inter_path, tmp, "Q4_K_M", threads=threads, imatrix=imatrix_path,
+                              overrides={**overrides({n: table[n][PROBE]["type"] for n in names}), ".*": top})
+            files.append(path)
+        klds += score(files)
+        for f in files:
+            f.unlink()
+    proxy = {n: table[n][PROBE]["err"] - table[n][top]["err"] for n in varying}
+    inc = {(kind, key): max(k - base_kld, 1e-9) for (kind, key, _), k in zip(probes, klds)}
+    scale, gain = fit_scales(proxy, cats, groups if len(groups) > 1 else {}, inc)
+    out_c = {c: {"tensors": len(names), "kld": inc[("category", c)] + base_kld, "kld_increase": inc[("category", c)],
+                 "proxy_increase": sum(proxy[n] for n in names), "scale": scale[c]} for c, names in cats.items()}
+    out_l = {str(g): {"layers": sorted({layer_of(n) for n in names}), "tensors": len(names),
+                      "kld_increase": inc[("layer", g)], "gain": gain[g]} for g, names in sorted(groups.items())
+             if g in gain}
+    return {"categories": out_c, "layers": out_l, "base_kld": base_kld}
+
+
+def fit_scales(proxy: dict[str, float], cats: dict[str, list[str]], groups: dict[int, list[str]],
+               inc: dict[tuple, float]) -> tuple[dict[str, float], dict[int, float]]:
+    """``(scale per category, gain per layer group)`` such that ``scale(category(n)) x gain(group(n)) x proxy[n]``
+    summed over a probe's tensors is its measured KLD increase ``inc[("category", c)]`` / ``inc[("layer", g)]``
+    (iterative proportional fitting; exact when the increases come from such a product). A gain is at least
+    :data:`GAIN_FLOOR` x the median: a noisy near-zero probe does not make a layer free."""
+    group_of = {n: g for g, names in groups.items() for n in names}
+    scale = {c: 1.0 for c in cats}
+    gain = {g: 1.0 for g in groups}
+    for _ in range(FIT_ROUNDS):
+        for c, names in cats.items():
+            pred = sum(gain.get(group_of.get(n), 1.0) * proxy[n] for n in names)
+            scale[c] = inc[("category", c)] / pred if pred > 0 else 1.0
+        if gain:
+            for g, names in groups.items():
+                pred = sum(scale[category(n)] * proxy[n] for n in names)
+                gain[g] = inc[("layer", g)] / pred if pred > 0 else 1.0
+            floor = sorted(gain.values())[len(gain) // 2] * GAIN_FLOOR
+            gain = {g: max(v, floor) for g, v in gain.items()}
+    return scale, gain
+
+
+def tensor_scale(table: dict, name: str) -> float:
+    """The measured factor that puts tensor ``name``'s proxy into KLD units: category scale x layer gain."""
+    c = ((table.get("categories") or {}).get(category(name)) or {}).get("scale", 1.0)
+    layers = table.get("layers") or {}
+    if not layers or layer_of(name) is None:
+        return c
+    by_layer = {layer: v["gain"] for v in layers.values() for layer in v["layers"]}
+    return c * by_layer.get(layer_of(name), 1.0)
 
 
 # -------------------------------------------------------------------------------------- allocation
@@ -251,9 +321,8 @@ def allocate(table: dict, budget: int, header: int, align: int = ALIGN) -> tuple
     """Greedy by error removed per byte under ``budget`` file bytes: ``({tensor: ggml type}, predicted size)``,
     ``(None, smallest size)`` when even the cheapest options do not fit."""
     hulls = {}
-    cats = table.get("categories") or {}
     for name, opts in sorted(table["tensors"].items()):
-        scale = (cats.get(category(name)) or {}).get("scale", 1.0)
+        scale = tensor_scale(table, name)
         pts = {}
         for o in opts.values():  # one point per actual type (fallbacks repeat)
             pts[o["type"]] = (_align(o["bytes"], align), o["err"] * scale, o["type"])
@@ -406,8 +475,8 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
         "tensor_types": {n: actual[n][0] for n in sorted(assign)},
         "sensitivity": {"sha256": table_sha, "reused": reused, "seconds": table.get("seconds"),
                         "key": table["key"],
-                        "proxy": "imatrix-weighted squared error x measured KLD per category",
-                        "categories": table.get("categories")},
+                        "proxy": "imatrix-weighted squared error x measured KLD per category x per layer",
+                        "categories": table.get("categories"), "layers": table.get("layers")},
         "search": {"candidates": list(CANDIDATES), "sample_rows": SAMPLE_ROWS, "allocation": "greedy error/byte",
                    "check": measured, "seconds": round(time.perf_counter() - t0, 1),
                    "sensitivity_seconds": round(sens_seconds, 1)},

@@ -3,11 +3,12 @@ tiny-model run (size within the preset's, loads in llama.cpp, recorded, reproduc
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import parse_auto
-from quantkit.gguf_mix import allocate, summary
+from quantkit.gguf_mix import allocate, category, fit_scales, layer_bins, layer_of, summary, tensor_scale
 from quantkit.recipe import parse_recipe
 
 # -- unit: no model, no llama.cpp ------------------------------------------------------------------
@@ -58,6 +59,41 @@ def test_allocation_spends_bytes_where_error_per_byte_is_largest():
     # dominated options (more bytes, more error) are never chosen
     t2 = _table(x=[("A", 320, 5.0), ("B", 400, 6.0), ("C", 480, 1.0)])
     assert allocate(t2, 10_000, 0)[0] == {"x": "C"} and allocate(t2, 460, 0)[0] == {"x": "A"}
+
+
+@pytest.mark.unit
+def test_layer_gains_send_bytes_to_the_layer_that_costs_more_kld():
+    """Two tensors of one category with the same proxy: the measured gain of layer 0 (10x) decides the upgrade."""
+    opts = [("Q4_0", 320, 10.0), ("Q8_0", 544, 0.5)]
+    table = _table(**{"blk.0.ffn_down.weight": opts, "blk.1.ffn_down.weight": opts})
+    table["categories"] = {"ffn_down": {"scale": 2.0}}
+    table["layers"] = {"0": {"layers": [0], "gain": 10.0}, "1": {"layers": [1], "gain": 1.0}}
+    assert tensor_scale(table, "blk.0.ffn_down.weight") == 20.0 and tensor_scale(table, "blk.1.ffn_down.weight") == 2.0
+    assign, _ = allocate(table, 320 + 544, 0)
+    assert assign == {"blk.0.ffn_down.weight": "Q8_0", "blk.1.ffn_down.weight": "Q4_0"}
+    table["layers"] = {"0": {"layers": [0], "gain": 1.0}, "1": {"layers": [1], "gain": 10.0}}
+    assert allocate(table, 320 + 544, 0)[0] == {"blk.0.ffn_down.weight": "Q4_0", "blk.1.ffn_down.weight": "Q8_0"}
+
+
+@pytest.mark.unit
+def test_the_category_times_layer_fit_reproduces_every_probe():
+    """Probe increases made by a known scale(category) x gain(layer) are fitted back exactly; bins share a probe."""
+    rng = np.random.default_rng(0)
+    true_scale = {c: float(rng.uniform(1e-5, 1e-3)) for c in ("attn_q", "attn_v", "ffn_down")}
+    true_gain = {g: float(rng.uniform(1, 20)) for g in range(6)}  # above GAIN_FLOOR x median
+    proxy = {f"blk.{g}.{c}.weight": float(rng.uniform(10, 1000)) for g in true_gain for c in true_scale}
+    proxy["token_embd.weight"] = 5.0
+    cats = {c: [n for n in proxy if category(n) == c] for c in (*true_scale, "token_embd")}
+    groups = {g: [n for n in proxy if layer_of(n) == g] for g in true_gain}
+    true = {n: (true_scale.get(category(n)) or 0.01) * true_gain.get(layer_of(n), 1.0) * p for n, p in proxy.items()}
+    inc = {("category", c): sum(true[n] for n in names) for c, names in cats.items()}
+    inc |= {("layer", g): sum(true[n] for n in names) for g, names in groups.items()}
+    scale, gain = fit_scales(proxy, cats, groups, inc)
+    for n in proxy:
+        fitted = scale[category(n)] * gain.get(layer_of(n), 1.0) * proxy[n]
+        assert fitted == pytest.approx(true[n], rel=1e-3), n
+    assert layer_bins(list(range(30))) == {i: i * 32 // 30 for i in range(30)}  # one probe per layer
+    assert sorted(set(layer_bins(list(range(80))).values())) == list(range(32))  # 80 layers: 32 probes
 
 
 @pytest.mark.unit
@@ -149,6 +185,11 @@ def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, m
     actual, _, _ = tensor_bytes(tmp_path / "a" / auto["path"])
     assert mix["tensor_types"] and all(actual[n][0] == t for n, t in mix["tensor_types"].items())
     assert len(mix["sensitivity"]["sha256"]) == 64 and mix["search"]["candidates"]
+    # every layer was probed (its gain measured) beside every category
+    layers = mix["sensitivity"]["layers"]
+    assert sorted(x for v in layers.values() for x in v["layers"]) == sorted(
+        {layer_of(n) for n in mix["tensor_types"] if layer_of(n) is not None})
+    assert all(v["gain"] > 0 for v in layers.values()) and mix["sensitivity"]["categories"]
     assert mix["budget_bytes"] == preset["size"]
     if mix["fallback"] is None:  # a real mix: it differs from the preset somewhere and was measured better
         assert mix["search"]["check"]["kld_mix"] < mix["search"]["check"]["kld_preset"]
@@ -191,22 +232,32 @@ def test_auto_mix_needs_calibration(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the goal is not met on the continuous model: benchmarks/gguf_mix.md "
-                   "measured the mix falling back to the preset at Q4_K_M and Q5_K_M (ratio 1.000), and 0.912 / "
-                   "1.101 at Q3_K_M on the eval / unseen text (issue 22, item 5)")
 def test_smollm2_auto_beats_the_preset_on_the_continuous_model(smollm2_continuous, calib_file, tmp_path):
     """On the continuous SmolLM2 (not the gridded builtin, whose Q4_1 grid flatters a mix), on the held-out eval
-    text and on prose quantkit never sees. Strict xfail: a mix that meets the goal makes this fail until the mark
-    goes."""
+    text and on prose quantkit never sees, at Q3_K_M, Q4_K_M and Q5_K_M size: never worse than the preset (a mix
+    that is not better falls back to it), at least 10% lower mean KLD at Q3_K_M and Q4_K_M (the first goal), and
+    the raised goal (at least 25% lower at all three, issue 22 item 5) reported as an expected failure while it
+    is not met: benchmarks/gguf_mix.md measured 0.51 / 0.76 / 1.00 (Q5_K_M falls back) on the eval text."""
     from quantkit.evaluate import evaluate
     from quantkit.texts import held_out_texts
 
-    res = _run(smollm2_continuous, tmp_path / "s", calib_file)
-    assert res.paths()[1].stat().st_size <= res.paths()[0].stat().st_size
+    budgets = ("Q3_K_M", "Q4_K_M", "Q5_K_M")
+    res = _run(smollm2_continuous, tmp_path / "s", calib_file, types=[t for b in budgets for t in (b, f"auto:{b}")])
+    paths = res.paths()
+    missed = []
     for name, text, _ in held_out_texts():
-        rep = evaluate(str(smollm2_continuous), [str(p) for p in res.paths()], text=text, max_tokens=2048,
+        rep = evaluate(str(smollm2_continuous), [str(p) for p in paths], text=text, max_tokens=2048,
                        write_manifest=False)
-        kld_preset, kld_auto = (r["kld_mean"] for r in rep.rows)
-        print(f"SmolLM2 (continuous, {name} text) auto:Q4_K_M KLD {kld_auto:.4f} vs Q4_K_M {kld_preset:.4f} "
-              f"({kld_auto / kld_preset:.3f})")
-        assert kld_auto <= 0.9 * kld_preset  # the goal: >= 10% lower mean KLD at no larger size
+        kld = [r["kld_mean"] for r in rep.rows]
+        for i, b in enumerate(budgets):
+            kld_preset, kld_auto = kld[2 * i], kld[2 * i + 1]
+            ratio = kld_auto / kld_preset
+            print(f"SmolLM2 (continuous, {name}) auto:{b} KLD {kld_auto:.4f} vs {b} {kld_preset:.4f} ({ratio:.3f})")
+            assert paths[2 * i + 1].stat().st_size <= paths[2 * i].stat().st_size
+            assert ratio <= 1.0 + 1e-9
+            if b != "Q5_K_M":
+                assert ratio <= 0.9  # the first goal: >= 10% lower mean KLD at no larger size
+            if ratio > 0.75:
+                missed.append(f"{b} {name} {ratio:.3f}")
+    if missed:
+        pytest.xfail("the raised goal (>= 25% lower KLD) is not met: " + ", ".join(missed))
