@@ -1,7 +1,7 @@
 """quantkit's measured per-tensor mixes (``auto:PRESET``) versus llama.cpp's presets at the same file size.
 
-    python3 benchmarks/gguf_mix.py [--models smollm2-continuous,smollm2,qwen2] [--budgets Q3_K_M,Q4_K_M,Q5_K_M]
-                                    [--tokens 4096]
+    python3 benchmarks/gguf_mix.py [--models smollm2-continuous,smollm2,qwen2]
+                                    [--budgets Q3_K_M,Q4_K_M,Q5_K_M,6.0bpw] [--tokens 4096]
 
 For each model, one ``quantize_gguf`` run makes every preset and its ``auto:`` mix with the same importance
 matrix (builtin calibration text: CPython's pydoc topics); then every file is scored against the HF base on
@@ -9,7 +9,9 @@ the *held-out* builtin eval text (Python FAQ; never the calibration text) and on
 quantkit never sees (``quantkit.texts.unseen_text``: CPython's licence history + IDLE's release history): mean
 KLD (± standard error), PPL change, top-1 agreement. ``search s`` is the wall time of the auto variant
 (sensitivity table + allocation + the calibration-text check); the table is built once per model and re-used by
-the other budgets, so the first budget's time includes it. Models: the continuous SmolLM2-135M
+the other budgets, so the first budget's time includes it. A size budget (``6.0bpw``, ``100MB``) is compared with
+the preset its search chose as comparator (the largest whose file fits; the budget column names it), whose
+file may be smaller than the budget. Models: the continuous SmolLM2-135M
 (``builtin:smollm2-135m-continuous``: the model of quality claims), the gridded builtin SmolLM2 (weights on a
 Q4_1 grid, which flatters mixes; kept for comparison) and a tiny random 2-layer Qwen2 fixture
 (tests/fixtures_models.py; random weights, so its numbers say only that the machinery works there).
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from quantkit.evaluate import evaluate  # noqa: E402
+from quantkit.formats import _MIX_PRESETS  # noqa: E402
 from quantkit.gguf import quantize_gguf  # noqa: E402
 from quantkit.texts import held_out_texts  # noqa: E402
 from quantkit.util import format_table, human_size  # noqa: E402
@@ -54,11 +57,17 @@ def model_path(name: str) -> Path:
 def run(name: str, budgets: list[str], work: Path, tokens: int) -> list[dict]:
     base = model_path(name)
     out = work / name
-    types = [t for b in budgets for t in (b, f"auto:{b}")]
+    types = [t for b in budgets for t in ((b, f"auto:{b}") if b in _MIX_PRESETS else (f"auto:{b}",))]
     t0 = time.perf_counter()
     res = quantize_gguf(str(base), types, out, calibration="builtin", threads=2)
-    total = time.perf_counter() - t0
     arts = dict(zip(types, res.artifacts))
+    # a size budget (auto:6.0bpw) is compared with the preset its search chose: the largest that fits
+    chosen = {b: res.manifest.artifacts[arts[f"auto:{b}"]]["mix"]["preset"] for b in budgets if b not in _MIX_PRESETS}
+    extra = sorted({p for p in chosen.values() if p and p not in types})
+    if extra or chosen:
+        res = quantize_gguf(str(base), types + extra, out, calibration="builtin", threads=2)
+        arts = dict(zip(types + extra, res.artifacts))
+    total = time.perf_counter() - t0
     rows = []
     for label, text, text_name in held_out_texts():
         rows += _score(name, base, res, arts, budgets, label, text, text_name, tokens, total)
@@ -70,11 +79,16 @@ def _score(name, base, res, arts, budgets, label, text, text_name, tokens, total
     by_path = {Path(r["path"]).name: r for r in rep.rows}
     rows = []
     for b in budgets:
-        p, a = res.manifest.artifacts[arts[b]], res.manifest.artifacts[arts[f"auto:{b}"]]
+        a = res.manifest.artifacts[arts[f"auto:{b}"]]
+        comparator = b if b in _MIX_PRESETS else a["mix"]["preset"]
+        if comparator is None:  # no preset fits the budget: nothing to compare with
+            continue
+        p = res.manifest.artifacts[arts[comparator]]
         rp, ra = by_path[p["path"]], by_path[a["path"]]
         mix = a["mix"]
         rows.append({
-            "model": name, "text": label, "budget": b, "preset_size": p["size"], "auto_size": a["size"],
+            "model": name, "text": label, "budget": b if b in _MIX_PRESETS else f"{b} ({comparator})",
+            "preset_size": p["size"], "auto_size": a["size"],
             "kld_preset": rp["kld_mean"], "kld_preset_se": rp.get("kld_se"), "kld_auto": ra["kld_mean"],
             "kld_auto_se": ra.get("kld_se"), "kld_ratio": ra["kld_mean"] / rp["kld_mean"],
             "ppl_change_preset": rp["ppl_ratio"] - 1, "ppl_change_auto": ra["ppl_ratio"] - 1,
@@ -114,7 +128,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2-continuous,smollm2,qwen2")
-    ap.add_argument("--budgets", default="Q3_K_M,Q4_K_M,Q5_K_M")
+    ap.add_argument("--budgets", default="Q3_K_M,Q4_K_M,Q5_K_M,6.0bpw",
+                    help="presets, or sizes (6.0bpw, 100MB) compared with the largest preset that fits")
     ap.add_argument("--tokens", type=int, default=4096, help="eval tokens (held-out builtin eval text)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "quantkit-bench" / "gguf_mix"))
     a = ap.parse_args(argv)
