@@ -272,6 +272,7 @@ def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path,
         klds += score(files)
         for f in files:
             f.unlink()
+        log.info("mix: scored %d of %d probe files", len(klds), len(probes))
     proxy = {n: table[n][PROBE]["err"] - table[n][top]["err"] for n in varying}
     inc = {(kind, key): max(k - base_kld, 1e-9) for (kind, key, _), k in zip(probes, klds)}
     scale, gain = fit_scales(proxy, cats, groups if len(groups) > 1 else {}, inc)
