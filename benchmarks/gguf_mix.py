@@ -64,7 +64,7 @@ def run(name: str, budgets: list[str], work: Path, tokens: int) -> list[dict]:
     # a size budget (auto:6.0bpw) is compared with the preset its search chose: the largest that fits
     chosen = {b: res.manifest.artifacts[arts[f"auto:{b}"]]["mix"]["preset"] for b in budgets if b not in _MIX_PRESETS}
     extra = sorted({p for p in chosen.values() if p and p not in types})
-    if extra or chosen:
+    if extra:
         res = quantize_gguf(str(base), types + extra, out, calibration="builtin", threads=2)
         arts = dict(zip(types + extra, res.artifacts))
     total = time.perf_counter() - t0

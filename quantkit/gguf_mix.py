@@ -256,9 +256,10 @@ def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path,
     for n in varying:
         if layer_of(n) is not None:
             groups.setdefault(bins[layer_of(n)], []).append(n)
+    if len(groups) < 2:  # one layer: its probe would repeat the category probes' sum
+        groups = {}
     probes = [("category", c, names) for c, names in cats.items()]
-    if len(groups) > 1:  # one layer: its probe would repeat the category probes' sum
-        probes += [("layer", g, names) for g, names in sorted(groups.items())]
+    probes += [("layer", g, names) for g, names in sorted(groups.items())]
     base_kld = score([scratch / f"pure-{top}.gguf"])[0]
     klds = []
     for i in range(0, len(probes), PROBE_BATCH):
@@ -275,12 +276,11 @@ def _calibrate(table: dict, inter_path: Path, imatrix_path: Path, scratch: Path,
         log.info("mix: scored %d of %d probe files", len(klds), len(probes))
     proxy = {n: table[n][PROBE]["err"] - table[n][top]["err"] for n in varying}
     inc = {(kind, key): max(k - base_kld, 1e-9) for (kind, key, _), k in zip(probes, klds)}
-    scale, gain = fit_scales(proxy, cats, groups if len(groups) > 1 else {}, inc)
+    scale, gain = fit_scales(proxy, cats, groups, inc)
     out_c = {c: {"tensors": len(names), "kld": inc[("category", c)] + base_kld, "kld_increase": inc[("category", c)],
                  "proxy_increase": sum(proxy[n] for n in names), "scale": scale[c]} for c, names in cats.items()}
     out_l = {str(g): {"layers": sorted({layer_of(n) for n in names}), "tensors": len(names),
-                      "kld_increase": inc[("layer", g)], "gain": gain[g]} for g, names in sorted(groups.items())
-             if g in gain}
+                      "kld_increase": inc[("layer", g)], "gain": gain[g]} for g, names in sorted(groups.items())}
     return {"categories": out_c, "layers": out_l, "base_kld": base_kld}
 
 
@@ -306,14 +306,12 @@ def fit_scales(proxy: dict[str, float], cats: dict[str, list[str]], groups: dict
     return scale, gain
 
 
-def tensor_scale(table: dict, name: str) -> float:
-    """The measured factor that puts tensor ``name``'s proxy into KLD units: category scale x layer gain."""
-    c = ((table.get("categories") or {}).get(category(name)) or {}).get("scale", 1.0)
-    layers = table.get("layers") or {}
-    if not layers or layer_of(name) is None:
-        return c
-    by_layer = {layer: v["gain"] for v in layers.values() for layer in v["layers"]}
-    return c * by_layer.get(layer_of(name), 1.0)
+def tensor_scales(table: dict) -> dict[str, float]:
+    """Per tensor, the measured factor that puts its proxy into KLD units: category scale x layer gain."""
+    cats = table.get("categories") or {}
+    gains = {layer: v["gain"] for v in (table.get("layers") or {}).values() for layer in v["layers"]}
+    return {n: (cats.get(category(n)) or {}).get("scale", 1.0) * gains.get(layer_of(n), 1.0)
+            for n in table["tensors"]}
 
 
 # -------------------------------------------------------------------------------------- allocation
@@ -322,8 +320,9 @@ def allocate(table: dict, budget: int, header: int, align: int = ALIGN) -> tuple
     """Greedy by error removed per byte under ``budget`` file bytes: ``({tensor: ggml type}, predicted size)``,
     ``(None, smallest size)`` when even the cheapest options do not fit."""
     hulls = {}
+    scales = tensor_scales(table)
     for name, opts in sorted(table["tensors"].items()):
-        scale = tensor_scale(table, name)
+        scale = scales[name]
         pts = {}
         for o in opts.values():  # one point per actual type (fallbacks repeat)
             pts[o["type"]] = (_align(o["bytes"], align), o["err"] * scale, o["type"])

@@ -8,7 +8,7 @@ import pytest
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import parse_auto
-from quantkit.gguf_mix import allocate, category, fit_scales, layer_bins, layer_of, summary, tensor_scale
+from quantkit.gguf_mix import allocate, category, fit_scales, layer_bins, layer_of, summary, tensor_scales
 from quantkit.recipe import parse_recipe
 
 # -- unit: no model, no llama.cpp ------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_layer_gains_send_bytes_to_the_layer_that_costs_more_kld():
     table = _table(**{"blk.0.ffn_down.weight": opts, "blk.1.ffn_down.weight": opts})
     table["categories"] = {"ffn_down": {"scale": 2.0}}
     table["layers"] = {"0": {"layers": [0], "gain": 10.0}, "1": {"layers": [1], "gain": 1.0}}
-    assert tensor_scale(table, "blk.0.ffn_down.weight") == 20.0 and tensor_scale(table, "blk.1.ffn_down.weight") == 2.0
+    assert tensor_scales(table) == {"blk.0.ffn_down.weight": 20.0, "blk.1.ffn_down.weight": 2.0}
     assign, _ = allocate(table, 320 + 544, 0)
     assert assign == {"blk.0.ffn_down.weight": "Q8_0", "blk.1.ffn_down.weight": "Q4_0"}
     table["layers"] = {"0": {"layers": [0], "gain": 1.0}, "1": {"layers": [1], "gain": 10.0}}
