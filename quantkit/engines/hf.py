@@ -49,16 +49,37 @@ def load_hf_model(path: Path, device_name: str | None = None):
     last = None
     for dtype in tries:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_name)
-            model.eval()
-            return model
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_name,
+                                                               output_loading_info=True)
         except ImportError as e:
             raise QuantkitError(f"{path} is a {fmt} model and transformers cannot load it here ({e}); install "
                                 "quantkit with scripts/install.sh") from None
         except Exception as e:  # try the loader's own dtype once
             last = e
+            continue
+        problem = load_problem(info)
+        if problem:
+            raise QuantkitError(f"transformers loaded {path} ({fmt}) with {problem}: the folder does not hold the "
+                                "model its config describes (rebuild it; a weight left at its initial value "
+                                "makes every number measured on it wrong)")
+        model.eval()
+        return model
     raise QuantkitError(f"transformers could not load {path} ({fmt}): {type(last).__name__}: "
                         f"{str(last).splitlines()[0] if str(last) else ''}")
+
+
+def load_problem(info: dict) -> str | None:
+    """What transformers' loading report (``output_loading_info=True``) says went wrong, in a few words: weights
+    the model needs that the folder lacks (left at their initial values), tensors in the folder the model has no
+    place for (never loaded), tensors of the wrong shape; None when every weight was loaded."""
+    parts = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(key) or ()))
+        if names:
+            more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+            parts.append(f"{len(names)} weight{'s' if len(names) > 1 else ''} {what} ({', '.join(names[:2])}{more})")
+    return "; ".join(parts) or None
 
 
 def _dtype(model) -> str:
