@@ -392,6 +392,10 @@ class VLLMServer:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:300]
+            if "Out of range float values are not JSON compliant" in detail:  # NaN/inf it cannot put in JSON
+                raise VLLMError(f"{self.install.label} computed NaN/inf log-probabilities for {self.model.name} "
+                                f"(it answered {e.code} to {route}: out-of-range floats): its weights are broken "
+                                "or incomplete") from None
             raise VLLMError(f"{self.install.label} answered {e.code} to {route}: {detail}") from None
         except (TimeoutError, socket.timeout):
             raise VLLMError(f"{self.install.label} did not answer {route} within {timeout:.0f} s "

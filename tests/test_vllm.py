@@ -226,6 +226,30 @@ def test_a_config_vllm_refuses_fails_with_vllms_reason(served, smollm2_4, tmp_pa
     assert "\n" not in res.error
 
 
+def test_broken_weights_fail_in_vllm_in_one_line(served, smollm2_4, tmp_path):
+    """A tensor the model has no place for: vLLM refuses it, and the line is the worker's reason. NaN scales: vLLM
+    serves the folder but cannot put its log-probabilities in JSON; the check says what that means."""
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.verify import verify_artifact
+
+    _, folders, _, _ = served
+    for tag, change in (("extra", lambda w: w.update({"model.extra.weight": w["model.norm.weight"].clone()})),
+                        ("nan", lambda w: w["model.layers.1.mlp.down_proj.scales"].fill_(float("nan")))):
+        bad = tmp_path / tag
+        shutil.copytree(folders["gptq"], bad)
+        (f,) = bad.glob("*.safetensors")
+        weights = load_file(f)
+        change(weights)
+        save_file(weights, f, metadata={"format": "pt"})
+        res = verify_artifact(smollm2_4, bad, bits=4)
+        assert not res.passed and res.kld is None and "\n" not in res.error, res.error
+        if tag == "extra":
+            assert "ValueError: There is no module or parameter named 'extra'" in res.error, res.error
+        else:
+            assert "computed NaN/inf log-probabilities for nan" in res.error, res.error
+
+
 def test_eval_in_vllm_on_the_same_tokens(served, smollm2_4, run_cli):
     _, folders, _, _ = served
     args = ("eval", smollm2_4, folders["gptq-ct"], "--ctx", 128, "--max-tokens", 512, "--no-write", "--json")
