@@ -278,8 +278,9 @@ class VLLMLimit:
 
 
 #: Kinds of machine vLLM runs on, as :func:`quantkit.vllm.device_kind` names them.
-VLLM_DEVICES = ("cuda", "cpu-x86", "cpu-arm")
-_CPU = ("cpu-x86", "cpu-arm")
+VLLM_DEVICES = ("cuda", "cpu-x86", "cpu-x86-avx2", "cpu-arm")
+_X86 = ("cpu-x86", "cpu-x86-avx2")  # cpu-x86-avx2: an x86 CPU without AVX512 (vLLM loads its _C_AVX2 there)
+_CPU = (*_X86, "cpu-arm")
 
 #: What vLLM (0.32, CPU and CUDA builds) accepts, read in its own checks; each row names the function.
 VLLM_LIMITS: tuple[VLLMLimit, ...] = (
@@ -291,7 +292,10 @@ VLLM_LIMITS: tuple[VLLMLimit, ...] = (
     VLLMLimit(_CPU, lambda s: s.bits is not None and s.weight_only and s.bits != 4,
               "vLLM's CPU build has 4-bit weight-only kernels only (CPUWNA16: uint4, uint4b8), no "
               "8-bit weight-only", "vllm/model_executor/kernels/linear/mixed_precision/cpu.py"),
-    VLLMLimit(("cpu-x86",), lambda s: s.bits is not None and s.moe,
+    VLLMLimit(("cpu-x86-avx2",), lambda s: s.bits is not None,
+              "vLLM's CPU build on an x86 CPU without AVX512 loads its _C_AVX2 extension, which has no W4A16 kernel "
+              "(cpu_gemm_wna16)", "vllm/platforms/cpu.py (vllm._C_AVX512 only where torch.cpu._is_avx512_supported())"),
+    VLLMLimit(_X86, lambda s: s.bits is not None and s.moe,
               "vLLM's CPU W4A16 MoE kernel is Arm-only (\"No WNA16 MoE backend supports the deployment "
               "configuration\" on x86)", "vllm/model_executor/layers/fused_moe (CPU WNA16 MoE backends)"),
     VLLMLimit(_CPU, lambda s: s.bits is not None and s.group_size not in (None, -1) and s.group_size % 2,

@@ -122,7 +122,8 @@ def installed_label() -> str | None:
 
 
 def device_kind(install: VLLMInstall | None = None) -> str:
-    """``cuda`` (a CUDA build with a GPU), ``cpu-x86`` or ``cpu-arm``: what :data:`VLLM_LIMITS` rows name."""
+    """``cuda`` (a CUDA build with a GPU), ``cpu-x86``, ``cpu-x86-avx2`` (no AVX512) or ``cpu-arm``: what
+    :data:`VLLM_LIMITS` rows name."""
     if install is not None and install.dist == "vllm":
         try:
             import torch
@@ -131,7 +132,14 @@ def device_kind(install: VLLMInstall | None = None) -> str:
                 return "cuda"
         except Exception:
             pass
-    return "cpu-arm" if platform.machine().lower() in ("aarch64", "arm64") else "cpu-x86"
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "cpu-arm"
+    try:  # vLLM's own choice between its _C_AVX512 and _C_AVX2 extensions (vllm/platforms/cpu.py)
+        import torch
+
+        return "cpu-x86" if torch.cpu._is_avx512_supported() else "cpu-x86-avx2"
+    except (ImportError, AttributeError):
+        return "cpu-x86"
 
 
 # ---------------------------------------------------------------------------------------------- schemes
