@@ -102,7 +102,7 @@ def run(name: str, preset: str, work: Path, tokens: int) -> dict:
             f = scratch / f"{kind}-{L}.gguf"
             quantize_file(inter, f, preset, threads=2, imatrix=imx, overrides=gm.overrides(assign))
             files.append(f)
-    klds = _kld(base, files, text, tokens)
+    klds = gm._kld(base, files, text, 2, tokens=tokens)
     for f in files:
         f.unlink()
     k0, rest = klds[0], klds[1:]
@@ -129,14 +129,6 @@ def _table(rec: dict) -> dict:
         if sha256_bytes(blob) == want:
             return json.loads(blob)
     raise SystemExit("the auto search's sensitivity table is not in the cache")
-
-
-def _kld(base, files, text, tokens):
-    from quantkit.evaluate import evaluate
-
-    rep = evaluate(str(base), [str(f) for f in files], text=text, ctx=gm.CHECK_CTX, max_tokens=tokens,
-                   write_manifest=False, threads=2)
-    return [float(r["kld_mean"]) for r in rep.rows]
 
 
 def report(r: dict) -> str:

@@ -374,10 +374,10 @@ def overrides(assign: dict[str, str]) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ build
 
-def _kld(base_path: Path, files: list[Path], text: str, threads) -> list[float]:
+def _kld(base_path: Path, files: list[Path], text: str, threads, tokens: int = CHECK_TOKENS) -> list[float]:
     from quantkit.evaluate import evaluate
 
-    rep = evaluate(str(base_path), [str(f) for f in files], text=text, ctx=CHECK_CTX, max_tokens=CHECK_TOKENS,
+    rep = evaluate(str(base_path), [str(f) for f in files], text=text, ctx=CHECK_CTX, max_tokens=tokens,
                    write_manifest=False, threads=threads)
     return [float(r["kld_mean"]) for r in rep.rows]
 

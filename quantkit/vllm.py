@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -134,12 +135,30 @@ def device_kind(install: VLLMInstall | None = None) -> str:
             pass
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "cpu-arm"
-    try:  # vLLM's own choice between its _C_AVX512 and _C_AVX2 extensions (vllm/platforms/cpu.py)
+    return "cpu-x86" if _has_avx512() else "cpu-x86-avx2"
+
+
+#: the CPU flags behind ``torch.cpu._is_avx512_supported()``, which vLLM's CPU build asks to choose between its
+#: ``_C_AVX512`` and ``_C_AVX2`` extensions (vllm/platforms/cpu.py)
+_AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+@functools.lru_cache(maxsize=1)
+def _has_avx512() -> bool:
+    """Read from /proc/cpuinfo (no torch import on ``plan``'s path); torch's own check where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return _AVX512_FLAGS <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
         import torch
 
-        return "cpu-x86" if torch.cpu._is_avx512_supported() else "cpu-x86-avx2"
+        return bool(torch.cpu._is_avx512_supported())
     except (ImportError, AttributeError):
-        return "cpu-x86"
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- schemes
