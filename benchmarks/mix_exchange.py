@@ -6,13 +6,14 @@ Starting from the preset's own tensor types (same importance matrix as ``auto:``
 are scored against the HF base on the *calibration* text (what the auto search sees; 2048 tokens, ctx 512):
 
 * **up**: every tensor of that layer at Q8_0; the KLD it removes, and the bytes it adds;
-* **down**: every tensor of that layer one type lower (Q8_0 -> Q5_1, Q6_K -> Q5_K, Q5_1 -> Q5_0, Q5_K -> Q4_K); the
-  KLD it adds, and the bytes it frees.
+* **down**: every tensor of that layer one type lower (Q8_0 -> Q5_1, Q6_K -> Q5_K, Q5_1 -> Q5_0, Q5_K -> Q4_K,
+  Q5_0 -> Q4_0, Q4_K -> Q3_K); the KLD it adds, and the bytes it frees.
 
 Then an exact search (dynamic programming over bytes, 10 kB steps) picks, per layer, up / down / unchanged to
 minimise the predicted KLD with no more bytes than the preset: the best a mix that moves whole layers by these steps
 can reach if the moves add up (their measured sum is what the bound uses). The auto search also predicts every
-preset file; its prediction is printed beside the measurement. Writes ``benchmarks/mix_exchange.md`` / ``.json``.
+preset file; its prediction is printed beside the measurement. Writes ``benchmarks/mix_exchange.md`` / ``.json``
+(one section / key per preset: a run replaces only its own).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from quantkit.gguf import _load_calibration, _tokenizer, quantize_gguf  # noqa: 
 from quantkit.ggufio import quantize_file  # noqa: E402
 from quantkit.util import format_table  # noqa: E402
 
-DOWN = {"Q8_0": "Q5_1", "Q6_K": "Q5_K", "Q5_1": "Q5_0", "Q5_K": "Q4_K"}
+DOWN = {"Q8_0": "Q5_1", "Q6_K": "Q5_K", "Q5_1": "Q5_0", "Q5_K": "Q4_K", "Q5_0": "Q4_0", "Q4_K": "Q3_K"}
 STEP = 10_000  # bytes per unit of the exchange search
 
 
@@ -116,7 +117,16 @@ def run(name: str, preset: str, work: Path, tokens: int) -> dict:
             "auto_fallback": rec["fallback"], "layers": {str(L): v for L, v in info.items()},
             "bound_kld": k0 - removed, "bound_ratio": (k0 - removed) / k0,
             "bound_moves": {str(L): m for L, m in sorted(chosen.items())},
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1),
+            "provenance": f"Provenance: benchmarks/mix_exchange.py --preset {preset} --tokens {tokens}, "
+                          f"{time.strftime('%Y-%m-%d')}, {_machine()}."}
+
+
+def _machine() -> str:
+    import os
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return f"{os.cpu_count()} cores, {'AVX512' if 'avx512f' in flags else 'AVX2'}"
 
 
 def _table(rec: dict) -> dict:
@@ -140,9 +150,11 @@ def report(r: dict) -> str:
             f"the auto mix's own check: {r['auto_check']}, fallback: {r['auto_fallback']}.\n\n"
             f"KLD removed by one layer at Q8_0: median {ups[len(ups) // 2]:.5f}, max {ups[-1]:.5f}. "
             f"**Best budget-neutral exchange of whole layers: KLD {r['bound_kld']:.5f}, ratio "
-            f"{r['bound_ratio']:.3f}** (moves summed as measured; {r['seconds']:.0f} s of quantising and scoring).\n\n"
+            f"{r['bound_ratio']:.3f}** (moves summed as measured"
+            + (f"; {r['seconds']:.0f} s of quantising and scoring" if r.get("seconds") else "") + ").\n\n"
             "```\n" + format_table(rows, ["layer", "up: KLD removed", "up: +MB", "down: KLD added", "down: -MB",
-                                          "bound"]) + "\n```\n")
+                                          "bound"]) + "\n```\n"
+            + "".join(f"\n{r[k]}\n" for k in ("provenance", "reading") if r.get(k)))
 
 
 def main(argv=None) -> None:
@@ -154,11 +166,17 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     r = run(a.model, a.preset, Path(a.work), a.tokens)
     here = Path(__file__).with_suffix("")
-    here.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
-    text = report(r)
-    here.with_suffix(".md").write_text(text)
-    print(text)
-
+    try:
+        runs = json.loads(here.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        runs = {}
+    if "preset" in runs:  # the one-preset layout of the first run
+        runs = {runs["preset"]: runs}
+    runs[r["preset"]] = r
+    runs = dict(sorted(runs.items()))
+    here.with_suffix(".json").write_text(json.dumps(runs, indent=2) + "\n")
+    here.with_suffix(".md").write_text("\n".join(report(v) for v in runs.values()))
+    print(report(r))
 
 if __name__ == "__main__":
     main()
