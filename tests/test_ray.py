@@ -249,7 +249,11 @@ def test_a_ctrl_c_that_ray_swallows_still_stops_the_driver(tmp_path, tiny_llama)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the driver's own handler is back
 
 
-def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama):
+@pytest.mark.parametrize("stage", ["quantize", "eval"])
+def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama, stage):
+    """SIGINT to `quantkit run --ray` while a worker runs the variant's quantize or eval stage: exit 2 with the
+    interrupted line, the task's worker and its quantkit subprocess gone; after the eval drill the same command
+    completes, doing only what was left (quantize is not done again)."""
     import subprocess
     import sys
 
@@ -257,10 +261,12 @@ def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama):
 
     out = tmp_path / "out"
     path = recipe(tmp_path, tiny_llama, "int", out, types=("Q8_0",))
-    p = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "run", str(path), "--ray", cluster.address],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if stage == "eval":  # long enough that the SIGINT lands inside it: 4k tokens
+        path.write_text(path.read_text().replace("max_tokens: 256", "max_tokens: 4096"))
+    cmd = [sys.executable, "-m", "quantkit.cli", "run", str(path), "--ray", cluster.address]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        worker = _worker_of("Q8_0", "quantize", out)
+        worker = _worker_of("Q8_0", stage, out)
         stage_proc = worker.children()
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
@@ -271,3 +277,7 @@ def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama):
     gone, alive = psutil.wait_procs(stage_proc + [worker], timeout=30)
     assert not alive  # the task's worker and its quantkit subprocess are gone
     assert not (out / MARKER).exists()
+    if stage == "eval":
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert done_counts(out)["quantize:Q8_0"] == 1 and done_counts(out)["eval:Q8_0"] == 1

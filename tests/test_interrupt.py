@@ -1,0 +1,132 @@
+"""Ctrl-C drills for the commands that do the work: SIGINT to `quantkit gguf` while llama.cpp's converter runs,
+to `quantkit gptq` / `quantkit awq` inside their engine's layer loop (gptqmodel, llm-compressor), and to
+`quantkit eval` while it scores the variant. Each waits for that state (a child process, a line the engine
+prints), not for a moment; then: exit 130 within 60 s, the one `error: interrupted: ...` line, no traceback,
+nothing under a final name, no child left; for gguf and eval the same command run again completes.
+(`quantkit bench` and `run` are drilled in test_bench.py / test_pipeline.py, `run --ray` in test_ray.py.)"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+INTERRUPTED = "error: interrupted: what was finished is kept"
+
+
+def _env(progress: bool = False) -> dict:
+    env = {**os.environ, "QUANTKIT_NO_PROGRESS": "1"}
+    if progress:  # eval's only sign of scoring a variant is its progress bar
+        env.pop("QUANTKIT_NO_PROGRESS")
+    return env
+
+
+def _cmdlines(procs) -> list[str]:
+    out = []
+    for k in procs:
+        try:
+            out.append(" ".join(k.cmdline()))
+        except psutil.Error:  # gone already
+            pass
+    return out
+
+
+def drill(args: list[str], *, line: str | None = None, child: str | None = None, env=None, timeout: float = 600):
+    """Run ``quantkit ARGS``; once a stderr line matches ``line`` (or a child process's command line matches
+    ``child``), send SIGINT. ``(exit code, seconds from SIGINT to exit, stderr, the children it had, their
+    command lines)``."""
+    p = subprocess.Popen([sys.executable, "-m", "quantkit.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env or _env())
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for text in p.stderr:  # universal newlines: a progress bar's \r ends a line too
+            lines.append(text)
+            if line and re.search(line, text):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    end = time.time() + timeout
+    kids = []
+    try:
+        while p.poll() is None and time.time() < end and not ready.is_set():
+            if child and any(re.search(child, c) for c in _cmdlines(psutil.Process(p.pid).children(recursive=True))):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "the command ended before the state the drill waits for:\n" + "".join(lines)[-3000:]
+        assert time.time() < end, "the state the drill waits for never came:\n" + "".join(lines)[-3000:]
+        kids = psutil.Process(p.pid).children(recursive=True)
+        cmds = _cmdlines(kids)
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        p.kill()
+    reader.join(timeout=10)
+    return p.returncode, took, "".join(lines), kids, cmds
+
+
+def assert_interrupted(code: int, took: float, err: str, kids, _cmds=None) -> None:
+    assert code == 130 and took < 60, (code, took, err[-3000:])
+    last = [s for s in err.strip().splitlines() if s.strip()][-1]
+    assert last.startswith(INTERRUPTED), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    _, alive = psutil.wait_procs(kids, timeout=30)
+    assert not alive, alive
+
+
+def test_ctrl_c_while_the_converter_runs_then_a_rerun_completes(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    args = ["gguf", str(tiny_llama), "--types", "Q8_0", "--out", str(out)]
+    assert_interrupted(*drill(args, child="convert_hf_to_gguf"))  # while llama.cpp's converter runs
+    assert not list(out.rglob("*.gguf")), list(out.rglob("*"))  # neither the intermediate nor a type
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "gguf", *args[1:]], env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / f"{tiny_llama.name}-Q8_0.gguf").is_file() and "KLD" in r.stdout
+
+
+@pytest.mark.parametrize("method,fmt,engine_line", [
+    ("gptq", "classic", r"Quantizing layer"),          # gptqmodel's per-layer loop (its native threads)
+    ("awq", "compressed-tensors", r"Grid search for"),  # llm-compressor's AWQ scale search
+])
+def test_ctrl_c_inside_the_engine_leaves_no_folder(tmp_path, tiny_llama, method, fmt, engine_line):
+    out, calib = tmp_path / "out", tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"Calibration paragraph {i}: " + "the quick brown fox jumps over the lazy dog. " * 20
+                                   for i in range(8)))
+    assert_interrupted(*drill([method, str(tiny_llama), "--calibration", str(calib), "--samples", "8", "--seq-len",
+                               "128", "--group-size", "32", "--format", fmt, "--out", str(out)], line=engine_line))
+    assert not out.exists()  # the folder is built under a hidden temporary name and renamed when complete
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory, tiny_llama) -> Path:
+    from quantkit.gguf import quantize_gguf
+
+    res = quantize_gguf(str(tiny_llama), ["Q8_0"], tmp_path_factory.mktemp("q8"), verify=False)
+    return res.folder / res.manifest.artifacts[res.artifacts[0]]["path"]
+
+
+def test_ctrl_c_while_eval_scores_the_variant_then_a_rerun_completes(tmp_path, tiny_llama, tiny_q8):
+    text = tmp_path / "text.txt"  # a text of its own: the base's reference is computed in this run
+    text.write_text((Path(__file__).parent.parent / "README.md").read_text() + f"\n{tmp_path.name}\n")
+    args = ["eval", str(tiny_llama), str(tiny_q8), "--text", str(text), "--ctx", "128", "--max-tokens", "1024"]
+    # the base's windows are done and the variant's first window is scored (7 more to go)
+    assert_interrupted(*drill(args, line=rf"{re.escape(tiny_q8.stem)} \(gguf\):.*\|\s*[1-9]\d*/\d+",
+                              env=_env(progress=True)))
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", *args, "--json"], env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout)["variants"]
+    assert [row["kld_mean"] is not None for row in rows if row["name"] == tiny_q8.stem] == [True], rows
