@@ -178,5 +178,6 @@ def main(argv=None) -> None:
     here.with_suffix(".md").write_text("\n".join(report(v) for v in runs.values()))
     print(report(r))
 
+
 if __name__ == "__main__":
     main()
