@@ -383,18 +383,19 @@ def _kld(base_path: Path, files: list[Path], text: str, threads, tokens: int = C
     return [float(r["kld_mean"]) for r in rep.rows]
 
 
-def split_calibration(texts: list[str]) -> tuple[str, str, str]:
+def split_calibration(texts: list[str], count=None, need: int = CHECK_CTX) -> tuple[str, str, str]:
     """``(probe text, check text, label of the check's text)``: the probes are scored on the first half of the
     calibration samples, the mix-vs-preset check on the second half, so the check does not reward a mix for
     fitting the noise of the tokens the search measured (a search variant tried on the continuous SmolLM2 passed
     the check at Q5_K_M, 0.960, on its probes' own 2048 tokens and was 4-11% *worse* than the preset on held-out
-    text). The probes' first tokens are the same as before the split, so cached tables stay valid. A single
-    sample is used for both, and the record says so."""
+    text). The probes' first tokens are the same as before the split, so cached tables stay valid. One sample,
+    or a half shorter than ``need`` tokens (``count``: text -> tokens), is used for both, and the label says so."""
     half = len(texts) // 2
-    if half == 0:
-        return "\n\n".join(texts), "\n\n".join(texts), "calibration (the probes' own tokens)"
-    return ("\n\n".join(texts[:half]), "\n\n".join(texts[half:]),
-            "calibration, second half (not the probes' tokens)")
+    whole = "\n\n".join(texts)
+    first, second = "\n\n".join(texts[:half]), "\n\n".join(texts[half:])
+    if half == 0 or (count is not None and min(count(first), count(second)) < need):
+        return whole, whole, "calibration (the probes' own tokens: too little text to hold one back)"
+    return first, second, "calibration, second half (not the probes' tokens)"
 
 
 def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Path | None, imatrix_key: dict | None,
@@ -409,7 +410,11 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
     t0 = time.perf_counter()
     key = {"base_sha": src.sha, "intermediate": inter_path.name, "imatrix": imatrix_key,
            "llama_cpp": converter_version()}
-    probe_text, check_text, check_label = split_calibration(calib.texts)
+    from quantkit.evaluate import base_tokenizer
+
+    tok = base_tokenizer(src.path)
+    probe_text, check_text, check_label = split_calibration(
+        calib.texts, count=lambda t: len(tok(t, add_special_tokens=False).input_ids))
     key["calibration_sha256"] = calib.sha256
 
     def score(files):

@@ -114,6 +114,10 @@ def test_the_check_is_scored_on_calibration_samples_the_probes_never_saw():
     assert "not the probes' tokens" in label
     probe, check, label = split_calibration(["only one"])
     assert probe == check == "only one" and "own tokens" in label
+    # a half too short for one check window: the whole text for both (a short user file still works)
+    probe, check, label = split_calibration(texts, count=lambda t: len(t.split()), need=5)
+    assert probe == check == "\n\n".join(texts) and "too little text" in label
+    assert split_calibration(texts, count=lambda t: len(t.split()), need=4)[1] == "sample 2\n\nsample 3\n\nsample 4"
 
 
 @pytest.mark.unit
@@ -211,6 +215,7 @@ def test_auto_mix_on_a_tiny_model(tiny_llama, calib_file, tmp_path, eval_text, m
         {layer_of(n) for n in mix["tensor_types"] if layer_of(n) is not None})
     assert all(v["gain"] > 0 for v in layers.values()) and mix["sensitivity"]["categories"]
     assert mix["budget_bytes"] == preset["size"]
+    assert mix["search"]["check"]["text"] == "calibration, second half (not the probes' tokens)"
     if mix["fallback"] is None:  # a real mix: it differs from the preset somewhere and was measured better
         assert mix["search"]["check"]["kld_mix"] < mix["search"]["check"]["kld_preset"]
         assert read_gguf_info(tmp_path / "a" / auto["path"])["tensor_types"] != preset["gguf"]["tensor_types"]
