@@ -11,7 +11,7 @@ measured **in the same engine**.
   HF_MODEL`` with GGUF variants adds the base in transformers as a labelled *reference* row (what you would run
   otherwise); no gain is computed against it. Base rows are cached in ``~/.cache/quantkit/bench/``, keyed by the
   base's identity, engine version, hardware, threads, token counts and repeats.
-* Each model is measured in its **own child process** (spawned), so engines do not share thread pools or
+* Each model is measured in its **own child process** (a fresh interpreter), so engines do not share thread pools or
   allocator state. Peak memory is what the engine holds for the model (``peak_memory_method`` says how):
   llama.cpp's own buffer sizes (model + KV cache + compute + output, from its load log); in transformers the
   bytes of the parameters, buffers and the KV cache after the longest pass. The process's peak RSS (runtime
@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,30 +83,55 @@ def _bench_child(engine: str, path: str, prompt_tokens: int, gen_tokens: int, re
     return out
 
 
+def _child_main() -> None:
+    """The isolated measurement's own process (``python -c``, started by :func:`_run_isolated`): it ignores
+    SIGINT (the parent owns the user's Ctrl-C and kills this process), runs one measurement and writes its row, or
+    its user error, as JSON to the file the parent named. A plain process, not a multiprocessing pool: no
+    semaphores for a resource tracker to find leaked when the parent stops it mid-way."""
+    ignore_sigint()
+    spec = json.loads(sys.argv[1])
+    try:
+        out = {"result": _bench_child(*spec["args"])}
+    except QuantkitError as e:
+        out = {"error": str(e)}
+    write_json_atomic(Path(spec["out"]), out)
+
+
+_CHILD = ("import json, sys; sys.path[:] = json.loads(sys.argv[1])['path']; "
+          "from quantkit.bench import _child_main; _child_main()")
+
+
 def _run_isolated(engine: str, path: Path, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int,
                   isolate: bool) -> dict:
     if engines.get(engine).in_process:  # a server process of its own already
         return engines.get(engine).speed(str(path), prompt_tokens, gen_tokens, repeats, threads)
     if not isolate:
         return _bench_child(engine, str(path), prompt_tokens, gen_tokens, repeats, threads)
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    import subprocess
+    import tempfile
 
-    ex = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=ignore_sigint)
-    try:
-        with sigint_held():  # the child starts whole (a Ctrl-C now is raised right after, and kills it)
-            fut = ex.submit(_bench_child, engine, str(path), prompt_tokens, gen_tokens, repeats, threads)
-        return fut.result()
-    except BrokenProcessPool:
-        raise QuantkitError(f"the benchmark process for {path} died (out of memory, or the engine crashed on "
-                            "this model); try fewer --prompt-tokens or check the file loads") from None
-    except KeyboardInterrupt:  # stop the measurement now, not when its child would have finished
-        for proc in list((getattr(ex, "_processes", None) or {}).values()):
-            proc.kill()
-        raise
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+    with tempfile.TemporaryDirectory(prefix="quantkit-bench-") as tmp:
+        result = Path(tmp) / "row.json"
+        spec = {"args": [engine, str(path), prompt_tokens, gen_tokens, repeats, threads], "out": str(result),
+                "path": sys.path}
+        proc = None
+        try:
+            with sigint_held():  # the child starts whole, SIGINT blocked until it ignores it (a Ctrl-C now is
+                proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)])  # raised after: kill)
+            code = proc.wait()
+        except KeyboardInterrupt:  # stop the measurement now, not when its child would have finished
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            raise
+        data = json.loads(result.read_text()) if result.is_file() else None
+    if data is None:
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        raise QuantkitError(f"the benchmark process for {path} died ({how}: out of memory, or the engine crashed "
+                            "on this model); try fewer --prompt-tokens or check the file loads")
+    if "error" in data:
+        raise QuantkitError(data["error"])
+    return data["result"]
 
 
 # ------------------------------------------------------------------------------------------ report

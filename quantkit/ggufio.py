@@ -143,24 +143,28 @@ def read_gguf_header(path: str | os.PathLike, max_array: int = 64, offsets: bool
             raise QuantkitError(f"{path}: unknown GGUF value type {vtype}")
 
         kv: dict = {"GGUF.version": version}
-        h = hashlib.sha256()
-        for _ in range(n_kv):
-            start = pos
-            key, pos = string(pos)
-            (vtype,) = struct.unpack_from("<I", mm, pos)
-            kv[key], pos = value(vtype, pos + 4)
-            if digest is not None and key.startswith(digest):
-                h.update(mm[start:pos])
-        if digest is not None:
-            kv[digest + "*sha256"] = h.hexdigest()
-        tensors = []
-        for _ in range(n_tensors):
-            name, pos = string(pos)
-            (n_dims,) = struct.unpack_from("<I", mm, pos)
-            dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
-            gtype, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            tensors.append((name, gtype, tuple(dims), offset) if offsets else (name, gtype, tuple(dims)))
+        try:
+            h = hashlib.sha256()
+            for _ in range(n_kv):
+                start = pos
+                key, pos = string(pos)
+                (vtype,) = struct.unpack_from("<I", mm, pos)
+                kv[key], pos = value(vtype, pos + 4)
+                if digest is not None and key.startswith(digest):
+                    h.update(mm[start:pos])
+            if digest is not None:
+                kv[digest + "*sha256"] = h.hexdigest()
+            tensors = []
+            for _ in range(n_tensors):
+                name, pos = string(pos)
+                (n_dims,) = struct.unpack_from("<I", mm, pos)
+                dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+                gtype, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+                pos += 4 + 8 * n_dims + 12
+                tensors.append((name, gtype, tuple(dims), offset) if offsets else (name, gtype, tuple(dims)))
+        except struct.error:  # the header runs past the end of the file
+            raise QuantkitError(f"{path} is truncated or damaged: its GGUF header ends before its {n_kv} keys and "
+                                f"{n_tensors} tensors are read; download or convert it again") from None
     if offsets:  # tensor data starts at the next multiple of general.alignment
         align = int(kv.get("general.alignment") or 32)
         start = (pos + align - 1) // align * align

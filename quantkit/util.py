@@ -194,7 +194,7 @@ def sigint_held() -> Iterator[None]:
     child process, which must not be interrupted half-way (a spawned child whose start-up data was cut off dies
     printing ``EOFError: Ran out of input``, and one not yet registered cannot be killed). The starting thread's
     signal mask blocks SIGINT meanwhile, so a child started here begins with SIGINT blocked (the mask survives
-    exec): :func:`ignore_sigint` in its initializer keeps it out of the user's Ctrl-C, which the parent owns.
+    exec): :func:`ignore_sigint`, its first step, keeps it out of the user's Ctrl-C, which the parent owns.
     Outside the main thread (where Python delivers no KeyboardInterrupt) the block just runs."""
     import signal
     import threading
@@ -218,11 +218,12 @@ def sigint_held() -> Iterator[None]:
 
 
 def ignore_sigint() -> None:
-    """In a child started under :func:`sigint_held`: ignore SIGINT from now on (a pending one is dropped), so a
-    Ctrl-C at the terminal reaches only the parent, which stops the child itself."""
+    """In a child started under :func:`sigint_held`: ignore SIGINT from now on (a pending one is dropped), then
+    unblock it, so a Ctrl-C at the terminal reaches only the parent, which stops the child itself."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
