@@ -116,8 +116,9 @@ def _run_isolated(engine: str, path: Path, prompt_tokens: int, gen_tokens: int, 
                 "path": sys.path}
         proc = None
         try:
-            with sigint_held():  # the child starts whole, SIGINT blocked until it ignores it (a Ctrl-C now is
-                proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)])  # raised after: kill)
+            # the child starts whole, SIGINT blocked until it ignores it; a Ctrl-C meanwhile is raised after: kill
+            with sigint_held():
+                proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)])
             code = proc.wait()
         except KeyboardInterrupt:  # stop the measurement now, not when its child would have finished
             if proc is not None:

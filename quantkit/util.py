@@ -218,12 +218,11 @@ def sigint_held() -> Iterator[None]:
 
 
 def ignore_sigint() -> None:
-    """In a child started under :func:`sigint_held`: ignore SIGINT from now on (a pending one is dropped), then
-    unblock it, so a Ctrl-C at the terminal reaches only the parent, which stops the child itself."""
+    """In a child started under :func:`sigint_held`: ignore SIGINT from now on (a pending one is dropped), so a
+    Ctrl-C at the terminal reaches only the parent, which stops the child itself."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
