@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from quantkit.evaluate import evaluate  # noqa: E402
-from quantkit.formats import _MIX_PRESETS  # noqa: E402
+from quantkit.formats import MIX_PRESETS  # noqa: E402
 from quantkit.gguf import quantize_gguf  # noqa: E402
 from quantkit.texts import held_out_texts  # noqa: E402
 from quantkit.util import format_table, human_size  # noqa: E402
@@ -57,12 +57,12 @@ def model_path(name: str) -> Path:
 def run(name: str, budgets: list[str], work: Path, tokens: int) -> list[dict]:
     base = model_path(name)
     out = work / name
-    types = [t for b in budgets for t in ((b, f"auto:{b}") if b in _MIX_PRESETS else (f"auto:{b}",))]
+    types = [t for b in budgets for t in ((b, f"auto:{b}") if b in MIX_PRESETS else (f"auto:{b}",))]
     t0 = time.perf_counter()
     res = quantize_gguf(str(base), types, out, calibration="builtin", threads=2)
     arts = dict(zip(types, res.artifacts))
     # a size budget (auto:6.0bpw) is compared with the preset its search chose: the largest that fits
-    chosen = {b: res.manifest.artifacts[arts[f"auto:{b}"]]["mix"]["preset"] for b in budgets if b not in _MIX_PRESETS}
+    chosen = {b: res.manifest.artifacts[arts[f"auto:{b}"]]["mix"]["preset"] for b in budgets if b not in MIX_PRESETS}
     extra = sorted({p for p in chosen.values() if p and p not in types})
     if extra:
         res = quantize_gguf(str(base), types + extra, out, calibration="builtin", threads=2)
@@ -80,14 +80,14 @@ def _score(name, base, res, arts, budgets, label, text, text_name, tokens, total
     rows = []
     for b in budgets:
         a = res.manifest.artifacts[arts[f"auto:{b}"]]
-        comparator = b if b in _MIX_PRESETS else a["mix"]["preset"]
+        comparator = b if b in MIX_PRESETS else a["mix"]["preset"]
         if comparator is None:  # no preset fits the budget: nothing to compare with
             continue
         p = res.manifest.artifacts[arts[comparator]]
         rp, ra = by_path[p["path"]], by_path[a["path"]]
         mix = a["mix"]
         rows.append({
-            "model": name, "text": label, "budget": b if b in _MIX_PRESETS else f"{b} ({comparator})",
+            "model": name, "text": label, "budget": b if b in MIX_PRESETS else f"{b} ({comparator})",
             "preset_size": p["size"], "auto_size": a["size"],
             "kld_preset": rp["kld_mean"], "kld_preset_se": rp.get("kld_se"), "kld_auto": ra["kld_mean"],
             "kld_auto_se": ra.get("kld_se"), "kld_ratio": ra["kld_mean"] / rp["kld_mean"],

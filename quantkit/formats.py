@@ -326,7 +326,7 @@ PREFIX = "auto:"
 _UNITS = {"bpw": None, "gb": 1e9, "gib": 1 << 30, "mb": 1e6, "mib": 1 << 20}
 _SPEC = re.compile(r"^([0-9]*\.?[0-9]+)\s*(bpw|gb|gib|mb|mib)$", re.I)
 # the K mixes an auto: spec may name, and the file type a size budget borrows (largest whose size fits)
-_MIX_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+MIX_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 
 
 @dataclass(frozen=True)
@@ -354,8 +354,8 @@ class AutoSpec:
         if self.preset:
             return self.preset
         bpw = self.bpw if self.bpw is not None else self.size * 8 / max(n_params, 1)
-        fits = [p for p in _MIX_PRESETS if (GGUF_TYPES[p].bits_per_weight()[0] or 99) <= bpw]
-        return fits[-1] if fits else _MIX_PRESETS[0]
+        fits = [p for p in MIX_PRESETS if (GGUF_TYPES[p].bits_per_weight()[0] or 99) <= bpw]
+        return fits[-1] if fits else MIX_PRESETS[0]
 
 
 def _size_label(n: int) -> str:
@@ -371,7 +371,7 @@ def parse_auto(spec: str) -> AutoSpec:
     """``auto:Q4_K_M`` / ``auto:4.5bpw`` / ``auto:3.2GB`` (also MB, GiB, MiB) -> :class:`AutoSpec`."""
     raw = str(spec).strip()
     body = raw[len(PREFIX):].strip()
-    how = ("use auto:PRESET (one of " + ", ".join(_MIX_PRESETS) + "), auto:BITSbpw (e.g. auto:4.5bpw) or "
+    how = ("use auto:PRESET (one of " + ", ".join(MIX_PRESETS) + "), auto:BITSbpw (e.g. auto:4.5bpw) or "
            "auto:SIZE (e.g. auto:3.2GB, auto:90MB)")
     m = _SPEC.match(body)
     if m:
@@ -387,7 +387,7 @@ def parse_auto(spec: str) -> AutoSpec:
         row = gguf_type(body) if body else None
     except QuantkitError:
         row = None
-    if row is None or row.name not in _MIX_PRESETS:
+    if row is None or row.name not in MIX_PRESETS:
         raise QuantkitError(f"bad GGUF type {raw!r}: {how}")
     return AutoSpec(preset=row.name)
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import _MIX_PRESETS, PREFIX, AutoSpec
+from quantkit.formats import MIX_PRESETS, PREFIX, AutoSpec
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ def build(spec: AutoSpec, dest: Path, *, src, inter_path: Path, imatrix_path: Pa
         budget = spec.size if spec.size is not None else int(spec.bpw * n_params / 8)
         header = align = None
         _, inter_header, _ = tensor_bytes(inter_path)  # ~ a quantised file's header (vocabulary, metadata)
-        below = [p for p in _MIX_PRESETS if inter_header + _pure_bytes(table, p) <= budget][::-1] or [_MIX_PRESETS[0]]
+        below = [p for p in MIX_PRESETS if inter_header + _pure_bytes(table, p) <= budget][::-1] or [MIX_PRESETS[0]]
         for name in below[:PRESET_TRIES]:
             probe = scratch / f"preset-{name}.gguf"
             with atomic_path(probe) as tmp:

@@ -264,8 +264,8 @@ def test_smollm2_auto_beats_the_preset_on_the_continuous_model(smollm2_continuou
     the raised goal (at least 25% lower at all three, issue 22 item 5) reported as an expected failure while it
     is not met: benchmarks/gguf_mix.md measured 0.50 / 0.77 / 1.00 (Q5_K_M falls back) on the eval text. At Q5_K_M
     it is out of reach of llama.cpp's types on this model: the best whole-layer exchange measures 0.818, the best
-    whole-kind one (measured per-kind moves, summed) 1.04, and the search's own model at its exact optimum promises 0.766 (benchmarks/mix_exchange.md,
-    benchmarks/mix_allocator.md)."""
+    whole-kind one (measured per-kind moves, summed) 1.04, and the search's own model at its exact optimum
+    promises 0.766 (benchmarks/mix_exchange.md, benchmarks/mix_allocator.md)."""
     from quantkit.evaluate import evaluate
     from quantkit.texts import held_out_texts
 
