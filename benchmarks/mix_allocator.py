@@ -43,39 +43,12 @@ STEP = 256  # bytes per unit of the exact allocation (each tensor's extra bytes 
 TOKENS = 4096
 
 
-def options(table: dict, align: int) -> dict[str, list[tuple[str, int, float]]]:
-    """Per tensor its Pareto options ``(type, aligned bytes, predicted KLD contribution)``, cheapest first."""
-    scales = gm.tensor_scales(table)
-    out = {}
-    for n, opts in sorted(table["tensors"].items()):
-        pts = sorted({o["type"]: (gm._align(o["bytes"], align), o["err"] * scales[n]) for o in opts.values()}.items(),
-                     key=lambda kv: kv[1])
-        front = []
-        for typ, (b, e) in pts:
-            if not front or e < front[-1][2]:
-                front.append((typ, b, e))
-        out[n] = front
-    return out
-
-
-def predict(table: dict, assign: dict[str, str]) -> float:
-    """The search's predicted mean KLD of a file with these tensor types (its all-Q8_0 probe + each tensor's
-    scaled proxy above Q8_0)."""
-    scales = gm.tensor_scales(table)
-    total = table["base_kld"]
-    for n, opts in table["tensors"].items():
-        by_type = {o["type"]: o["err"] for o in opts.values()}
-        if assign.get(n) in by_type:
-            total += (by_type[assign[n]] - opts["Q8_0"]["err"]) * scales[n]
-    return total
-
-
 def exact_allocate(table: dict, budget: int, header: int, align: int, step: int = STEP) -> tuple[dict, int]:
     """``({tensor: type}, file bytes)`` minimising the predicted KLD with the file within ``budget``."""
     import numpy as np
 
-    opts = options(table, align)
-    floor = header + sum(o[0][1] for o in opts.values())
+    opts = gm.pareto_options(table, align)  # per tensor [(bytes, error, type)], cheapest first
+    floor = header + sum(o[0][0] for o in opts.values())
     cap = (budget - floor) // step
     if cap < 0:
         raise SystemExit(f"no mix fits in {budget:,} bytes")
@@ -86,11 +59,11 @@ def exact_allocate(table: dict, budget: int, header: int, align: int, step: int 
             continue
         new, arg = best.copy(), np.zeros(cap + 1, dtype=np.int8)
         for i in range(1, len(o)):
-            u = -(-(o[i][1] - o[0][1]) // step)
+            u = -(-(o[i][0] - o[0][0]) // step)
             if u > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
-            cand[u:] = best[:cap + 1 - u] + (o[i][2] - o[0][2])
+            cand[u:] = best[:cap + 1 - u] + (o[i][1] - o[0][1])
             better = cand < new
             new[better], arg[better] = cand[better], i
         best, args[n] = new, arg
@@ -98,9 +71,9 @@ def exact_allocate(table: dict, budget: int, header: int, align: int, step: int 
     for n in reversed(list(opts)):
         o = opts[n]
         i = int(args[n][u]) if n in args else 0
-        assign[n] = o[i][0]
-        size += o[i][1]
-        u -= -(-(o[i][1] - o[0][1]) // step) if i else 0
+        assign[n] = o[i][2]
+        size += o[i][0]
+        u -= -(-(o[i][0] - o[0][0]) // step) if i else 0
     return assign, size
 
 
@@ -126,10 +99,10 @@ def run(name: str, budgets: list[str], work: Path) -> dict:
         budget = preset.stat().st_size
         sizes, header, align = gm.tensor_bytes(preset)
         greedy, _ = gm.allocate(table, budget, header, align)
-        exact, exact_size = exact_allocate(table, budget, header, align)
+        exact, _ = exact_allocate(table, budget, header, align)
         row = {"budget_bytes": budget, "auto_fallback": rec["fallback"],
-               "predicted": {"preset": predict(table, {n: t for n, (t, _b) in sizes.items()}),
-                             "greedy": predict(table, greedy), "exact": predict(table, exact)},
+               "predicted": {"preset": gm.predicted_kld(table, {n: t for n, (t, _b) in sizes.items()}),
+                             "greedy": gm.predicted_kld(table, greedy), "exact": gm.predicted_kld(table, exact)},
                "exact_tensor_types": exact, "files": {}}
         for kind, assign in (("greedy", greedy), ("exact", exact)):
             f = scratch / f"{kind}-{b}.gguf"

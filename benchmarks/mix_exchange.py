@@ -72,13 +72,7 @@ def run(name: str, preset: str, work: Path, tokens: int) -> dict:
     ptypes = {n: t for n, (t, _b) in gm.tensor_bytes(pfile)[0].items()}
     T = table["tensors"]
     text = "\n\n".join(_load_calibration("builtin", _tokenizer(base)).texts)
-    scales = gm.tensor_scales(table)
-
-    def err(n, typ):
-        return next((o["err"] * scales[n] for o in T[n].values() if o["type"] == typ), None)
-
-    predicted_preset = table["base_kld"] + sum(err(n, ptypes[n]) - err(n, "Q8_0") for n in T
-                                              if err(n, ptypes[n]) is not None and err(n, "Q8_0") is not None)
+    predicted_preset = gm.predicted_kld(table, ptypes)
     layers = sorted({gm.layer_of(n) for n in T if gm.layer_of(n) is not None})
     scratch = res.folder / ".quantkit-work" / "exchange"
     scratch.mkdir(parents=True, exist_ok=True)

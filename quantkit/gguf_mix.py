@@ -317,21 +317,41 @@ def tensor_scales(table: dict) -> dict[str, float]:
 
 # -------------------------------------------------------------------------------------- allocation
 
+def predicted_kld(table: dict, assign: dict[str, str]) -> float:
+    """The search's predicted mean KLD of a file with these tensor types: its all-top-candidate probe's KLD plus
+    each tensor's scaled proxy above the top candidate (tensors whose type the table lacks add nothing)."""
+    top = CANDIDATES[-1]
+    scales = tensor_scales(table)
+    total = table["base_kld"]
+    for n, opts in table["tensors"].items():
+        by_type = {o["type"]: o["err"] for o in opts.values()}
+        if assign.get(n) in by_type:
+            total += (by_type[assign[n]] - opts[top]["err"]) * scales[n]
+    return total
+
+
+def pareto_options(table: dict, align: int = ALIGN) -> dict[str, list[tuple[int, float, str]]]:
+    """Per tensor (sorted by name) its ``(aligned bytes, scaled error, ggml type)`` points, cheapest first, each
+    with less error than the one before: one point per actual type (fallbacks repeat)."""
+    scales = tensor_scales(table)
+    out = {}
+    for name, opts in sorted(table["tensors"].items()):
+        pts = {o["type"]: (_align(o["bytes"], align), o["err"] * scales[name], o["type"]) for o in opts.values()}
+        front = []
+        for p in sorted(pts.values(), key=lambda p: (p[0], p[1])):
+            if not front or p[1] < front[-1][1]:
+                front.append(p)
+        out[name] = front
+    return out
+
+
 def allocate(table: dict, budget: int, header: int, align: int = ALIGN) -> tuple[dict[str, str] | None, int]:
     """Greedy by error removed per byte under ``budget`` file bytes: ``({tensor: ggml type}, predicted size)``,
     ``(None, smallest size)`` when even the cheapest options do not fit."""
     hulls = {}
-    scales = tensor_scales(table)
-    for name, opts in sorted(table["tensors"].items()):
-        scale = scales[name]
-        pts = {}
-        for o in opts.values():  # one point per actual type (fallbacks repeat)
-            pts[o["type"]] = (_align(o["bytes"], align), o["err"] * scale, o["type"])
-        pts = sorted(pts.values(), key=lambda p: (p[0], p[1]))
+    for name, pts in pareto_options(table, align).items():
         hull = []
-        for p in pts:  # Pareto front, then lower convex hull
-            if hull and p[1] >= hull[-1][1]:
-                continue
+        for p in pts:  # the lower convex hull of the Pareto front
             while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
                                       >= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
                 hull.pop()
