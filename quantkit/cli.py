@@ -563,6 +563,14 @@ INTERRUPTED = ("interrupted: what was finished is kept, the file being written w
                "again to resume")
 
 
+def interrupted_line(e: KeyboardInterrupt) -> str:
+    """The one line a cancelled command ends with: Ctrl-C says ``interrupted``, SIGTERM / SIGHUP name the signal."""
+    from quantkit.util import Cancelled, signal_name
+
+    return f"cancelled by {signal_name(e)}{INTERRUPTED[len('interrupted'):]}" if isinstance(e, Cancelled) \
+        else INTERRUPTED
+
+
 def _leave(code: int, hard: bool) -> None:
     """Exit with ``code``. In-process (``hard`` false: ``main(argv)``) that is ``sys.exit``. As the ``quantkit``
     command: wait for the program's own threads (not after a Ctrl-C), run the exit handlers (vLLM servers are
@@ -576,7 +584,7 @@ def _leave(code: int, hard: bool) -> None:
     import threading
 
     try:
-        if code != 130:
+        if code < 128:  # not after a cancel (Ctrl-C 130, SIGHUP 129, SIGTERM 143)
             for t in threading.enumerate():
                 if t is not threading.current_thread() and not t.daemon:
                     t.join()
@@ -592,19 +600,23 @@ def _leave(code: int, hard: bool) -> None:
 
 def main(argv=None) -> None:
     """Entry point: run the group, turning user errors into one line and an exit code."""
-    from quantkit.util import quiet_third_party_logs
+    from quantkit.util import exit_code_of, handle_cancel_signals, quiet_third_party_logs
 
     hard = argv is None
     quiet_third_party_logs()
     setup_logging()
+    if hard:  # the `quantkit` command: SIGTERM and SIGHUP cancel like Ctrl-C (a library caller keeps its own)
+        handle_cancel_signals()
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
     except QuantkitError as e:
         log.error(str(e))
         _leave(e.exit_code, hard)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        log.error(INTERRUPTED)
-        _leave(130, hard)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # Ctrl-C, or SIGTERM / SIGHUP (util.Cancelled)
+        if isinstance(e, click.exceptions.Abort):  # click turns a KeyboardInterrupt into Abort
+            e = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
+        log.error(interrupted_line(e))
+        _leave(exit_code_of(e), hard)
     except _NO_ARGS_IS_HELP as e:  # a bare `quantkit` / `quantkit recipe`: the help, as --help prints it
         click.echo(e.ctx.get_help())
         _leave(0, hard)

@@ -37,6 +37,7 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.pipeline import NODE_ENV, RUN_LOG, Pipeline, RunResult
 from quantkit.recipe import Recipe, Variant, load_recipe
+from quantkit.util import Cancelled, cancel_signals, handle_cancel_signals, raise_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def connect(address: str):
             ray.init(address=address, **{k: v for k, v in kw.items() if k != "include_dashboard"})
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise QuantkitError(f"--ray {address}: cannot connect ({str(e).splitlines()[0]})") from None
+    handle_cancel_signals(again=True)  # SIGTERM cancels with one line, not Ray's stack dump
     return ray, True
 
 
@@ -268,28 +270,35 @@ def _run(ray, recipes, pipelines, overrides, only, push, retries) -> ClusterRun:
 
 @contextlib.contextmanager
 def _ctrl_c_flag():
-    """While the driver waits on Ray, a Ctrl-C is remembered in a flag as well as raised as usual. Ray's core
-    worker checks for signals inside its blocking calls (``check_signals``) and turns a KeyboardInterrupt into a
-    status of its own, so one can be lost on the way back; the scheduling loop reads the flag after every call
-    and stops whatever happened to the exception (a driver that went on to report success after a Ctrl-C was
-    seen on a busy machine)."""
+    """While the driver waits on Ray, a cancel (Ctrl-C, SIGTERM, SIGHUP) is remembered in a flag as well as raised
+    as usual. Ray's core worker checks for signals inside its blocking calls (``check_signals``) and turns a
+    KeyboardInterrupt into a status of its own, so one can be lost on the way back; the scheduling loop reads the
+    flag after every call and stops whatever happened to the exception (a driver that went on to report success
+    after a Ctrl-C was seen on a busy machine). The handlers are this process's own again for the block: Ray's
+    driver installs a SIGTERM handler of its own that prints a C++ stack dump and exits 1. The flag's ``signum``
+    says which signal came."""
     flag = threading.Event()
-    prev = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or prev is signal.SIG_IGN:
+    flag.signum = signal.SIGINT
+    if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    prev = {s: signal.getsignal(s) for s in cancel_signals()}
 
     def handler(signum, frame):
+        flag.signum = signum
         flag.set()
-        if callable(prev):
-            prev(signum, frame)  # Python's default handler raises KeyboardInterrupt
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if signum == signal.SIGINT else Cancelled(signum)
 
-    signal.signal(signal.SIGINT, handler)
+    for s, h in prev.items():
+        if h is not signal.SIG_IGN:
+            signal.signal(s, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, prev)
+        for s, h in prev.items():
+            if h is not signal.SIG_IGN:
+                # a handler set outside Python (None: Ray's) cannot be put back; the command's own is
+                signal.signal(s, h if h is not None else raise_cancelled)
 
 
 def _schedule(ray, jobs: list[Job], overrides: list[str], retries: int) -> None:
@@ -344,8 +353,12 @@ def _schedule_loop(ray, jobs: list[Job], overrides: list[str], retries: int, int
     except KeyboardInterrupt:
         for ref in running:
             ray.cancel(ref, force=True)
-        raise QuantkitError(f"interrupted: cancelled {len(running)} running variant task(s); run again to "
-                            "resume from the stage keys") from None
+        how = "interrupted" if interrupted.signum == signal.SIGINT else \
+            f"cancelled by {signal.Signals(interrupted.signum).name}"
+        err = QuantkitError(f"{how}: cancelled {len(running)} running variant task(s); run again to resume from "
+                            "the stage keys")
+        err.exit_code = 128 + interrupted.signum  # as a Ctrl-C (130) or SIGTERM (143) elsewhere
+        raise err from None
 
 
 def _fmt(res: dict) -> str:

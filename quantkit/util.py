@@ -188,14 +188,70 @@ def progress(iterable: Iterable | None = None, **kw) -> tqdm:
     return tqdm(iterable, **kw)
 
 
+# -- cancelling: Ctrl-C, and the signals CI runners, Kubernetes, Slurm and a closing terminal send ---------------
+
+def cancel_signals() -> tuple:
+    """The signals that cancel a quantkit command: SIGINT (Ctrl-C), SIGTERM (CI runners, Kubernetes, Slurm,
+    ``kill``), SIGHUP (the terminal closed)."""
+    import signal
+
+    return (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Cancelled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where a Ctrl-C raises KeyboardInterrupt so that both unwind the same way (engines,
+    children and servers stopped, nothing left under a final name); the process then exits ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def exit_code_of(interrupt: KeyboardInterrupt) -> int:
+    """The shell's code for a process stopped by a signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    import signal
+
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+def signal_name(interrupt: KeyboardInterrupt) -> str:
+    import signal
+
+    return signal.Signals(getattr(interrupt, "signum", signal.SIGINT)).name
+
+
+def raise_cancelled(signum, frame):
+    raise Cancelled(signum)
+
+
+_CANCEL_HANDLED: set = set()  # the signals handle_cancel_signals took over (the `quantkit` command's process)
+
+
+def handle_cancel_signals(again: bool = False) -> None:
+    """Make SIGTERM and SIGHUP cancel like a Ctrl-C (:class:`Cancelled`). A signal the process was started with
+    ignored (``nohup`` ignores SIGHUP) stays ignored; only the main thread can do this. ``again``: take back the
+    signals this function took before, from a library that installed handlers of its own since (``ray.init``
+    puts in a SIGTERM handler that prints a C++ stack dump); a process that never called it is left alone."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (_CANCEL_HANDLED.copy() if again else cancel_signals()[1:]):
+        if again or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, raise_cancelled)
+            _CANCEL_HANDLED.add(sig)
+
+
 @contextlib.contextmanager
 def sigint_held() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise it: for starting a
-    child process, which must not be interrupted half-way (a spawned child whose start-up data was cut off dies
-    printing ``EOFError: Ran out of input``, and one not yet registered cannot be killed). The starting thread's
-    signal mask blocks SIGINT meanwhile, so a child started here begins with SIGINT blocked (the mask survives
-    exec): :func:`ignore_sigint`, its first step, keeps it out of the user's Ctrl-C, which the parent owns.
-    Outside the main thread (where Python delivers no KeyboardInterrupt) the block just runs."""
+    """Hold a cancel (Ctrl-C, SIGTERM, SIGHUP: :func:`cancel_signals`) that arrives inside the block until the block
+    ends, then raise it: for starting a child process, which must not be interrupted half-way (a spawned child
+    whose start-up data was cut off dies printing ``EOFError: Ran out of input``, and one not yet registered cannot
+    be killed). The starting thread's signal mask blocks those signals meanwhile, so a child started here begins
+    with them blocked (the mask survives exec): :func:`ignore_sigint`, its first step, keeps it out of the user's
+    Ctrl-C, which the parent owns. Outside the main thread (where Python delivers no KeyboardInterrupt) the block
+    just runs."""
     import signal
     import threading
 
@@ -203,27 +259,32 @@ def sigint_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    prev = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    sigs = [s for s in cancel_signals() if signal.getsignal(s) is not signal.SIG_IGN]  # ignored stays ignored
+    prev = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in sigs}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending SIGINT lands now, in the holding handler
-        signal.signal(signal.SIGINT, prev)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal lands now, in the holding handler
+        for s, h in prev.items():
+            signal.signal(s, h)
     if held:
-        if callable(prev):
-            prev(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
-        elif prev == signal.SIG_DFL:
-            raise KeyboardInterrupt
+        signum = held[0]
+        handler = prev[signum]
+        if callable(handler):
+            handler(signum, None)  # the default SIGINT handler raises KeyboardInterrupt, ours Cancelled
+        elif handler == signal.SIG_DFL:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Cancelled(signum)
 
 
 def ignore_sigint() -> None:
     """In a child started under :func:`sigint_held`: ignore SIGINT from now on (a pending one is dropped), so a
-    Ctrl-C at the terminal reaches only the parent, which stops the child itself."""
+    Ctrl-C at the terminal reaches only the parent, which stops the child itself; SIGTERM and SIGHUP keep their
+    default action (the parent kills the child on any cancel)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(cancel_signals()))
 
 
 @contextlib.contextmanager

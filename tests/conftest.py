@@ -1,10 +1,17 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# A suite started as a background job (`nohup bash scripts/test.sh &`, `cmd &` in a script, some CI wrappers and job
+# schedulers) runs with SIGINT ignored, and every child it starts inherits that through exec: a Ctrl-C drill's
+# signal would never arrive. A handled signal is reset to its default at exec, so handling it here gives every
+# child this suite starts (xdist workers, quantkit commands under drill) a deliverable SIGINT.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("QUANTKIT_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -249,11 +249,14 @@ def test_a_ctrl_c_that_ray_swallows_still_stops_the_driver(tmp_path, tiny_llama)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the driver's own handler is back
 
 
-@pytest.mark.parametrize("stage", ["quantize", "eval"])
-def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama, stage):
-    """SIGINT to `quantkit run --ray` while a worker runs the variant's quantize or eval stage: exit 2 with the
-    interrupted line, the task's worker and its quantkit subprocess gone; then the same command completes, doing
-    only what was left (after the eval drill quantize is not done again)."""
+@pytest.mark.parametrize("stage,sig", [("quantize", signal.SIGINT), ("eval", signal.SIGINT),
+                                       ("eval", signal.SIGTERM)], ids=lambda v: getattr(v, "name", v))
+def test_a_cancel_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama, stage, sig):
+    """SIGINT (Ctrl-C) or SIGTERM (how CI runners and Kubernetes cancel) to `quantkit run --ray` while a worker
+    runs the variant's quantize or eval stage: exit 128 + the signal with the one cancelled line last (after a
+    SIGTERM Ray's own driver handler used to exit 1 with a C++ stack dump), the task's worker and its quantkit
+    subprocess gone; then the same command completes, doing only what was left (after the eval drill quantize is
+    not done again)."""
     import subprocess
     import sys
 
@@ -261,19 +264,22 @@ def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, cluster, tiny_llama, s
 
     out = tmp_path / "out"
     path = recipe(tmp_path, tiny_llama, "int", out, types=("Q8_0",))
-    if stage == "eval":  # long enough that the SIGINT lands inside it: 4k tokens
+    if stage == "eval":  # long enough that the signal lands inside it: 4k tokens
         path.write_text(path.read_text().replace("max_tokens: 256", "max_tokens: 4096"))
     cmd = [sys.executable, "-m", "quantkit.cli", "run", str(path), "--ray", cluster.address]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         worker = _worker_of("Q8_0", stage, out)
         stage_proc = worker.children()
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=120)
     finally:
         p.kill()
-    assert p.returncode == 2 and "interrupted: cancelled 1 running variant task(s)" in err, err[-2000:]
-    assert "Traceback" not in err
+    how = "interrupted" if sig == signal.SIGINT else "cancelled by SIGTERM"
+    last = err.strip().splitlines()[-1]
+    assert p.returncode == 128 + sig and last == f"error: {how}: cancelled 1 running variant task(s); run again " \
+        "to resume from the stage keys", err[-2000:]
+    assert "Traceback" not in err and "logging.cc" not in err and "(unknown)" not in err
     gone, alive = psutil.wait_procs(stage_proc + [worker], timeout=30)
     assert not alive  # the task's worker and its quantkit subprocess are gone
     assert not (out / MARKER).exists()

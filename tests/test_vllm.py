@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -396,3 +397,21 @@ def test_default_gptq_of_the_demo_model_is_served_by_vllm(smollm2_hf, vllm_on, t
     assert v["passed"] and v["engine"].startswith(f"vLLM {vllm_on.version}"), v
     assert 0.05 < v["kld"] < 0.4, v  # measured 0.18 (transformers, full logits: 0.22)
     vllm.close_all()
+
+
+@pytest.mark.parametrize("when", ["starting", "scoring"])
+def test_sigterm_while_a_vllm_server_runs_leaves_none(vllm_on, tiny_llama, tmp_path, when):
+    """SIGTERM (a CI runner's cancel) to `quantkit eval --engine vllm` while its vLLM server starts, and while the
+    variant is scored on it: exit 143 with the one cancelled line, and no vLLM process left (the server is in a
+    process group of its own, so only quantkit can stop it). The same server machinery verifies AWQ/GPTQ on build;
+    here an unquantised folder is served, which vLLM's CPU build runs on every x86 CPU (its 4-bit kernels need
+    AVX512: the VLLM_LIMITS row)."""
+    from test_interrupt import _env, assert_interrupted, drill
+
+    before = {p.pid for p in _vllm_processes()}
+    line = r"starting vLLM" if when == "starting" else r"\(hf\):.*\|\s*[1-9]\d*/\d+"
+    args = ["eval", str(tiny_llama), str(tiny_llama), "--engine", "vllm", "--ctx", "64", "--max-tokens", "2048"]
+    assert_interrupted(*drill(args, line=line, env=_env(progress=True), sig=signal.SIGTERM))
+    left = [p for p in _vllm_processes() if p.pid not in before]
+    _, alive = psutil.wait_procs(left, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline() for p in alive]
