@@ -283,7 +283,7 @@ def card_context(folder: str | os.PathLike, *, repo_id: str | None = None, revis
         raise QuantkitError(f"{folder}/quantkit.json lists no artifacts: run `quantkit gguf|awq|gptq ... "
                             f"--out {folder}` first")
     base = {k: None for k in ("id", "revision", "sha", "license", "license_name", "license_link", "model_name",
-                              "architecture", "model_type", "pipeline_tag")}
+                              "architecture", "model_type", "pipeline_tag", "code_files", "trust_remote_code")}
     base.update({k: v for k, v in m.base.items() if v is not None})
     base_meta = _base_card_meta(m)
     for k in ("license", "license_name", "license_link", "pipeline_tag"):

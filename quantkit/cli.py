@@ -103,11 +103,27 @@ def cli(quiet, verbose):
     setup_logging(verbose - quiet)
 
 
+def _consent(ctx, param, value):
+    if value:
+        from quantkit import trust
+
+        trust.consent()
+    return value
+
+
+trust_option = click.option(
+    "--trust-remote-code", is_flag=True, expose_value=False, is_eager=True, callback=_consent,
+    help="Let the model's own Python files (auto_map, *.py in its repo) run when it is loaded; recorded in "
+         "quantkit.json and on the card. Without it a model with code is loaded without that code (a native "
+         "architecture) or refused.")
+
+
 # ---------------------------------------------------------------------------------------------- pull
 @cli.command()
 @click.argument("model")
 @click.option("--revision", help="Branch, tag or commit SHA (Hub ids only). Resolved to a commit SHA.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights when a repo has no safetensors.")
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull(model, revision, allow_pickle, as_json):
     """Download MODEL (Hub id org/name, or check a local folder) without converting it."""
@@ -154,6 +170,7 @@ def _adapter_options(f):
                    "Hub's 50 GB per-file limit).")
 @no_verify_option
 @_adapter_options
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def gguf(model, types, out, revision, calibration, allow_pickle, outtype, threads, split_max_size, no_verify,
          adapter, adapter_revision, as_json):
@@ -182,6 +199,7 @@ def gguf(model, types, out, revision, calibration, allow_pickle, outtype, thread
               help="Type of the GGUF adapter's tensors.")
 @click.option("--revision", help="Revision of a Hub --base.")
 @click.option("--adapter-revision", help="Revision of a Hub ADAPTER.")
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def lora(adapter, base, out, outtype, revision, adapter_revision, as_json):
     """Convert a PEFT LoRA ADAPTER to a GGUF LoRA adapter (llama.cpp's convert_lora_to_gguf.py), to apply on a
@@ -227,6 +245,7 @@ def _hfquant_options(default_bits_help: str):
                          help="Output folder [default: ./<Model>-<METHOD>-<INTn|WnA16>-g<group>]."),
             click.option("--revision", help="Branch, tag or commit SHA (Hub ids only)."),
             click.option("--allow-pickle", is_flag=True, help="Accept pickle .bin weights."),
+            trust_option,
             click.option("--device", default="auto", show_default=True,
                          help="Where calibration runs: auto (GPU if torch sees one), cpu, cuda, cuda:N. "
                               "Weights stay in host RAM; one layer at a time moves to the device."),
@@ -327,6 +346,7 @@ def _engine_option(f):
                    "--apply_chat_template), the same for the base and every variant.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
 @_engine_option
+@trust_option
 @click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, min_top1, top_k, tasks, limit,
@@ -372,6 +392,7 @@ def eval_cmd(base, variants, text, ctx, max_tokens, max_kld, max_ppl_increase, m
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all available).")
 @_engine_option
+@trust_option
 @click.option("--no-write", is_flag=True, help="Do not write results into the variants' quantkit.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_cmd(variants, base, no_base, prompt_tokens, gen_tokens, repeats, threads, engine, no_write, as_json):

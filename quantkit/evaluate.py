@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit import engines
+from quantkit import engines, trust
 from quantkit.engines.hf import hf_format
 from quantkit.errors import QuantkitError
 from quantkit.formats import EVAL_MAX_TOKENS
@@ -185,8 +185,8 @@ def _from_manifest(folder: Path, spec: str) -> list[Variant]:
             out.append(Variant(label, "gguf", p, "gguf", spec, rec.get("type"), folder, name,
                                rec.get("size") or p.stat().st_size, rec.get("bits_per_weight")))
         elif p.is_dir() and (p / "config.json").is_file():
-            out.append(Variant(name, "hf", p, fmt, spec, rec.get("type"), folder, name, _weights_size(p),
-                               rec.get("bits_per_weight")))
+            out.append(Variant(name, "hf", trust.loadable(p, spec)[0], fmt, spec, rec.get("type"), folder, name,
+                               _weights_size(p), rec.get("bits_per_weight")))
     if not out:
         raise QuantkitError(f"{folder}/quantkit.json lists no artifact to evaluate (no GGUF file or model folder)")
     return out
@@ -218,7 +218,7 @@ def resolve_variants(spec: str) -> list[Variant]:
         if (p / "config.json").is_file():
             if not any(p.glob("*.safetensors")):
                 raise QuantkitError(f"{spec} has no *.safetensors weights: nothing to evaluate")
-            return [Variant(p.name, "hf", p, hf_format(p), spec, size=_weights_size(p))]
+            return [Variant(p.name, "hf", trust.loadable(p, spec)[0], hf_format(p), spec, size=_weights_size(p))]
         ggufs = gguf_entry_points(sorted(p.glob("*.gguf")))  # a split set: its first shard
         if ggufs:
             return [Variant(g.stem, "gguf", g, "gguf", spec, size=gguf_set_size(g)) for g in ggufs]
@@ -744,7 +744,7 @@ def base_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **trust.hf_kwargs())
     except Exception as e:
         raise QuantkitError(f"cannot load the base tokenizer from {path} ({type(e).__name__}); the base must "
                             "be an HF folder with its tokenizer files") from None

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantkit import gguf_mix
+from quantkit import gguf_mix, trust
 from quantkit.errors import QuantkitError
 from quantkit.formats import GGUF_TYPES, PREFIX, gguf_spec, is_auto, parse_auto
 from quantkit.ggufio import (
@@ -284,7 +284,7 @@ def _tokenizer(folder: Path):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), **trust.hf_kwargs())
     except Exception:  # a model whose tokenizer transformers cannot load still gets a character estimate
         return None
 
@@ -362,8 +362,8 @@ def _imatrix_torch(model_dir: Path, intermediate: Path, texts: list[str], dest: 
                             f"{info['architecture']}; build llama.cpp's tools (scripts/install.sh) for llama-imatrix")
     tmap = gguf.get_tensor_name_map(arch, int(info["block_count"] or 0))
     torch.set_num_threads(max(1, threads))
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), **trust.hf_kwargs())
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **trust.hf_kwargs())
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -603,8 +603,10 @@ def quantize_gguf(model: str | ModelSource, types: list[str], out: str | Path | 
 
 
 def _conv_key(src, outtype: str) -> dict:
-    """What the intermediate GGUF depends on: base commit, outtype, converter version."""
-    return {"base_sha": src.sha, "outtype": outtype, "converter": converter_version()}
+    """What the intermediate GGUF depends on: base commit, outtype, converter version (and the base's own code,
+    when the user let it run)."""
+    return {"base_sha": src.sha, "outtype": outtype, "converter": converter_version(),
+            **({"trust_remote_code": True} if getattr(src, "trust_remote_code", False) else {})}
 
 
 def unquantised_gguf(folder: str | os.PathLike) -> Path:

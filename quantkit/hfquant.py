@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantkit import moe
+from quantkit import moe, trust
 from quantkit.errors import QuantkitError
 from quantkit.formats import (
     DEFAULT_HF_FORMAT,
@@ -458,7 +458,7 @@ def _run_gptqmodel(method: str, src_path: Path, work: Path, texts: list[str], p:
             **({"awq_processor": {"apply_clip": p["clip_search"]}} if method == "awq" else {})}
     clip = gptqmodel_awq_clip_search(p["clip_search"]) if method == "awq" else contextlib.nullcontext()
     with gptqmodel_logs_redirect(), clip:
-        model = GPTQModel.load(str(src_path), cfg, device=device)
+        model = GPTQModel.load(str(src_path), cfg, device=device, **trust.hf_kwargs())
         model.quantize(texts, batch_size=1, **kw)
         model.save(str(work), max_shard_size=max_shard_size)
     del model
@@ -499,7 +499,7 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    load_kw = {"dtype": "auto"}
+    load_kw = {"dtype": "auto", **trust.hf_kwargs()}
     with contextlib.ExitStack() as stack:
         if moe_config:
             stack.enter_context(moe.conversion_mappings_restored())
@@ -527,6 +527,7 @@ def _run_llmcompressor(method: str, src_path: Path, work: Path, texts: list[str]
         with llmcompressor_cpu_pin_memory_patch() as patched:
             oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, max_seq_length=p["seq_len"],
                     num_calibration_samples=len(texts), shuffle_calibration_samples=False,
+                    trust_remote_code_model=trust.consented(),
                     moe_calibrate_all_experts=bool(moe_config))
         if counter is not None:
             counter.close()
@@ -648,6 +649,8 @@ def run(method: str, model: str | ModelSource, *, fmt: str = DEFAULT_FORMAT, bit
         params["clip_search"] = AWQ_CLIP_SEARCH
     if spec.path is not None:
         params["calibration_file_sha256"] = sha256_file(spec.path)
+    if src.trust_remote_code:  # made with the model's own code: not the same folder as one made without it
+        params["trust_remote_code"] = True
     # one process builds a folder at a time; another one waits, then finds it cached
     with file_lock(folder_lock_file(folder), what=f"{folder.name} is being built by another process"):
         return _build(method, src, name, folder, params, spec, n, fmt=fmt, bits=bits, group_size=group_size,
@@ -677,7 +680,7 @@ def _build(method: str, src, name: str, folder: Path, params: dict, spec, n: int
     _stage(2, n, f"calibration {spec.source}: {samples} x {seq_len} tokens requested")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(src.path)
+    tokenizer = AutoTokenizer.from_pretrained(src.path, **trust.hf_kwargs())
     cal = load_calibration(calibration, tokenizer=tokenizer, samples=samples, seq_len=seq_len)
     device_used = pick_device(device)
     engine = "gptqmodel" if fmt == "classic" else "llmcompressor"

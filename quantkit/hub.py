@@ -17,6 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quantkit import trust
 from quantkit.errors import QuantkitError, hub_error, is_network_error
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ class ModelSource:
     license_link: str | None = None
     pipeline_tag: str | None = None
     config: dict = field(default_factory=dict)
+    # the model's own Python (quantkit.trust): the files that would run, and whether the user allowed them; when
+    # they are not allowed, ``path`` is the folder's code-free view and ``origin`` the folder itself
+    code_files: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False
+    origin: Path | None = None
 
     @property
     def name(self) -> str:
@@ -71,12 +77,15 @@ class ModelSource:
             "model_name": self.name,
             "architecture": self.architecture,
             "model_type": self.config.get("model_type"),
-            "local_path": str(self.path),
+            "local_path": str(self.origin or self.path),
+            **({"code_files": self.code_files, "trust_remote_code": self.trust_remote_code}
+               if self.code_files else {}),
         }
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["path"] = str(self.path)
+        d["origin"] = str(self.origin) if self.origin else None
         d["name"] = self.name
         return d
 
@@ -87,12 +96,17 @@ def is_local(model: str) -> bool:
 
 
 def resolve_model(model: str | ModelSource, revision: str | None = None, *, allow_pickle: bool = False,
-                  cache_dir: str | None = None, token: str | bool | None = None) -> ModelSource:
+                  cache_dir: str | None = None, token: str | bool | None = None,
+                  trust_remote_code: bool = False) -> ModelSource:
     """Turn MODEL (Hub id or local folder) into a :class:`ModelSource` on local disk. A :class:`ModelSource`
     is already resolved and comes back as it is: the entry point resolves the model once and passes the record
-    down (quantisers, verify, eval, bench, tasks), so nothing below it looks the model up again."""
+    down (quantisers, verify, eval, bench, tasks), so nothing below it looks the model up again.
+    ``trust_remote_code``: the user allows the model's own Python to run (:mod:`quantkit.trust`; given for the
+    whole process); without it a model with code is loaded through a code-free view, or refused."""
     if isinstance(model, ModelSource):
         return model
+    if trust_remote_code:
+        trust.consent()
     if is_local(model):
         if revision:
             raise QuantkitError(f"--revision {revision} was given but {model} is a local folder, not a Hub id")
@@ -158,7 +172,7 @@ def _local_fingerprint(folder: Path) -> str:
     return "local-" + h.hexdigest()[:40]
 
 
-def _local_source(folder: Path, allow_pickle: bool) -> ModelSource:
+def _local_source(folder: Path, allow_pickle: bool, what: str | None = None) -> ModelSource:
     if not folder.exists():
         raise QuantkitError(f"{folder} does not exist (give a local model folder or a Hub id like org/name)")
     if not folder.is_dir():
@@ -170,8 +184,16 @@ def _local_source(folder: Path, allow_pickle: bool) -> ModelSource:
     origin = {}
     if (folder / ".quantkit-source.json").is_file():
         origin = json.loads((folder / ".quantkit-source.json").read_text())
-    return ModelSource(path=folder.resolve(), id=origin.get("id"), revision=origin.get("revision"),
-                       sha=origin.get("sha") or _local_fingerprint(folder), config=config, **lic)
+    folder = folder.resolve()
+    load, check = trust.loadable(folder, what)
+    return ModelSource(path=load, id=origin.get("id"), revision=origin.get("revision"),
+                       sha=origin.get("sha") or _local_fingerprint(folder), config=config, **lic,
+                       **_code_fields(folder, load, check))
+
+
+def _code_fields(folder: Path, load: Path, check: trust.CodeCheck) -> dict:
+    return {"code_files": check.files, "trust_remote_code": bool(check.files) and trust.consented(),
+            "origin": folder if load != folder else None}
 
 
 # -- the Hub ------------------------------------------------------------------------------------
@@ -206,7 +228,7 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
                 continue
         if path is None:
             raise hub_error(e, repo_id, revision) from None
-        src = _local_source(path, allow_pickle=allow_pickle)
+        src = _local_source(path, allow_pickle=allow_pickle, what=repo_id)
         src.id, src.revision = repo_id, revision
         src.sha = path.name  # snapshot folders are named by commit SHA
         return src
@@ -225,19 +247,30 @@ def _pull(repo_id: str, revision: str | None, *, allow_pickle: bool, cache_dir: 
     if "config.json" not in files:
         raise QuantkitError(f"{repo_id} has no config.json: it is not a transformers model")
 
-    try:
+    try:  # the configs first: a model that needs its own code is refused before any weight is downloaded
+        path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=BASE_PATTERNS,
+                                      cache_dir=cache_dir, token=token))
+        check = trust.check_configs(trust.read_configs(path), [f for f in files if f.endswith(".py")])
+        if check.needs_code and not trust.consented():
+            raise trust.refusal(repo_id, check)
+        if trust.consented():  # the code it names comes too (a .py file beside the weights)
+            patterns.append("*.py")
         path = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns,
                                       cache_dir=cache_dir, token=token))
+    except QuantkitError:
+        raise
     except Exception as e:
         raise hub_error(e, repo_id, revision) from None
     _remember_ref(path, revision or "main", info.sha)
     config = _read_config(path, repo_id)
+    load, check = trust.loadable(path, repo_id)
     card = getattr(info, "card_data", None) or getattr(info, "cardData", None) or {}
     get = card.get if hasattr(card, "get") else (lambda k, d=None: getattr(card, k, d))
-    return ModelSource(path=path, id=repo_id, revision=revision or "main", sha=info.sha,
+    return ModelSource(path=load, id=repo_id, revision=revision or "main", sha=info.sha,
                        license=get("license", None), license_name=get("license_name", None),
                        license_link=get("license_link", None),
-                       pipeline_tag=getattr(info, "pipeline_tag", None), config=config)
+                       pipeline_tag=getattr(info, "pipeline_tag", None), config=config,
+                       **_code_fields(path, load, check))
 
 
 def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
@@ -255,6 +288,7 @@ def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
 
 
 def pull(model: str, revision: str | None = None, *, allow_pickle: bool = False,
-         cache_dir: str | None = None) -> ModelSource:
+         cache_dir: str | None = None, trust_remote_code: bool = False) -> ModelSource:
     """``quantkit pull``: download (or check) a model and return where it is."""
-    return resolve_model(model, revision, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    return resolve_model(model, revision, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                         trust_remote_code=trust_remote_code)

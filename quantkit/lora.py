@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantkit import trust
 from quantkit.demo import _publish_dir
 from quantkit.errors import QuantkitError
 from quantkit.hub import ModelSource
@@ -235,7 +236,7 @@ def merge(base: ModelSource, adapter: AdapterSource) -> Path:
     print(f"merging {adapter.name} into {base.name} (fp32, PEFT merge_and_unload)...", file=sys.stderr, flush=True)
     dtype = base.config.get("dtype") or base.config.get("torch_dtype") or "float32"
     save_dtype = getattr(torch, str(dtype).replace("torch.", ""), torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **trust.hf_kwargs())
     model = PeftModel.from_pretrained(model, adapter.path).merge_and_unload()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from quantkit import trust
 from quantkit.errors import QuantkitError
 from quantkit.manifest import Manifest
 from quantkit.recipe import Recipe, Variant, load_recipe
@@ -365,7 +366,10 @@ class Pipeline:
         from quantkit.lora import resolve_source
 
         stage = "pull"
-        adapter = {"adapter": self.r.adapter} if self.r.adapter else {}  # part of the key only when there is one
+        keyed = {"adapter": self.r.adapter} if self.r.adapter else {}  # part of the key only when there is one
+        if self.r.trust_remote_code:  # the model's own code may run: every key after this one says so
+            trust.consent()
+            keyed["trust_remote_code"] = True
         if self.r.model.startswith("builtin:"):
             from quantkit.demo import resolve_builtin
 
@@ -383,7 +387,7 @@ class Pipeline:
                 pass
             if self.base_sha:
                 self.keys[stage] = _key(stage=stage, model=self.r.model, revision=self.r.revision,
-                                        sha=self.base_sha, **adapter)
+                                        sha=self.base_sha, **keyed)
             self.plan_rows.append({"stage": stage, "status": "cached" if rec and rec.get("sha") == self.base_sha
                                    and self.base_sha else "to do", "key": self.base_sha or "",
                                    "detail": f"{self.r.model}@{self.r.revision or 'main'}"
@@ -393,7 +397,7 @@ class Pipeline:
             self.src = resolve_source(self.r.model, self.r.revision, adapter=self.r.adapter,
                                       adapter_revision=self.r.adapter_revision)
         self.base_sha = self.src.sha  # a merged fine-tune's SHA covers base + adapter, so every key does too
-        key = _key(stage=stage, model=self.r.model, revision=self.r.revision, sha=self.base_sha, **adapter)
+        key = _key(stage=stage, model=self.r.model, revision=self.r.revision, sha=self.base_sha, **keyed)
         cached = self._look(stage, key, f"{self.r.model} @ {self.base_sha[:12]}")
         if self.dry_run:
             return

@@ -193,6 +193,7 @@ class Recipe:
     raw: dict = field(default_factory=dict)
     adapter: str | None = None  # a PEFT LoRA merged into the model before quantising (quantkit.lora)
     adapter_revision: str | None = None
+    trust_remote_code: bool = False  # the model's own Python may run (quantkit.trust); recorded in quantkit.json
 
     @property
     def model_name(self) -> str:
@@ -229,7 +230,7 @@ _OPT_NUM = ((int, float, type(None)), "a number or null")
 _OPT_STR = ((str, type(None)), "a string or null")
 
 TOP = {"quantkit": _INT, "model": _STR, "revision": _OPT_STR, "adapter": _OPT_STR, "adapter_revision": _OPT_STR,
-       "out": _STR, "variants": ((list,), "a list"),
+       "trust_remote_code": _BOOL, "out": _STR, "variants": ((list,), "a list"),
        "calibration": ((dict,), "a mapping"), "eval": ((dict,), "a mapping"), "publish": ((dict,), "a mapping")}
 CALIBRATION = {"spec": _STR, "samples": _POS, "seq_len": _POS}
 _FRAC = ((int, float, str, type(None)), "a fraction like 0.05, a percentage like '5%', or null")
@@ -424,7 +425,8 @@ def parse_recipe(text: str, *, where: str = "<recipe>", overrides=()) -> Recipe:
                                       "(or set publish.enabled: false)")
     recipe = Recipe(path=where, model=model, revision=top.get("revision"),
                     out=top.get("out") or "", variants=[], calibration=calibration, eval=ev, publish=pub,
-                    raw=top, adapter=top.get("adapter"), adapter_revision=top.get("adapter_revision"))
+                    raw=top, adapter=top.get("adapter"), adapter_revision=top.get("adapter_revision"),
+                    trust_remote_code=bool(top.get("trust_remote_code", False)))
     if not recipe.out:
         recipe.out = f"quantkit-out/{_safe(recipe.model_name)}"
     recipe.variants = _variants(top["variants"], chk, recipe)
@@ -569,6 +571,7 @@ def init_recipe(model: str) -> str:
 quantkit: 1
 model: {model}
 # revision: main                  # branch, tag or commit SHA; resolved and recorded
+# trust_remote_code: false        # true lets the model's own Python files run (only for code you trust)
 out: quantkit-out/{_safe(name)}         # artifacts, cards, report and the run log go here
 
 variants:

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from quantkit import trust
 from quantkit.errors import QuantkitError
 from quantkit.records import VerifyResult
 from quantkit.util import now_iso
@@ -158,7 +159,8 @@ def _stream_for(base_path: str, _tokenizer_files: tuple):
     from quantkit.evaluate import load_text, make_stream
 
     text = load_text("builtin")[0][:VERIFY_CHARS]
-    return text, make_stream(AutoTokenizer.from_pretrained(base_path), text, VERIFY_CTX, VERIFY_TOKENS)
+    tok = AutoTokenizer.from_pretrained(base_path, **trust.hf_kwargs())
+    return text, make_stream(tok, text, VERIFY_CTX, VERIFY_TOKENS)
 
 
 def _reference(base_path: Path, base_sha: str, text: str, stream, threads: int | None, engine: str,

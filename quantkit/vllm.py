@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from quantkit import trust
 from quantkit.errors import QuantkitError
 from quantkit.formats import VLLM_DEVICES, QuantScheme, vllm_refusal
 
@@ -308,7 +309,7 @@ class VLLMServer:
                 "--served-model-name", SERVED_NAME, "--max-model-len", str(self.max_model_len),
                 "--max-logprobs", str(self.max_logprobs), "--enforce-eager", "--seed", "0",
                 "--no-enable-prefix-caching", "--disable-uvicorn-access-log", "--generation-config", "vllm",
-                *self.extra_args]
+                *(["--trust-remote-code"] if trust.consented() else []), *self.extra_args]
 
     def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}

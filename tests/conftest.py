@@ -62,6 +62,18 @@ def tiny_model(request) -> Path:
 
 
 @pytest.fixture(scope="session")
+def code_models(tmp_path_factory, tiny_llama):
+    """Copies of the tiny Llama that ship their own Python (fixtures_models.with_code): (native, custom, marker):
+    ``native`` keeps model_type llama, ``custom`` is x_llama (only its code defines it); each of their .py files
+    appends its name to ``marker`` when imported."""
+    root = tmp_path_factory.mktemp("code")
+    marker = root / "MARKER"
+    native = fm.with_code(tiny_llama, root / "native-code", marker, native=True)
+    custom = fm.with_code(tiny_llama, root / "custom-code", marker, native=False)
+    return native, custom, marker
+
+
+@pytest.fixture(scope="session")
 def calibration_text() -> str:
     return fm.calibration_text()
 

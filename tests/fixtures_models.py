@@ -283,3 +283,54 @@ def calibration_text() -> str:
     from quantkit.texts import builtin_calibration_text
 
     return builtin_calibration_text()
+
+
+# -- a model folder that carries its own Python (quantkit.trust) ------------------------------------------------
+_CODE_CONFIG = '''import pathlib
+pathlib.Path({marker!r}).open("a").write(__name__ + "\\n")  # proof that this file ran
+from transformers import LlamaConfig
+
+
+class XConfig(LlamaConfig):
+    model_type = {model_type!r}
+'''
+_CODE_MODELING = '''import pathlib
+pathlib.Path({marker!r}).open("a").write(__name__ + "\\n")
+from transformers import LlamaForCausalLM
+
+from .configuration_x import XConfig
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+'''
+_CODE_TOKENIZER = '''import pathlib
+pathlib.Path({marker!r}).open("a").write(__name__ + "\\n")
+from transformers import PreTrainedTokenizerFast
+
+
+class XTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def with_code(tiny: Path, dest: Path, marker: Path, native: bool = True) -> Path:
+    """A copy of the tiny model ``tiny`` at ``dest`` that ships Python, as many Hub repos do: ``configuration_x.py``
+    and ``modeling_x.py`` named in ``config.json``'s ``auto_map``, and ``tokenization_x.py`` beside them; each
+    file appends its name to ``marker`` when it is imported. ``native``: ``model_type`` stays ``llama`` (transformers
+    loads it without the code); else it is ``x_llama``, which only the code defines."""
+    shutil.copytree(tiny, dest)
+    model_type = "llama" if native else "x_llama"
+    files = {"configuration_x.py": _CODE_CONFIG, "modeling_x.py": _CODE_MODELING,
+             "tokenization_x.py": _CODE_TOKENIZER}
+    for name, text in files.items():
+        (dest / name).write_text(text.format(marker=str(marker), model_type=model_type))
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["model_type"] = model_type
+    cfg["architectures"] = ["LlamaForCausalLM" if native else "XForCausalLM"]
+    cfg["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok = json.loads((dest / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": [None, "tokenization_x.XTokenizer"]}
+    (dest / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    return dest

@@ -100,12 +100,16 @@ def test_two_recipes_on_two_nodes_match_the_sequential_run(tmp_path, cluster, ti
     assert len(nodes) == 2, nodes
 
 
-def test_gptq_on_ray_is_the_same_bytes_as_sequential(tmp_path, cluster, tiny_llama):
+def test_gptq_on_ray_is_the_same_bytes_as_sequential(tmp_path, cluster, code_models):
     """A Ray task runs with OMP_NUM_THREADS=1, which used to change torch's thread count and with it GPTQ's
-    weights (29 of 62 tensors differed); quantkit sets torch's threads itself and records them."""
+    weights (29 of 62 tensors differed); quantkit sets torch's threads itself and records them. The model ships
+    its own Python (a native Llama with `auto_map` -> modeling_x.py, which GPTQModel used to import whatever
+    `trust_remote_code` said): neither run imports it, and a model that needs its code is refused up front."""
+    native, custom, marker = code_models
+    marker.unlink(missing_ok=True)
     text = f"""\
 quantkit: 1
-model: {tiny_llama}
+model: {native}
 out: OUT
 variants:
   - method: gptq
@@ -135,6 +139,12 @@ publish:
     (w_seq, r_seq), (w_par, r_par) = weights(seq), weights(par)
     assert w_seq and w_par == w_seq
     assert r_par["threads"] == r_seq["threads"] >= 1 and "threads" in r_seq["reproducible"]
+    assert not marker.exists(), marker.read_text()
+    (tmp_path / "custom.yaml").write_text(text.replace("OUT", str(tmp_path / "custom")).replace(str(native),
+                                                                                                 str(custom)))
+    with pytest.raises(QuantkitError, match=r"needs its own Python code .*modeling_x\.py.*--trust-remote-code"):
+        run_on_ray([str(tmp_path / "custom.yaml")], cluster.address)
+    assert not marker.exists(), marker.read_text()
 
 
 def _worker_of(variant: str, stage: str, out: Path, timeout: float = 300):

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from quantkit import trust
 from quantkit.engines import Engine, Session, cuda_available, lm_eval_template, peak_rss, prompt_ids, timed_runs
 from quantkit.errors import QuantkitError
 from quantkit.util import dist_version
@@ -50,7 +51,7 @@ def load_hf_model(path: Path, device_name: str | None = None):
     for dtype in tries:
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_name,
-                                                               output_loading_info=True)
+                                                               output_loading_info=True, **trust.hf_kwargs())
         except ImportError as e:
             raise QuantkitError(f"{path} is a {fmt} model and transformers cannot load it here ({e}); install "
                                 "quantkit with scripts/install.sh") from None
@@ -149,7 +150,7 @@ def _speed(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, threads
 
     torch.set_num_threads(threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ids = prompt_ids(AutoTokenizer.from_pretrained(path), prompt_tokens)
+    ids = prompt_ids(AutoTokenizer.from_pretrained(path, **trust.hf_kwargs()), prompt_tokens)
     rss_before = peak_rss()
     t0 = time.perf_counter()
     model = load_hf_model(Path(path), dev)
@@ -201,7 +202,8 @@ def own_tokens(path: Path, text: str) -> tuple[list[int] | None, str | None]:
     try:
         from transformers import AutoTokenizer
 
-        return list(AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False).input_ids), None
+        tok = AutoTokenizer.from_pretrained(path, **trust.hf_kwargs())
+        return list(tok(text, add_special_tokens=False).input_ids), None
     except Exception as e:
         return None, f"its tokenizer does not load: {type(e).__name__}"
 
@@ -241,7 +243,7 @@ class Transformers(Engine):
         if Path(path) != Path(base_path) and any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, **trust.hf_kwargs())
         if threads:
             torch.set_num_threads(threads)
         dev = device()

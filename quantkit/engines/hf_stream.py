@@ -22,6 +22,7 @@ import json
 import re
 from pathlib import Path
 
+from quantkit import trust
 from quantkit.engines import Session
 from quantkit.errors import QuantkitError
 from quantkit.util import dist_version
@@ -120,9 +121,9 @@ def _skeleton(config):
     if isinstance(config, dict):
         config = AutoConfig.for_model(**config)
     else:
-        config = AutoConfig.from_pretrained(config)
+        config = AutoConfig.from_pretrained(config, **trust.hf_kwargs())
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trust.hf_kwargs())
     return model.eval()
 
 

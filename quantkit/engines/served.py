@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from quantkit import vllm
+from quantkit import trust, vllm
 from quantkit.engines import WARMUP_GEN, Engine, Session, lm_eval_template, prompt_ids
 from quantkit.errors import QuantkitError
 
@@ -86,7 +86,7 @@ def _speed(path: str, prompt_tokens: int, gen_tokens: int, repeats: int, threads
     from transformers import AutoTokenizer
 
     srv = vllm.server(path, threads=threads)
-    ids = prompt_ids(AutoTokenizer.from_pretrained(path), prompt_tokens)
+    ids = prompt_ids(AutoTokenizer.from_pretrained(path, **trust.hf_kwargs()), prompt_tokens)
     _stream(srv, ids, min(WARMUP_GEN, gen_tokens))  # warm-up
     pp, tg, ttft = [], [], []
     for _ in range(repeats):
