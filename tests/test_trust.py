@@ -156,6 +156,8 @@ def test_a_model_that_needs_its_code_is_refused_by_every_command(tmp_path, code_
         assert FLAG in last and "modeling_x.py" in last and "x_llama" in last, (args[0], last)
         assert not marker.exists(), (args[0], marker.read_text())
         assert not (tmp_path / "out").exists() and not (tmp_path / "run" / "quantkit.json").exists()
+    code, out, err = run_cli_subprocess("plan", custom)  # sizes from config.json and the headers: nothing runs
+    assert code == 0 and not marker.exists(), err[-2000:]
 
 
 def test_from_the_hub_refused_before_any_weight_and_no_code_downloaded_without_consent(hub_server, tmp_path,
