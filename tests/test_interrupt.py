@@ -48,8 +48,11 @@ def drill(args: list[str], *, line: str | None = None, child: str | None = None,
     """Run ``quantkit ARGS``; once a stderr line matches ``line`` (or a child process's command line matches
     ``child``), send ``sig``. ``(exit code, seconds from the signal to exit, stderr, the children it had, their
     command lines, the signal)``."""
+    def deliverable():  # nohup ignores SIGHUP, and an ignored signal stays ignored through exec
+        signal.signal(sig, signal.SIG_DFL)
+
     p = subprocess.Popen([sys.executable, "-m", "quantkit.cli", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env or _env())
+                         stderr=subprocess.PIPE, text=True, env=env or _env(), preexec_fn=deliverable)
     lines: list[str] = []
     ready = threading.Event()
 
@@ -154,13 +157,15 @@ def test_sigterm_while_bench_measures_stops_its_child(tmp_path, tiny_q8):
 
 def test_the_drills_pass_when_the_suite_is_started_with_sigint_ignored(tmp_path):
     """A suite started as a background job (`nohup bash scripts/test.sh &`, some CI wrappers) runs with SIGINT
-    ignored, and children inherit that through exec: a Ctrl-C drill's signal would never arrive (9 drills failed
-    so). conftest.py restores SIGINT's default for the suite; here a drill runs in a pytest started that way."""
-    def ignore_sigint():
+    ignored (nohup: SIGHUP too), and children inherit that through exec: a drill's signal would never arrive (9
+    drills failed so). conftest.py handles SIGINT for the suite, and drill() gives its child the default action for
+    the signal it sends; here two drills run in a pytest started the way `nohup ... &` starts it."""
+    def as_nohup_in_the_background():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    test = f"{Path(__file__).name}::test_a_cancel_while_the_converter_runs_then_a_rerun_completes[SIGINT]"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test],
-                       cwd=Path(__file__).parent, capture_output=True, text=True, timeout=900,
-                       preexec_fn=ignore_sigint)
-    assert r.returncode == 0 and "1 passed" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    test = f"{Path(__file__).name}::test_a_cancel_while_the_converter_runs_then_a_rerun_completes"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test}[SIGINT]",
+                        f"{test}[SIGHUP]"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=900,
+                       preexec_fn=as_nohup_in_the_background)
+    assert r.returncode == 0 and "2 passed" in r.stdout, (r.stdout + r.stderr)[-3000:]
