@@ -157,7 +157,11 @@ def code_free_view(folder: Path) -> Path:
             else:
                 os.symlink(p, tmp / p.name)
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process put the same view there meanwhile
+            if not (final / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

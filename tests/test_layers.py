@@ -16,9 +16,10 @@ pytestmark = pytest.mark.unit
 PKG = Path(quantkit.__file__).parent
 ENGINE_MODULES = {"quantkit.engines", "quantkit.engines.llama_cpp", "quantkit.engines.hf", "quantkit.engines.hf_stream",
                   "quantkit.engines.served"}
-#: what the engines may use: facts, errors, helpers, and the GGUF / llama.cpp / vLLM code below them
+#: what the engines may use: facts, errors, helpers (quantkit.trust: the user's consent for a model's own code),
+#: and the GGUF / llama.cpp / vLLM code below them
 BELOW_ENGINES = {"quantkit", "quantkit.errors", "quantkit.formats", "quantkit.util", "quantkit.texts",
-                 "quantkit.ggufio", "quantkit.llamacpp", "quantkit.vllm"} | ENGINE_MODULES
+                 "quantkit.trust", "quantkit.ggufio", "quantkit.llamacpp", "quantkit.vllm"} | ENGINE_MODULES
 MEASUREMENT = {"quantkit.evaluate", "quantkit.verify", "quantkit.bench", "quantkit.tasks"}
 ABOVE_MEASUREMENT = {"quantkit.card", "quantkit.report", "quantkit.publish", "quantkit.pipeline", "quantkit.cli",
                      "quantkit.recipe", "quantkit.cluster"}
@@ -97,12 +98,13 @@ def test_engines_import_nothing_above_them():
 
 
 def test_the_helpers_below_the_engines_use_only_facts():
-    """quantkit.vllm (the server), quantkit.ggufio (GGUF files, llama.cpp's C calls) and quantkit.llamacpp (where
-    llama.cpp lives) sit under the engines: facts, errors and util only."""
+    """quantkit.vllm (the server), quantkit.ggufio (GGUF files, llama.cpp's C calls), quantkit.llamacpp (where
+    llama.cpp lives) and quantkit.trust (consent for a model's code) sit under the engines: facts, errors and util
+    only."""
     graph = _imports()
-    facts = {"quantkit", "quantkit.errors", "quantkit.formats", "quantkit.util", "quantkit.llamacpp"}
-    up = {m: sorted(graph[m] - facts) for m in ("quantkit.vllm", "quantkit.ggufio", "quantkit.llamacpp")
-          if graph[m] - facts}
+    facts = {"quantkit", "quantkit.errors", "quantkit.formats", "quantkit.util", "quantkit.llamacpp", "quantkit.trust"}
+    up = {m: sorted(graph[m] - facts) for m in ("quantkit.vllm", "quantkit.ggufio", "quantkit.llamacpp",
+                                                  "quantkit.trust") if graph[m] - facts}
     assert not up, up
 
 
