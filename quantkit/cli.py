@@ -602,8 +602,14 @@ def _leave(code: int, hard: bool) -> None:
     if not hard:
         sys.exit(code)
     import atexit
+    import signal
     import threading
 
+    from quantkit.util import cancel_signals
+
+    for sig in cancel_signals():  # a second cancel while the exit handlers run leaves at once (servers have
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a parent-death signal: they stop all the same)
+            signal.signal(sig, lambda signum, frame: os._exit(code if code >= 128 else 128 + signum))
     try:
         if code < 128:  # not after a cancel (Ctrl-C 130, SIGHUP 129, SIGTERM 143)
             for t in threading.enumerate():
