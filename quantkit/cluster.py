@@ -287,6 +287,8 @@ def _ctrl_c_flag():
     def handler(signum, frame):
         flag.signum = signum
         flag.set()
+        if prev[signum] in (raise_cancelled, signal.default_int_handler):
+            prev[signum](signum, frame)  # the command's own (its watchdog) or Python's default: both raise
         raise KeyboardInterrupt if signum == signal.SIGINT else Cancelled(signum)
 
     for s, h in prev.items():

@@ -220,24 +220,50 @@ def signal_name(interrupt: KeyboardInterrupt) -> str:
     return signal.Signals(getattr(interrupt, "signum", signal.SIGINT)).name
 
 
+#: How long a cancelled `quantkit` command may take to stop its engines, children and servers before it leaves
+#: without the rest of its clean-up (stopping a vLLM server takes up to 30 s; deleting a big model's partial
+#: folder can take a while on a slow disk).
+CANCEL_GRACE_S = 120
+_watchdog: list = []
+
+
 def raise_cancelled(signum, frame):
-    raise Cancelled(signum)
+    """The `quantkit` command's handler of the cancel signals: raise where the program is (KeyboardInterrupt for
+    Ctrl-C, :class:`Cancelled` for SIGTERM / SIGHUP), and start a watchdog: a process that has not left
+    :data:`CANCEL_GRACE_S` later (an engine's threads stuck while it unwinds) leaves then, saying so, with the same
+    exit code."""
+    import signal
+    import threading
+
+    if not _watchdog:
+        def leave():
+            name = signal.Signals(signum).name
+            os.write(2, f"error: not stopped {CANCEL_GRACE_S} s after {name}: leaving without the rest of the "
+                        "clean-up\n".encode())
+            os._exit(128 + signum)
+
+        t = threading.Timer(CANCEL_GRACE_S, leave)
+        t.daemon = True
+        t.start()
+        _watchdog.append(t)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Cancelled(signum)
 
 
 _CANCEL_HANDLED: set = set()  # the signals handle_cancel_signals took over (the `quantkit` command's process)
 
 
 def handle_cancel_signals(again: bool = False) -> None:
-    """Make SIGTERM and SIGHUP cancel like a Ctrl-C (:class:`Cancelled`). A signal the process was started with
-    ignored (``nohup`` ignores SIGHUP) stays ignored; only the main thread can do this. ``again``: take back the
-    signals this function took before, from a library that installed handlers of its own since (``ray.init``
-    puts in a SIGTERM handler that prints a C++ stack dump); a process that never called it is left alone."""
+    """Make SIGTERM and SIGHUP cancel like a Ctrl-C (:class:`Cancelled`), all three through
+    :func:`raise_cancelled`. A signal the process was started with ignored (``nohup`` ignores SIGHUP, a background
+    job SIGINT) stays ignored; only the main thread can do this. ``again``: take back the signals this function
+    took before, from a library that installed handlers of its own since (``ray.init`` puts in a SIGTERM handler
+    that prints a C++ stack dump); a process that never called it is left alone."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
-    for sig in (_CANCEL_HANDLED.copy() if again else cancel_signals()[1:]):
+    for sig in (_CANCEL_HANDLED.copy() if again else cancel_signals()):
         if again or signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, raise_cancelled)
             _CANCEL_HANDLED.add(sig)
