@@ -124,7 +124,7 @@ def read_configs(folder: Path) -> dict[str, dict]:
 def refusal(what: str, check: CodeCheck) -> QuantkitError:
     return QuantkitError(f"{what} needs its own Python code to load ({check.why}), which would run "
                          f"{', '.join(check.files)}: pass {FLAG} (recipe: trust_remote_code: true) if you trust "
-                         "that code; nothing was downloaded or run")
+                         "that code; no weight was downloaded and no code was run")
 
 
 # -- the code-free view ---------------------------------------------------------------------------------------
