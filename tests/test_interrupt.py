@@ -181,8 +181,8 @@ import threading, time
 from quantkit import util
 util.CANCEL_GRACE_S = 2
 util.handle_cancel_signals()
-print("ready", flush=True)
 try:
+    print("ready", flush=True)  # inside the block: the signal may come as soon as this line is read
     time.sleep(60)
 except KeyboardInterrupt:
     threading.Event().wait()  # a clean-up that never ends
