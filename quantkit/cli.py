@@ -586,10 +586,9 @@ INTERRUPTED = ("interrupted: what was finished is kept, the file being written w
 
 def interrupted_line(e: KeyboardInterrupt) -> str:
     """The one line a cancelled command ends with: Ctrl-C says ``interrupted``, SIGTERM / SIGHUP name the signal."""
-    from quantkit.util import Cancelled, signal_name
+    from quantkit.util import cancel_word
 
-    return f"cancelled by {signal_name(e)}{INTERRUPTED[len('interrupted'):]}" if isinstance(e, Cancelled) \
-        else INTERRUPTED
+    return cancel_word(e) + INTERRUPTED[len("interrupted"):]
 
 
 def _leave(code: int, hard: bool) -> None:

@@ -37,7 +37,14 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.pipeline import NODE_ENV, RUN_LOG, Pipeline, RunResult
 from quantkit.recipe import Recipe, Variant, load_recipe
-from quantkit.util import Cancelled, cancel_signals, handle_cancel_signals, raise_cancelled
+from quantkit.util import (
+    cancel_signals,
+    cancel_word,
+    exit_code_of,
+    handle_cancel_signals,
+    interrupt_for,
+    raise_cancelled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +296,7 @@ def _ctrl_c_flag():
         flag.set()
         if prev[signum] in (raise_cancelled, signal.default_int_handler):
             prev[signum](signum, frame)  # the command's own (its watchdog) or Python's default: both raise
-        raise KeyboardInterrupt if signum == signal.SIGINT else Cancelled(signum)
+        raise interrupt_for(signum)
 
     for s, h in prev.items():
         if h is not signal.SIG_IGN:
@@ -355,11 +362,10 @@ def _schedule_loop(ray, jobs: list[Job], overrides: list[str], retries: int, int
     except KeyboardInterrupt:
         for ref in running:
             ray.cancel(ref, force=True)
-        how = "interrupted" if interrupted.signum == signal.SIGINT else \
-            f"cancelled by {signal.Signals(interrupted.signum).name}"
-        err = QuantkitError(f"{how}: cancelled {len(running)} running variant task(s); run again to resume from "
-                            "the stage keys")
-        err.exit_code = 128 + interrupted.signum  # as a Ctrl-C (130) or SIGTERM (143) elsewhere
+        came = interrupt_for(interrupted.signum)
+        err = QuantkitError(f"{cancel_word(came)}: cancelled {len(running)} running variant task(s); run again to "
+                            "resume from the stage keys")
+        err.exit_code = exit_code_of(came)  # as a Ctrl-C (130) or SIGTERM (143) elsewhere
         raise err from None
 
 

@@ -214,10 +214,19 @@ def exit_code_of(interrupt: KeyboardInterrupt) -> int:
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
-def signal_name(interrupt: KeyboardInterrupt) -> str:
+def cancel_word(interrupt: KeyboardInterrupt) -> str:
+    """How a cancel is said in its one line: ``interrupted`` for Ctrl-C, ``cancelled by SIGTERM`` for the others."""
     import signal
 
-    return signal.Signals(getattr(interrupt, "signum", signal.SIGINT)).name
+    signum = getattr(interrupt, "signum", signal.SIGINT)
+    return "interrupted" if signum == signal.SIGINT else f"cancelled by {signal.Signals(signum).name}"
+
+
+def interrupt_for(signum: int) -> KeyboardInterrupt:
+    """What a cancel signal raises: KeyboardInterrupt for Ctrl-C, :class:`Cancelled` for SIGTERM / SIGHUP."""
+    import signal
+
+    return KeyboardInterrupt() if signum == signal.SIGINT else Cancelled(signum)
 
 
 #: How long a cancelled `quantkit` command may take to stop its engines, children and servers before it leaves
@@ -246,7 +255,7 @@ def raise_cancelled(signum, frame):
         t.daemon = True
         t.start()
         _watchdog.append(t)
-    raise KeyboardInterrupt if signum == signal.SIGINT else Cancelled(signum)
+    raise interrupt_for(signum)
 
 
 _CANCEL_HANDLED: set = set()  # the signals handle_cancel_signals took over (the `quantkit` command's process)
@@ -300,7 +309,7 @@ def sigint_held() -> Iterator[None]:
         if callable(handler):
             handler(signum, None)  # the default SIGINT handler raises KeyboardInterrupt, ours Cancelled
         elif handler == signal.SIG_DFL:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Cancelled(signum)
+            raise interrupt_for(signum)
 
 
 def ignore_sigint() -> None:
